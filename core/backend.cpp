@@ -1,0 +1,90 @@
+// Device dispatch (the only place that chooses a backend) and the base-class defaults, which name the
+// kernel a backend lacks instead of failing silently.
+#include "core/backend.h"
+
+#include <string>
+
+#include "core/error.h"
+
+namespace mdff {
+
+Backend& cpu_backend();  // core/cpu_backend.cpp
+
+#ifdef MDFF_WITH_CUDA
+namespace cuda {
+Backend* get_backend(std::string* why_not);  // cuda/cuda_backend.cpp; nullptr when no GPU is usable
+}
+#endif
+
+bool cuda_available(std::string* why_not) {
+#ifdef MDFF_WITH_CUDA
+  return cuda::get_backend(why_not) != nullptr;
+#else
+  if (why_not) *why_not = "mdff was built without CUDA (configure with -DMDFF_CUDA=ON on a machine with nvcc and cuDNN)";
+  return false;
+#endif
+}
+
+Backend& backend(Device device) {
+  if (device == Device::CPU) return cpu_backend();
+  std::string why_not;
+#ifdef MDFF_WITH_CUDA
+  if (Backend* cuda_backend = cuda::get_backend(&why_not)) return *cuda_backend;
+#else
+  cuda_available(&why_not);
+#endif
+  MDFF_FAIL("a CUDA tensor was requested but CUDA is not usable: ", why_not, ". Use --device cpu");
+}
+
+Backend& backend_of(const Tensor& t) { return backend(t.device()); }
+
+void Backend::missing(const char* kernel) const {
+  MDFF_FAIL("kernel '", kernel, "' is not implemented on the ", name(), " backend");
+}
+
+void Backend::copy_from_host(void*, const void*, size_t) { missing("copy_from_host"); }
+void Backend::copy_to_host(void*, const void*, size_t) { missing("copy_to_host"); }
+void Backend::copy_on_device(void*, const void*, size_t) { missing("copy_on_device"); }
+void Backend::fill(const Tensor&, double) { missing("fill"); }
+void Backend::cast(const Tensor&, const Tensor&) { missing("cast"); }
+void Backend::binary(BinaryOp, const Tensor&, const Tensor&, const Tensor&) { missing("binary"); }
+void Backend::scale(const Tensor&, double, const Tensor&) { missing("scale"); }
+void Backend::unary(UnaryOp, const Tensor&, const Tensor&) { missing("unary"); }
+void Backend::unary_backward(UnaryOp, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  missing("unary_backward");
+}
+void Backend::sum_to(const Tensor&, const Tensor&) { missing("sum_to"); }
+void Backend::gemm(bool, bool, double, const Tensor&, const Tensor&, double, const Tensor&) { missing("gemm"); }
+void Backend::conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&) {
+  missing("conv2d_forward");
+}
+void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&,
+                              const Tensor&, const Tensor&) {
+  missing("conv2d_backward");
+}
+void Backend::batch_norm_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                                 double, double, const Tensor&, const Tensor&, const Tensor&) {
+  missing("batch_norm_forward");
+}
+void Backend::batch_norm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                                  const Tensor&, const Tensor&, const Tensor&) {
+  missing("batch_norm_backward");
+}
+void Backend::max_pool2d_forward(const Tensor&, const Pool2dParams&, const Tensor&, const Tensor&) {
+  missing("max_pool2d_forward");
+}
+void Backend::max_pool2d_backward(const Tensor&, const Tensor&, const Tensor&) { missing("max_pool2d_backward"); }
+void Backend::global_avg_pool_forward(const Tensor&, const Tensor&) { missing("global_avg_pool_forward"); }
+void Backend::global_avg_pool_backward(const Tensor&, const Tensor&) { missing("global_avg_pool_backward"); }
+void Backend::upsample_nearest_forward(const Tensor&, const Tensor&) { missing("upsample_nearest_forward"); }
+void Backend::upsample_nearest_backward(const Tensor&, const Tensor&) { missing("upsample_nearest_backward"); }
+void Backend::resize_bilinear(const Tensor&, const Tensor&) { missing("resize_bilinear"); }
+void Backend::copy_block(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, bool) {
+  missing("copy_block");
+}
+void Backend::log_softmax_forward(const Tensor&, const Tensor&) { missing("log_softmax_forward"); }
+void Backend::log_softmax_backward(const Tensor&, const Tensor&, const Tensor&) { missing("log_softmax_backward"); }
+void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { missing("gather_rows"); }
+void Backend::scatter_rows(const Tensor&, const Tensor&, const Tensor&, bool) { missing("scatter_rows"); }
+
+}  // namespace mdff

@@ -1,0 +1,125 @@
+// The kernel interface that every device implements: the CPU backend (core/cpu_backend.cpp) and the
+// CUDA backend (cuda/cuda_backend.cpp). Ops (core/ops.h) define shapes, autograd and formulas once,
+// and call these kernels through backend(device): the one place where dispatch on device happens.
+//
+// Contracts: every tensor is contiguous and already has its final shape and dtype (ops allocate
+// outputs); inputs and outputs share one device; float kernels take F32 or F64. "Writes" means the
+// output is assigned; "adds" means the kernel accumulates into it. A kernel that a backend does not
+// have throws an mdff::Error naming the kernel and the backend.
+#pragma once
+#include <cstddef>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace mdff {
+
+struct Conv2dParams {
+  int stride = 1;
+  int padding = 0;
+};
+
+struct Pool2dParams {
+  int kernel = 3;
+  int stride = 2;
+  int padding = 1;
+};
+
+enum class BinaryOp { Add, Sub, Mul };
+enum class UnaryOp { Relu, Tanh, Sign, Softplus };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // ---- memory ----
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void deallocate(void* ptr, size_t bytes) = 0;
+  // Copies `bytes` between host memory and this device (device-to-device when both are on it).
+  virtual void copy_from_host(void* dst, const void* host_src, size_t bytes);
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes);
+  virtual void copy_on_device(void* dst, const void* src, size_t bytes);
+  virtual void synchronize() {}
+
+  // ---- elementwise ----
+  virtual void fill(const Tensor& out, double value);
+  virtual void cast(const Tensor& src, const Tensor& dst);  // F32 <-> F64 (and same-type copies)
+  // out = a (op) b with NumPy broadcasting: a and b are viewed at out's shape (size-1 dims repeat).
+  virtual void binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out);
+  virtual void scale(const Tensor& x, double alpha, const Tensor& out);  // writes out = alpha * x
+  virtual void unary(UnaryOp op, const Tensor& x, const Tensor& out);
+  // Writes grad_x from grad_y. Relu uses x (gradient 0 at x <= 0), Tanh uses y, Softplus uses x.
+  virtual void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
+                              const Tensor& grad_x);
+
+  // ---- reductions ----
+  // Writes out (a shape that broadcasts to src's) = sum of src over the broadcast dimensions.
+  virtual void sum_to(const Tensor& src, const Tensor& out);
+
+  // ---- matrix products ----
+  // C = alpha * op(A) op(B) + beta * C for 2-D tensors; op transposes when trans_* is set.
+  virtual void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
+                    const Tensor& c);
+
+  // ---- convolution (NCHW, weight (Cout,Cin,kh,kw), bias (Cout) or undefined) ----
+  virtual void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
+                              const Tensor& y);
+  // Writes each defined gradient (grad_x, grad_weight, grad_bias).
+  virtual void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
+                               const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias);
+
+  // ---- batch normalisation over (N,H,W) per channel ----
+  // training: normalises with batch statistics (biased variance) and updates running_mean /
+  // running_var in place as PyTorch does (r <- (1-momentum) r + momentum * batch statistic, with the
+  // unbiased variance). Evaluation: normalises with the running statistics, which stay untouched.
+  // Both write save_mean and save_invstd (C): the mean and 1/sqrt(var+eps) that were used.
+  virtual void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                                  const Tensor& running_mean, const Tensor& running_var, bool training,
+                                  double momentum, double eps, const Tensor& y, const Tensor& save_mean,
+                                  const Tensor& save_invstd);
+  // training = true: mean/invstd are batch statistics and depend on x; false: they are constants.
+  virtual void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
+                                   const Tensor& grad_y, bool training, const Tensor& grad_x,
+                                   const Tensor& grad_gamma, const Tensor& grad_beta);
+
+  // ---- pooling and resizing (NCHW) ----
+  // Writes y and argmax (I32, index into the H*W plane of each (n,c)).
+  virtual void max_pool2d_forward(const Tensor& x, const Pool2dParams& p, const Tensor& y, const Tensor& argmax);
+  virtual void max_pool2d_backward(const Tensor& grad_y, const Tensor& argmax, const Tensor& grad_x);
+  virtual void global_avg_pool_forward(const Tensor& x, const Tensor& y);       // (N,C,H,W) -> (N,C)
+  virtual void global_avg_pool_backward(const Tensor& grad_y, const Tensor& grad_x);
+  // Nearest neighbour as PyTorch's mode='nearest': source index = floor(dst * in / out).
+  virtual void upsample_nearest_forward(const Tensor& x, const Tensor& y);
+  virtual void upsample_nearest_backward(const Tensor& grad_y, const Tensor& grad_x);  // adds
+  // Bilinear as PyTorch's align_corners=False without antialiasing.
+  virtual void resize_bilinear(const Tensor& x, const Tensor& y);
+
+  // ---- layout ----
+  // Concat and its backward. Views `whole` as (outer, whole_inner) and `part` as (outer, part_inner);
+  // the block whole[:, offset : offset + part_inner] is written from part (into_whole) or read into
+  // part (!into_whole).
+  virtual void copy_block(const Tensor& part, const Tensor& whole, int64_t outer, int64_t part_inner,
+                          int64_t whole_inner, int64_t offset, bool into_whole);
+
+  // ---- rows ----
+  virtual void log_softmax_forward(const Tensor& x, const Tensor& y);  // over the last dim of (N,K)
+  virtual void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x);
+  // out[i,:] = src[index[i],:]   (index I32 of shape (M), src (R,D), out (M,D))
+  virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out);
+  // dst[index[i],:] += src[i,:] when accumulate, else dst[index[i],:] = src[i,:]
+  virtual void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate);
+
+ protected:
+  [[noreturn]] void missing(const char* kernel) const;
+};
+
+// The backend that runs tensors on `device`. Asking for CUDA in a build without CUDA, or on a machine
+// without a usable GPU, throws an mdff::Error that says which.
+Backend& backend(Device device);
+Backend& backend_of(const Tensor& t);
+
+// True when CUDA tensors can be created here; `why_not` says why not (no build support, no GPU, ...).
+bool cuda_available(std::string* why_not = nullptr);
+
+}  // namespace mdff

@@ -1,0 +1,704 @@
+// The CPU backend: the reference kernels every other backend is checked against. Plain loops, written
+// to be read; the two hot paths (convolution and matrix products) go through OpenBLAS GEMM, and
+// per-channel or per-plane loops are shared between cores with OpenMP. Every kernel is a template
+// over the float type (float for work, double for gradient checks).
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/error.h"
+
+namespace mdff {
+
+namespace {
+
+// Calls fn(T{}) with T = float or double according to `dtype`.
+template <class Fn>
+void dispatch_float(DType dtype, const char* kernel, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32: fn(float{}); return;
+    case DType::F64: fn(double{}); return;
+    default: MDFF_FAIL(kernel, ": needs a float32 or float64 tensor, got ", dtype_name(dtype));
+  }
+}
+
+template <class T> T* ptr(const Tensor& t) { return static_cast<T*>(t.raw()); }
+
+// Loops smaller than this run on one thread: waking the pool costs more than it saves.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+// ---- GEMM: row-major C (M,N) = alpha op(A) op(B) + beta C through OpenBLAS ----
+void blas_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+               int ldb, double beta, double* c, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+
+// ---- broadcasting: strides of an input viewed at the output's shape (0 along repeated dims) ----
+std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
+  std::vector<int64_t> strides(out.size(), 0);
+  int64_t stride = 1;
+  for (int64_t i = static_cast<int64_t>(in.size()) - 1, o = static_cast<int64_t>(out.size()) - 1; i >= 0; --i, --o) {
+    strides[o] = in[i] == 1 ? 0 : stride;
+    stride *= in[i];
+  }
+  return strides;
+}
+
+// Offset into a broadcast input of the output element with flat index `flat`.
+int64_t broadcast_offset(int64_t flat, const Shape& out, const std::vector<int64_t>& strides) {
+  int64_t offset = 0;
+  for (int64_t d = static_cast<int64_t>(out.size()) - 1; d >= 0; --d) {
+    offset += (flat % out[d]) * strides[d];
+    flat /= out[d];
+  }
+  return offset;
+}
+
+template <class T>
+T apply(BinaryOp op, T a, T b) {
+  switch (op) {
+    case BinaryOp::Add: return a + b;
+    case BinaryOp::Sub: return a - b;
+    case BinaryOp::Mul: return a * b;
+  }
+  return T(0);
+}
+
+template <class T>
+T stable_softplus(T x) { return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x))); }
+
+template <class T>
+T stable_sigmoid(T x) {
+  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
+}
+
+// ---- im2col / col2im over a group of samples ----
+// cols (C*kh*kw, g*Ho*Wo): row (c,ki,kj), column (sample j, oh, ow) holds x[n0+j, c, oh*s-p+ki, ow*s-p+kj]
+// (0 outside the image).
+struct ConvGeometry {
+  int64_t n, c, h, w, cout, kh, kw, ho, wo, stride, pad;
+  int64_t k() const { return c * kh * kw; }
+  int64_t p() const { return ho * wo; }
+};
+
+template <class T>
+void im2col(const T* x, const ConvGeometry& g, int64_t n0, int64_t count, T* cols) {
+  const int64_t rows = g.k(), plane = g.p(), width = count * plane;
+#pragma omp parallel for schedule(static) if (rows * width > kParallelGrain)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = r / (g.kh * g.kw), ki = (r / g.kw) % g.kh, kj = r % g.kw;
+    T* row = cols + r * width;
+    for (int64_t j = 0; j < count; ++j) {
+      const T* src = x + ((n0 + j) * g.c + c) * g.h * g.w;
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        const int64_t ih = oh * g.stride - g.pad + ki;
+        T* out = row + j * plane + oh * g.wo;
+        if (ih < 0 || ih >= g.h) {
+          std::fill(out, out + g.wo, T(0));
+          continue;
+        }
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          const int64_t iw = ow * g.stride - g.pad + kj;
+          out[ow] = (iw >= 0 && iw < g.w) ? src[ih * g.w + iw] : T(0);
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: adds every entry of cols back into the pixel it was read from.
+template <class T>
+void col2im_add(const T* cols, const ConvGeometry& g, int64_t n0, int64_t count, T* grad_x) {
+  const int64_t plane = g.p(), width = count * plane;
+  // Each channel owns its own rows of cols and its own planes of grad_x: channels are independent.
+#pragma omp parallel for schedule(static) if (g.k() * width > kParallelGrain)
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t ki = 0; ki < g.kh; ++ki) {
+      for (int64_t kj = 0; kj < g.kw; ++kj) {
+        const T* row = cols + ((c * g.kh + ki) * g.kw + kj) * width;
+        for (int64_t j = 0; j < count; ++j) {
+          T* dst = grad_x + ((n0 + j) * g.c + c) * g.h * g.w;
+          for (int64_t oh = 0; oh < g.ho; ++oh) {
+            const int64_t ih = oh * g.stride - g.pad + ki;
+            if (ih < 0 || ih >= g.h) continue;
+            const T* in = row + j * plane + oh * g.wo;
+            for (int64_t ow = 0; ow < g.wo; ++ow) {
+              const int64_t iw = ow * g.stride - g.pad + kj;
+              if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] += in[ow];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// How many samples share one im2col buffer: as many as fit in ~32 MiB, at least one. Batching samples
+// makes the GEMM wide enough to be efficient when the feature maps are small (ResNet50 at 32x32).
+int64_t samples_per_group(const ConvGeometry& g, size_t elem) {
+  const int64_t per_sample = std::max<int64_t>(1, g.k() * g.p() * static_cast<int64_t>(elem));
+  return std::clamp<int64_t>((int64_t{32} << 20) / per_sample, 1, g.n);
+}
+
+// (g, Cout, P) <-> (Cout, g*P): between the sample-major tensor layout and the GEMM's layout.
+template <class T>
+void samples_to_matrix(const T* src, int64_t count, int64_t channels, int64_t plane, T* dst) {
+#pragma omp parallel for schedule(static) if (count * channels * plane > kParallelGrain)
+  for (int64_t co = 0; co < channels; ++co)
+    for (int64_t j = 0; j < count; ++j)
+      std::memcpy(dst + co * count * plane + j * plane, src + (j * channels + co) * plane, plane * sizeof(T));
+}
+
+template <class T>
+void matrix_to_samples(const T* src, int64_t count, int64_t channels, int64_t plane, const T* bias, T* dst) {
+#pragma omp parallel for schedule(static) if (count * channels * plane > kParallelGrain)
+  for (int64_t co = 0; co < channels; ++co) {
+    const T b = bias ? bias[co] : T(0);
+    for (int64_t j = 0; j < count; ++j) {
+      const T* in = src + co * count * plane + j * plane;
+      T* out = dst + (j * channels + co) * plane;
+      for (int64_t q = 0; q < plane; ++q) out[q] = in[q] + b;
+    }
+  }
+}
+
+ConvGeometry geometry(const Tensor& x, const Tensor& weight, const Conv2dParams& p) {
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                 0, 0, p.stride, p.padding};
+  g.ho = (g.h + 2 * g.pad - g.kh) / g.stride + 1;
+  g.wo = (g.w + 2 * g.pad - g.kw) / g.stride + 1;
+  return g;
+}
+
+template <class T>
+void conv2d_forward_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
+                         const Tensor& y) {
+  const ConvGeometry g = geometry(x, weight, p);
+  const T* xp = ptr<T>(x);
+  const T* wp = ptr<T>(weight);
+  const T* bp = bias.defined() ? ptr<T>(bias) : nullptr;
+  T* yp = ptr<T>(y);
+  const int64_t group = samples_per_group(g, sizeof(T));
+  std::vector<T> cols(static_cast<size_t>(g.k() * group * g.p()));
+  std::vector<T> out(static_cast<size_t>(g.cout * group * g.p()));
+  for (int64_t n0 = 0; n0 < g.n; n0 += group) {
+    const int64_t count = std::min(group, g.n - n0), width = count * g.p();
+    im2col(xp, g, n0, count, cols.data());
+    // out (Cout, count*P) = W (Cout, K) x cols (K, count*P)
+    blas_gemm(false, false, g.cout, width, g.k(), T(1), wp, g.k(), cols.data(), width, T(0), out.data(), width);
+    matrix_to_samples(out.data(), count, g.cout, g.p(), bp, yp + n0 * g.cout * g.p());
+  }
+}
+
+template <class T>
+void conv2d_backward_impl(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
+                          const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) {
+  const ConvGeometry g = geometry(x, weight, p);
+  const T* xp = ptr<T>(x);
+  const T* wp = ptr<T>(weight);
+  const T* gyp = ptr<T>(grad_y);
+  const int64_t group = samples_per_group(g, sizeof(T));
+  std::vector<T> cols(static_cast<size_t>(g.k() * group * g.p()));
+  std::vector<T> gy_matrix(static_cast<size_t>(g.cout * group * g.p()));
+  if (grad_x.defined()) std::fill(ptr<T>(grad_x), ptr<T>(grad_x) + grad_x.numel(), T(0));
+  for (int64_t n0 = 0; n0 < g.n; n0 += group) {
+    const int64_t count = std::min(group, g.n - n0), width = count * g.p();
+    samples_to_matrix(gyp + n0 * g.cout * g.p(), count, g.cout, g.p(), gy_matrix.data());  // (Cout, count*P)
+    if (grad_weight.defined()) {
+      im2col(xp, g, n0, count, cols.data());
+      // dW (Cout, K) (+)= dY (Cout, count*P) x cols^T (count*P, K)
+      blas_gemm(false, true, g.cout, g.k(), width, T(1), gy_matrix.data(), width, cols.data(), width,
+                n0 == 0 ? T(0) : T(1), ptr<T>(grad_weight), g.k());
+    }
+    if (grad_x.defined()) {
+      // dcols (K, count*P) = W^T (K, Cout) x dY (Cout, count*P), then scattered back onto the pixels
+      blas_gemm(true, false, g.k(), width, g.cout, T(1), wp, g.k(), gy_matrix.data(), width, T(0), cols.data(),
+                width);
+      col2im_add(cols.data(), g, n0, count, ptr<T>(grad_x));
+    }
+  }
+  if (grad_bias.defined()) {
+    T* gb = ptr<T>(grad_bias);
+    for (int64_t co = 0; co < g.cout; ++co) {
+      double sum = 0;
+      for (int64_t n = 0; n < g.n; ++n) {
+        const T* plane = gyp + (n * g.cout + co) * g.p();
+        for (int64_t q = 0; q < g.p(); ++q) sum += plane[q];
+      }
+      gb[co] = static_cast<T>(sum);
+    }
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+
+  void* allocate(size_t bytes) override {
+    // 64-byte alignment: whole cache lines and AVX-512 vectors; aligned_alloc needs a multiple of it.
+    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    MDFF_CHECK(p, "out of host memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void deallocate(void* p, size_t) override { std::free(p); }
+  void copy_from_host(void* dst, const void* src, size_t bytes) override { copy_on_device(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override { copy_on_device(dst, src, bytes); }
+  void copy_on_device(void* dst, const void* src, size_t bytes) override {
+    if (bytes && dst != src) std::memmove(dst, src, bytes);
+  }
+
+  void fill(const Tensor& out, double value) override {
+    const int64_t n = out.numel();
+    switch (out.dtype()) {
+      case DType::F32: std::fill(ptr<float>(out), ptr<float>(out) + n, static_cast<float>(value)); break;
+      case DType::F64: std::fill(ptr<double>(out), ptr<double>(out) + n, value); break;
+      case DType::I32: std::fill(ptr<int32_t>(out), ptr<int32_t>(out) + n, static_cast<int32_t>(value)); break;
+    }
+  }
+
+  void cast(const Tensor& src, const Tensor& dst) override {
+    const int64_t n = src.numel();
+    dispatch_float(src.dtype(), "cast", [&](auto s) {
+      using S = decltype(s);
+      dispatch_float(dst.dtype(), "cast", [&](auto d) {
+        using D = decltype(d);
+        const S* in = ptr<S>(src);
+        D* out = ptr<D>(dst);
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<D>(in[i]);
+      });
+    });
+  }
+
+  void binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out) override {
+    dispatch_float(out.dtype(), "binary", [&](auto zero) {
+      using T = decltype(zero);
+      const T* ap = ptr<T>(a);
+      const T* bp = ptr<T>(b);
+      T* op_ = ptr<T>(out);
+      const int64_t n = out.numel();
+      if (a.shape() == out.shape() && b.shape() == out.shape()) {
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+        for (int64_t i = 0; i < n; ++i) op_[i] = apply(op, ap[i], bp[i]);
+        return;
+      }
+      const Shape& shape = out.shape();
+      const auto sa = broadcast_strides(a.shape(), shape), sb = broadcast_strides(b.shape(), shape);
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i)
+        op_[i] = apply(op, ap[broadcast_offset(i, shape, sa)], bp[broadcast_offset(i, shape, sb)]);
+    });
+  }
+
+  void scale(const Tensor& x, double alpha, const Tensor& out) override {
+    dispatch_float(x.dtype(), "scale", [&](auto zero) {
+      using T = decltype(zero);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(out);
+      const T a = static_cast<T>(alpha);
+      const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) yp[i] = a * xp[i];
+    });
+  }
+
+  void unary(UnaryOp op, const Tensor& x, const Tensor& out) override {
+    dispatch_float(x.dtype(), "unary", [&](auto zero) {
+      using T = decltype(zero);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(out);
+      const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = xp[i];
+        switch (op) {
+          case UnaryOp::Relu: yp[i] = v > T(0) ? v : T(0); break;
+          case UnaryOp::Tanh: yp[i] = std::tanh(v); break;
+          case UnaryOp::Sign: yp[i] = v >= T(0) ? T(1) : T(-1); break;
+          case UnaryOp::Softplus: yp[i] = stable_softplus(v); break;
+        }
+      }
+    });
+  }
+
+  void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
+                      const Tensor& grad_x) override {
+    dispatch_float(grad_y.dtype(), "unary_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const T* gy = ptr<T>(grad_y);
+      T* gx = ptr<T>(grad_x);
+      const int64_t n = grad_y.numel();
+      const T* xp = x.defined() ? ptr<T>(x) : nullptr;
+      const T* yp = y.defined() ? ptr<T>(y) : nullptr;
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) {
+        switch (op) {
+          case UnaryOp::Relu: gx[i] = xp[i] > T(0) ? gy[i] : T(0); break;
+          case UnaryOp::Tanh: gx[i] = gy[i] * (T(1) - yp[i] * yp[i]); break;
+          case UnaryOp::Sign: gx[i] = T(0); break;
+          case UnaryOp::Softplus: gx[i] = gy[i] * stable_sigmoid(xp[i]); break;
+        }
+      }
+    });
+  }
+
+  void sum_to(const Tensor& src, const Tensor& out) override {
+    dispatch_float(src.dtype(), "sum_to", [&](auto zero) {
+      using T = decltype(zero);
+      const T* sp = ptr<T>(src);
+      T* op_ = ptr<T>(out);
+      const Shape& shape = src.shape();
+      const auto strides = broadcast_strides(out.shape(), shape);
+      std::vector<double> acc(static_cast<size_t>(out.numel()), 0.0);  // double: sums of many floats
+      const int64_t n = src.numel();
+      for (int64_t i = 0; i < n; ++i) acc[broadcast_offset(i, shape, strides)] += sp[i];
+      for (size_t i = 0; i < acc.size(); ++i) op_[i] = static_cast<T>(acc[i]);
+    });
+  }
+
+  void gemm(bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta, const Tensor& c) override {
+    dispatch_float(c.dtype(), "gemm", [&](auto zero) {
+      using T = decltype(zero);
+      const int m = static_cast<int>(c.size(0)), n = static_cast<int>(c.size(1));
+      const int k = static_cast<int>(ta ? a.size(0) : a.size(1));
+      blas_gemm(ta, tb, m, n, k, static_cast<T>(alpha), ptr<T>(a), static_cast<int>(a.size(1)), ptr<T>(b),
+                static_cast<int>(b.size(1)), static_cast<T>(beta), ptr<T>(c), n);
+    });
+  }
+
+  void conv2d_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Conv2dParams& p,
+                      const Tensor& y) override {
+    dispatch_float(x.dtype(), "conv2d_forward", [&](auto zero) { conv2d_forward_impl<decltype(zero)>(x, w, b, p, y); });
+  }
+
+  void conv2d_backward(const Tensor& x, const Tensor& w, const Tensor& gy, const Conv2dParams& p, const Tensor& gx,
+                       const Tensor& gw, const Tensor& gb) override {
+    dispatch_float(x.dtype(), "conv2d_backward",
+                   [&](auto zero) { conv2d_backward_impl<decltype(zero)>(x, w, gy, p, gx, gw, gb); });
+  }
+
+  void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                          const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
+                          const Tensor& save_mean, const Tensor& save_invstd) override {
+    dispatch_float(x.dtype(), "batch_norm_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t n = x.size(0), c = x.size(1), plane = x.numel() / (n * c), count = n * plane;
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(y);
+      T* rm = ptr<T>(running_mean);
+      T* rv = ptr<T>(running_var);
+#pragma omp parallel for schedule(static)
+      for (int64_t ch = 0; ch < c; ++ch) {
+        double mean, var;
+        if (training) {  // two passes in double: exact enough for gradient checks, no cancellation
+          double sum = 0, sq = 0;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t q = 0; q < plane; ++q) sum += xp[(i * c + ch) * plane + q];
+          mean = sum / count;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t q = 0; q < plane; ++q) {
+              const double d = xp[(i * c + ch) * plane + q] - mean;
+              sq += d * d;
+            }
+          var = sq / count;
+          const double unbiased = count > 1 ? sq / (count - 1) : var;
+          rm[ch] = static_cast<T>((1 - momentum) * rm[ch] + momentum * mean);
+          rv[ch] = static_cast<T>((1 - momentum) * rv[ch] + momentum * unbiased);
+        } else {
+          mean = rm[ch];
+          var = rv[ch];
+        }
+        const double invstd = 1.0 / std::sqrt(var + eps);
+        ptr<T>(save_mean)[ch] = static_cast<T>(mean);
+        ptr<T>(save_invstd)[ch] = static_cast<T>(invstd);
+        const double scale = invstd * ptr<T>(gamma)[ch], shift = ptr<T>(beta)[ch] - mean * scale;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < plane; ++q) {
+            const int64_t at = (i * c + ch) * plane + q;
+            yp[at] = static_cast<T>(xp[at] * scale + shift);
+          }
+      }
+    });
+  }
+
+  void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
+                           const Tensor& grad_y, bool training, const Tensor& grad_x, const Tensor& grad_gamma,
+                           const Tensor& grad_beta) override {
+    dispatch_float(x.dtype(), "batch_norm_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t n = x.size(0), c = x.size(1), plane = x.numel() / (n * c), count = n * plane;
+      const T* xp = ptr<T>(x);
+      const T* gy = ptr<T>(grad_y);
+#pragma omp parallel for schedule(static)
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const double mu = ptr<T>(mean)[ch], is = ptr<T>(invstd)[ch], g = ptr<T>(gamma)[ch];
+        double sum_gy = 0, sum_gy_xhat = 0;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < plane; ++q) {
+            const int64_t at = (i * c + ch) * plane + q;
+            sum_gy += gy[at];
+            sum_gy_xhat += gy[at] * (xp[at] - mu) * is;
+          }
+        if (grad_gamma.defined()) ptr<T>(grad_gamma)[ch] = static_cast<T>(sum_gy_xhat);
+        if (grad_beta.defined()) ptr<T>(grad_beta)[ch] = static_cast<T>(sum_gy);
+        if (!grad_x.defined()) continue;
+        T* gx = ptr<T>(grad_x);
+        // training: dx = g*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat)); evaluation: dx = g*invstd*dy
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < plane; ++q) {
+            const int64_t at = (i * c + ch) * plane + q;
+            if (training) {
+              const double xhat = (xp[at] - mu) * is;
+              gx[at] = static_cast<T>(g * is / count * (count * gy[at] - sum_gy - xhat * sum_gy_xhat));
+            } else {
+              gx[at] = static_cast<T>(g * is * gy[at]);
+            }
+          }
+      }
+    });
+  }
+
+  void max_pool2d_forward(const Tensor& x, const Pool2dParams& p, const Tensor& y, const Tensor& argmax) override {
+    dispatch_float(x.dtype(), "max_pool2d_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = x.size(0) * x.size(1), h = x.size(2), w = x.size(3), ho = y.size(2), wo = y.size(3);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(y);
+      int32_t* ap = ptr<int32_t>(argmax);
+#pragma omp parallel for schedule(static)
+      for (int64_t pl = 0; pl < planes; ++pl) {
+        const T* in = xp + pl * h * w;
+        for (int64_t oh = 0; oh < ho; ++oh)
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            T best = -std::numeric_limits<T>::infinity();
+            int64_t best_at = -1;
+            for (int64_t ki = 0; ki < p.kernel; ++ki) {
+              const int64_t ih = oh * p.stride - p.padding + ki;
+              if (ih < 0 || ih >= h) continue;
+              for (int64_t kj = 0; kj < p.kernel; ++kj) {
+                const int64_t iw = ow * p.stride - p.padding + kj;
+                if (iw < 0 || iw >= w) continue;
+                const T v = in[ih * w + iw];
+                if (v > best || std::isnan(v) || best_at < 0) {  // first maximum wins, NaN propagates
+                  best = v;
+                  best_at = ih * w + iw;
+                }
+              }
+            }
+            yp[(pl * ho + oh) * wo + ow] = best;
+            ap[(pl * ho + oh) * wo + ow] = static_cast<int32_t>(best_at);
+          }
+      }
+    });
+  }
+
+  void max_pool2d_backward(const Tensor& grad_y, const Tensor& argmax, const Tensor& grad_x) override {
+    dispatch_float(grad_y.dtype(), "max_pool2d_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = grad_x.size(0) * grad_x.size(1), in_plane = grad_x.size(2) * grad_x.size(3);
+      const int64_t out_plane = grad_y.size(2) * grad_y.size(3);
+      const T* gy = ptr<T>(grad_y);
+      const int32_t* ap = ptr<int32_t>(argmax);
+      T* gx = ptr<T>(grad_x);
+#pragma omp parallel for schedule(static)
+      for (int64_t pl = 0; pl < planes; ++pl) {
+        T* dst = gx + pl * in_plane;
+        std::fill(dst, dst + in_plane, T(0));
+        for (int64_t q = 0; q < out_plane; ++q) dst[ap[pl * out_plane + q]] += gy[pl * out_plane + q];
+      }
+    });
+  }
+
+  void global_avg_pool_forward(const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), "global_avg_pool_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = x.size(0) * x.size(1), plane = x.size(2) * x.size(3);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(y);
+#pragma omp parallel for schedule(static) if (planes * plane > kParallelGrain)
+      for (int64_t pl = 0; pl < planes; ++pl) {
+        double sum = 0;
+        for (int64_t q = 0; q < plane; ++q) sum += xp[pl * plane + q];
+        yp[pl] = static_cast<T>(sum / plane);
+      }
+    });
+  }
+
+  void global_avg_pool_backward(const Tensor& grad_y, const Tensor& grad_x) override {
+    dispatch_float(grad_y.dtype(), "global_avg_pool_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = grad_x.size(0) * grad_x.size(1), plane = grad_x.size(2) * grad_x.size(3);
+      const T* gy = ptr<T>(grad_y);
+      T* gx = ptr<T>(grad_x);
+#pragma omp parallel for schedule(static) if (planes * plane > kParallelGrain)
+      for (int64_t pl = 0; pl < planes; ++pl) std::fill(gx + pl * plane, gx + (pl + 1) * plane, gy[pl] / T(plane));
+    });
+  }
+
+  void upsample_nearest_forward(const Tensor& x, const Tensor& y) override {
+    for_each_nearest(x, y, "upsample_nearest_forward", [](auto* src, auto* dst, int64_t s, int64_t d) { dst[d] = src[s]; });
+  }
+
+  void upsample_nearest_backward(const Tensor& grad_y, const Tensor& grad_x) override {
+    // Reads grad_y through the same index map and adds into grad_x (several outputs share a source).
+    for_each_nearest(grad_x, grad_y, "upsample_nearest_backward",
+                     [](auto* gx, auto* gy, int64_t s, int64_t d) { gx[s] += gy[d]; });
+  }
+
+  void resize_bilinear(const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), "resize_bilinear", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = x.size(0) * x.size(1), h = x.size(2), w = x.size(3), ho = y.size(2), wo = y.size(3);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(y);
+      // PyTorch, align_corners=False: src = (dst + 0.5) * in/out - 0.5, clamped at 0.
+      auto source = [](int64_t dst, int64_t in, int64_t out, int64_t& i0, int64_t& i1, T& frac) {
+        const T s = std::max(T(0), (dst + T(0.5)) * (T(in) / T(out)) - T(0.5));
+        i0 = std::min<int64_t>(static_cast<int64_t>(s), in - 1);
+        i1 = std::min<int64_t>(i0 + 1, in - 1);
+        frac = s - T(i0);
+      };
+#pragma omp parallel for schedule(static)
+      for (int64_t pl = 0; pl < planes; ++pl) {
+        const T* in = xp + pl * h * w;
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          int64_t h0, h1;
+          T fh;
+          source(oh, h, ho, h0, h1, fh);
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            int64_t w0, w1;
+            T fw;
+            source(ow, w, wo, w0, w1, fw);
+            yp[(pl * ho + oh) * wo + ow] = (T(1) - fh) * ((T(1) - fw) * in[h0 * w + w0] + fw * in[h0 * w + w1]) +
+                                           fh * ((T(1) - fw) * in[h1 * w + w0] + fw * in[h1 * w + w1]);
+          }
+        }
+      }
+    });
+  }
+
+  void copy_block(const Tensor& part, const Tensor& whole, int64_t outer, int64_t part_inner, int64_t whole_inner,
+                  int64_t offset, bool into_whole) override {
+    const size_t elem = dtype_size(part.dtype());
+    char* pp = static_cast<char*>(part.raw());
+    char* wp = static_cast<char*>(whole.raw());
+    for (int64_t o = 0; o < outer; ++o) {
+      char* block = wp + (o * whole_inner + offset) * elem;
+      char* piece = pp + o * part_inner * elem;
+      if (into_whole) std::memcpy(block, piece, part_inner * elem);
+      else std::memcpy(piece, block, part_inner * elem);
+    }
+  }
+
+  void log_softmax_forward(const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), "log_softmax_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t rows = x.size(0), k = x.size(1);
+      const T* xp = ptr<T>(x);
+      T* yp = ptr<T>(y);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* in = xp + r * k;
+        const T top = *std::max_element(in, in + k);
+        double sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(in[j] - top));
+        const T log_sum = static_cast<T>(top + std::log(sum));
+        for (int64_t j = 0; j < k; ++j) yp[r * k + j] = in[j] - log_sum;
+      }
+    });
+  }
+
+  void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x) override {
+    dispatch_float(y.dtype(), "log_softmax_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t rows = y.size(0), k = y.size(1);
+      const T* yp = ptr<T>(y);
+      const T* gy = ptr<T>(grad_y);
+      T* gx = ptr<T>(grad_x);
+      for (int64_t r = 0; r < rows; ++r) {  // dx = dy - softmax * sum(dy)
+        double sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += gy[r * k + j];
+        for (int64_t j = 0; j < k; ++j) gx[r * k + j] = static_cast<T>(gy[r * k + j] - std::exp(yp[r * k + j]) * sum);
+      }
+    });
+  }
+
+  void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out) override {
+    const int32_t* ip = ptr<int32_t>(index);
+    const int64_t rows = index.numel(), width = src.numel() / std::max<int64_t>(src.size(0), 1);
+    const size_t row_bytes = width * dtype_size(src.dtype());
+    check_rows(index, src.size(0), "gather_rows");
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<char*>(out.raw()) + i * row_bytes, static_cast<char*>(src.raw()) + ip[i] * row_bytes,
+                  row_bytes);
+  }
+
+  void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate) override {
+    check_rows(index, dst.size(0), "scatter_rows");
+    dispatch_float(src.dtype(), "scatter_rows", [&](auto zero) {
+      using T = decltype(zero);
+      const int32_t* ip = ptr<int32_t>(index);
+      const int64_t rows = index.numel(), width = src.numel() / std::max<int64_t>(rows, 1);
+      const T* sp = ptr<T>(src);
+      T* dp = ptr<T>(dst);
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = dp + ip[i] * width;
+        for (int64_t j = 0; j < width; ++j) row[j] = accumulate ? row[j] + sp[i * width + j] : sp[i * width + j];
+      }
+    });
+  }
+
+ private:
+  static void check_rows(const Tensor& index, int64_t limit, const char* kernel) {
+    const int32_t* ip = ptr<int32_t>(index);
+    for (int64_t i = 0; i < index.numel(); ++i)
+      MDFF_CHECK(ip[i] >= 0 && ip[i] < limit, kernel, ": row index ", ip[i], " at position ", i,
+                 " is outside [0, ", limit, ")");
+  }
+
+  // Calls fn(from_plane, to_plane, s, d) for every element d of `to` (the upsampled size) and its
+  // nearest source element s of `from` (the original size), plane by plane (PyTorch mode='nearest': s = floor(d * in / out) in float arithmetic).
+  template <class Fn>
+  static void for_each_nearest(const Tensor& from, const Tensor& to, const char* kernel, Fn fn) {
+    dispatch_float(from.dtype(), kernel, [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t planes = from.size(0) * from.size(1), h = from.size(2), w = from.size(3);
+      const int64_t ho = to.size(2), wo = to.size(3);
+      const float sh = static_cast<float>(h) / ho, sw = static_cast<float>(w) / wo;
+      T* fp = ptr<T>(from);
+      T* tp = ptr<T>(to);
+#pragma omp parallel for schedule(static)
+      for (int64_t pl = 0; pl < planes; ++pl)
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          const int64_t ih = std::min<int64_t>(static_cast<int64_t>(std::floor(oh * sh)), h - 1);
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            const int64_t iw = std::min<int64_t>(static_cast<int64_t>(std::floor(ow * sw)), w - 1);
+            fn(fp + pl * h * w, tp + pl * ho * wo, ih * w + iw, oh * wo + ow);
+          }
+        }
+    });
+  }
+};
+
+}  // namespace
+
+Backend& cpu_backend() {
+  static CpuBackend instance;
+  return instance;
+}
+
+}  // namespace mdff

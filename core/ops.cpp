@@ -1,0 +1,400 @@
+// The functional ops (see ops.h): shape rules, checks, forward through the backend, and the backward
+// formulas as closures recorded in the autograd graph. Backward closures run under NoGradGuard and may
+// call ops themselves.
+#include "core/ops.h"
+
+#include <algorithm>
+
+#include "core/autograd.h"
+#include "core/backend.h"
+#include "core/error.h"
+
+namespace mdff::ops {
+
+namespace {
+
+using Grads = std::vector<Tensor>;
+
+Tensor empty_like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
+Tensor empty_as(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, t.dtype(), t.device()); }
+
+void check_float(const Tensor& t, const char* op, const char* what) {
+  check_defined(t, op, what);
+  MDFF_CHECK(is_floating(t.dtype()), op, ": ", what, " must be float32 or float64, got ", dtype_name(t.dtype()));
+}
+
+// Checks that every defined tensor is a float tensor on the same device with the same dtype as the first.
+void check_compatible(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  const Tensor* first = nullptr;
+  for (auto [what, t] : tensors) {
+    if (!t->defined()) continue;
+    check_float(*t, op, what);
+    if (!first) {
+      first = t;
+      continue;
+    }
+    check_same_device(*first, *t, op);
+    check_same_dtype(*first, *t, op);
+  }
+}
+
+void check_rank(const Tensor& t, int64_t rank, const char* op, const char* what) {
+  MDFF_CHECK(t.dim() == rank, op, ": ", what, " must have ", rank, " dimensions, got shape ", shape_str(t.shape()));
+}
+
+Shape broadcast_shape(const Shape& a, const Shape& b, const char* op) {
+  Shape out(std::max(a.size(), b.size()), 1);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t da = i < a.size() ? a[a.size() - 1 - i] : 1, db = i < b.size() ? b[b.size() - 1 - i] : 1;
+    MDFF_CHECK(da == db || da == 1 || db == 1, op, ": shapes ", shape_str(a), " and ", shape_str(b),
+               " do not broadcast (dimension ", out.size() - 1 - i, ": ", da, " vs ", db, ")");
+    out[out.size() - 1 - i] = std::max(da, db);
+  }
+  return out;
+}
+
+// The gradient of a broadcast input: g summed over the dimensions along which the input was repeated.
+Tensor reduce_to(const Tensor& g, const Shape& shape) {
+  if (g.shape() == shape) return g;
+  Tensor out = empty_as(g, shape);
+  backend_of(g).sum_to(g, out);
+  return out;
+}
+
+Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
+  check_compatible(name, {{"a", &a}, {"b", &b}});
+  Tensor out = empty_as(a, broadcast_shape(a.shape(), b.shape(), name));
+  backend_of(a).binary(op, a, b, out);
+  const Shape sa = a.shape(), sb = b.shape();
+  const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
+  // Mul saves its inputs (each one's gradient needs the other); Add and Sub save nothing.
+  Tensor saved_a = op == BinaryOp::Mul && b_needs ? a.detach() : Tensor();
+  Tensor saved_b = op == BinaryOp::Mul && a_needs ? b.detach() : Tensor();
+  return record(out, name, {a, b}, [=](const Tensor& g) {
+    Tensor ga, gb;
+    switch (op) {
+      case BinaryOp::Add:
+        ga = a_needs ? reduce_to(g, sa) : Tensor();
+        gb = b_needs ? reduce_to(g, sb) : Tensor();
+        break;
+      case BinaryOp::Sub:
+        ga = a_needs ? reduce_to(g, sa) : Tensor();
+        gb = b_needs ? reduce_to(scale(g, -1.0), sb) : Tensor();
+        break;
+      case BinaryOp::Mul:
+        ga = a_needs ? reduce_to(mul(g, saved_b), sa) : Tensor();
+        gb = b_needs ? reduce_to(mul(g, saved_a), sb) : Tensor();
+        break;
+    }
+    return Grads{ga, gb};
+  });
+}
+
+Tensor unary(UnaryOp op, const Tensor& x, const char* name) {
+  check_float(x, name, "input");
+  Tensor y = empty_like(x);
+  backend_of(x).unary(op, x, y);
+  if (op == UnaryOp::Sign) return y;  // piecewise constant: no gradient flows, no graph is recorded
+  // Tanh's derivative is computed from its output; Relu's and Softplus's from the input.
+  Tensor saved_x = op == UnaryOp::Tanh ? Tensor() : x.detach();
+  Tensor saved_y = op == UnaryOp::Tanh ? y.detach() : Tensor();
+  return record(y, name, {x}, [=](const Tensor& g) {
+    Tensor gx = empty_like(g);
+    backend_of(g).unary_backward(op, saved_x, saved_y, g, gx);
+    return Grads{gx};
+  });
+}
+
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Add, a, b, "add"); }
+Tensor sub(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Sub, a, b, "sub"); }
+Tensor mul(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Mul, a, b, "mul"); }
+
+Tensor scale(const Tensor& x, double alpha) {
+  check_float(x, "scale", "input");
+  Tensor y = empty_like(x);
+  backend_of(x).scale(x, alpha, y);
+  return record(y, "scale", {x}, [alpha](const Tensor& g) { return Grads{scale(g, alpha)}; });
+}
+
+Tensor relu(const Tensor& x) { return unary(UnaryOp::Relu, x, "relu"); }
+Tensor tanh(const Tensor& x) { return unary(UnaryOp::Tanh, x, "tanh"); }
+Tensor sign(const Tensor& x) { return unary(UnaryOp::Sign, x, "sign"); }
+Tensor softplus(const Tensor& x) { return unary(UnaryOp::Softplus, x, "softplus"); }
+
+Tensor sum(const Tensor& x) {
+  check_float(x, "sum", "input");
+  Tensor out = empty_as(x, Shape{});
+  backend_of(x).sum_to(x, out);
+  const Shape shape = x.shape();
+  return record(out, "sum", {x}, [shape](const Tensor& g) {
+    Tensor gx = empty_as(g, shape);
+    backend_of(g).binary(BinaryOp::Add, Tensor::zeros(shape, g.dtype(), g.device()), g, gx);  // broadcast g
+    return Grads{gx};
+  });
+}
+
+Tensor mean(const Tensor& x) {
+  MDFF_CHECK(x.defined() && x.numel() > 0, "mean: the input is empty");
+  return scale(sum(x), 1.0 / static_cast<double>(x.numel()));
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  check_compatible("matmul", {{"a", &a}, {"b", &b}});
+  check_rank(a, 2, "matmul", "a");
+  check_rank(b, 2, "matmul", "b");
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
+  MDFF_CHECK(k == kb, "matmul: inner dimensions differ: ", shape_str(a.shape()), (trans_a ? "^T" : ""), " x ",
+             shape_str(b.shape()), (trans_b ? "^T" : ""));
+  Tensor c = empty_as(a, {m, n});
+  backend_of(a).gemm(trans_a, trans_b, 1.0, a, b, 0.0, c);
+  const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
+  Tensor saved_a = b_needs ? a.detach() : Tensor(), saved_b = a_needs ? b.detach() : Tensor();
+  return record(c, "matmul", {a, b}, [=](const Tensor& g) {
+    // C = op(A) op(B): d op(A) = G op(B)^T and d op(B) = op(A)^T G, transposed back where op transposed.
+    Tensor ga, gb;
+    if (a_needs) ga = trans_a ? matmul(saved_b, g, trans_b, true) : matmul(g, saved_b, false, !trans_b);
+    if (b_needs) gb = trans_b ? matmul(g, saved_a, true, trans_a) : matmul(saved_a, g, !trans_a, false);
+    return Grads{ga, gb};
+  });
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_compatible("linear", {{"input", &x}, {"weight", &weight}, {"bias", &bias}});
+  check_rank(x, 2, "linear", "input");
+  check_rank(weight, 2, "linear", "weight");
+  MDFF_CHECK(x.size(1) == weight.size(1), "linear: input has ", x.size(1), " features but the weight ",
+             shape_str(weight.shape()), " expects ", weight.size(1));
+  MDFF_CHECK(!bias.defined() || bias.shape() == Shape{weight.size(0)}, "linear: bias of shape ",
+             shape_str(bias.shape()), " for ", weight.size(0), " outputs");
+  Tensor y = empty_as(x, {x.size(0), weight.size(0)});
+  backend_of(x).gemm(false, true, 1.0, x, weight, 0.0, y);                 // y (N,out) = x (N,in) W^T
+  if (bias.defined()) backend_of(y).binary(BinaryOp::Add, y, bias, y);     // in place, bias repeated over rows
+  const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();
+  const bool b_needs = bias.defined() && bias.requires_grad();
+  Tensor saved_x = w_needs ? x.detach() : Tensor(), saved_w = x_needs ? weight.detach() : Tensor();
+  const Shape bias_shape{weight.size(0)};
+  return record(y, "linear", {x, weight, bias}, [=](const Tensor& g) {
+    return Grads{x_needs ? matmul(g, saved_w) : Tensor(),               // (N,out) x (out,in)
+                 w_needs ? matmul(g, saved_x, true, false) : Tensor(),  // (out,N) x (N,in)
+                 b_needs ? reduce_to(g, bias_shape) : Tensor()};
+  });
+}
+
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride, int padding) {
+  check_compatible("conv2d", {{"input", &x}, {"weight", &weight}, {"bias", &bias}});
+  check_rank(x, 4, "conv2d", "input (N,C,H,W)");
+  check_rank(weight, 4, "conv2d", "weight (Cout,Cin,kh,kw)");
+  MDFF_CHECK(x.size(1) == weight.size(1), "conv2d: input has ", x.size(1), " channels but the weight ",
+             shape_str(weight.shape()), " expects ", weight.size(1));
+  MDFF_CHECK(!bias.defined() || bias.shape() == Shape{weight.size(0)}, "conv2d: bias of shape ",
+             shape_str(bias.shape()), " for ", weight.size(0), " output channels");
+  MDFF_CHECK(stride >= 1 && padding >= 0, "conv2d: stride ", stride, " and padding ", padding,
+             " must be >= 1 and >= 0");
+  const int64_t ho = (x.size(2) + 2 * padding - weight.size(2)) / stride + 1;
+  const int64_t wo = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
+  MDFF_CHECK(x.size(2) + 2 * padding >= weight.size(2) && x.size(3) + 2 * padding >= weight.size(3),
+             "conv2d: a ", weight.size(2), "x", weight.size(3), " kernel does not fit the padded input ",
+             shape_str(x.shape()), " (padding ", padding, ")");
+  const Conv2dParams params{stride, padding};
+  Tensor y = empty_as(x, {x.size(0), weight.size(0), ho, wo});
+  backend_of(x).conv2d_forward(x, weight, bias, params, y);
+  const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();
+  const bool b_needs = bias.defined() && bias.requires_grad();
+  Tensor saved_x = x.detach(), saved_w = weight.detach();
+  return record(y, "conv2d", {x, weight, bias}, [=](const Tensor& g) {
+    Tensor gx = x_needs ? empty_like(saved_x) : Tensor();
+    Tensor gw = w_needs ? empty_like(saved_w) : Tensor();
+    Tensor gb = b_needs ? empty_as(g, {saved_w.size(0)}) : Tensor();
+    backend_of(g).conv2d_backward(saved_x, saved_w, g, params, gx, gw, gb);
+    return Grads{gx, gw, gb};
+  });
+}
+
+Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                    const Tensor& running_var, bool training, double momentum, double eps) {
+  check_compatible("batch_norm2d", {{"input", &x}, {"weight", &gamma}, {"bias", &beta},
+                                    {"running_mean", &running_mean}, {"running_var", &running_var}});
+  check_rank(x, 4, "batch_norm2d", "input (N,C,H,W)");
+  const Shape channels{x.size(1)};
+  for (const Tensor* t : {&gamma, &beta, &running_mean, &running_var})
+    MDFF_CHECK(t->shape() == channels, "batch_norm2d: parameters and running statistics must have shape ",
+               shape_str(channels), " for an input of shape ", shape_str(x.shape()), ", got ", shape_str(t->shape()));
+  MDFF_CHECK(!training || x.numel() / x.size(1) > 1, "batch_norm2d: training needs more than one value per channel, "
+             "got input shape ", shape_str(x.shape()), " (use a batch of at least 2, or evaluation mode)");
+  MDFF_CHECK(!running_mean.requires_grad() && !running_var.requires_grad(),
+             "batch_norm2d: running statistics are buffers and must not require grad");
+  Tensor y = empty_like(x), save_mean = empty_as(x, channels), save_invstd = empty_as(x, channels);
+  backend_of(x).batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
+                                   save_invstd);
+  const bool x_needs = x.requires_grad(), g_needs = gamma.requires_grad(), b_needs = beta.requires_grad();
+  Tensor saved_x = x.detach(), saved_gamma = gamma.detach();
+  return record(y, "batch_norm2d", {x, gamma, beta}, [=](const Tensor& g) {
+    Tensor gx = x_needs ? empty_like(saved_x) : Tensor();
+    Tensor gg = g_needs ? empty_like(saved_gamma) : Tensor();
+    Tensor gb = b_needs ? empty_like(saved_gamma) : Tensor();
+    backend_of(g).batch_norm_backward(saved_x, saved_gamma, save_mean, save_invstd, g, training, gx, gg, gb);
+    return Grads{gx, gg, gb};
+  });
+}
+
+Tensor max_pool2d(const Tensor& x, int kernel, int stride, int padding) {
+  check_float(x, "max_pool2d", "input");
+  check_rank(x, 4, "max_pool2d", "input (N,C,H,W)");
+  MDFF_CHECK(kernel >= 1 && stride >= 1 && padding >= 0 && 2 * padding <= kernel, "max_pool2d: kernel ", kernel,
+             ", stride ", stride, ", padding ", padding, " are invalid (padding may be at most half the kernel)");
+  MDFF_CHECK(x.size(2) + 2 * padding >= kernel && x.size(3) + 2 * padding >= kernel, "max_pool2d: a ", kernel,
+             "x", kernel, " window does not fit the input ", shape_str(x.shape()));
+  const int64_t ho = (x.size(2) + 2 * padding - kernel) / stride + 1, wo = (x.size(3) + 2 * padding - kernel) / stride + 1;
+  Tensor y = empty_as(x, {x.size(0), x.size(1), ho, wo});
+  Tensor argmax = Tensor::empty(y.shape(), DType::I32, x.device());
+  backend_of(x).max_pool2d_forward(x, Pool2dParams{kernel, stride, padding}, y, argmax);
+  const Shape input_shape = x.shape();
+  return record(y, "max_pool2d", {x}, [=](const Tensor& g) {
+    Tensor gx = empty_as(g, input_shape);
+    backend_of(g).max_pool2d_backward(g, argmax, gx);
+    return Grads{gx};
+  });
+}
+
+Tensor global_avg_pool(const Tensor& x) {
+  check_float(x, "global_avg_pool", "input");
+  check_rank(x, 4, "global_avg_pool", "input (N,C,H,W)");
+  Tensor y = empty_as(x, {x.size(0), x.size(1)});
+  backend_of(x).global_avg_pool_forward(x, y);
+  const Shape input_shape = x.shape();
+  return record(y, "global_avg_pool", {x}, [=](const Tensor& g) {
+    Tensor gx = empty_as(g, input_shape);
+    backend_of(g).global_avg_pool_backward(g, gx);
+    return Grads{gx};
+  });
+}
+
+Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width) {
+  check_float(x, "upsample_nearest", "input");
+  check_rank(x, 4, "upsample_nearest", "input (N,C,H,W)");
+  MDFF_CHECK(height >= 1 && width >= 1, "upsample_nearest: target size ", height, "x", width, " must be positive");
+  Tensor y = empty_as(x, {x.size(0), x.size(1), height, width});
+  backend_of(x).upsample_nearest_forward(x, y);
+  const Shape input_shape = x.shape();
+  return record(y, "upsample_nearest", {x}, [=](const Tensor& g) {
+    Tensor gx = Tensor::zeros(input_shape, g.dtype(), g.device());
+    backend_of(g).upsample_nearest_backward(g, gx);
+    return Grads{gx};
+  });
+}
+
+Tensor resize_bilinear(const Tensor& x, int64_t height, int64_t width) {
+  check_float(x, "resize_bilinear", "input");
+  check_rank(x, 4, "resize_bilinear", "input (N,C,H,W)");
+  MDFF_CHECK(height >= 1 && width >= 1, "resize_bilinear: target size ", height, "x", width, " must be positive");
+  MDFF_CHECK(!needs_grad({x}), "resize_bilinear has no backward: it resizes input images, which need no gradient "
+             "(call it on a tensor that does not require grad, or under NoGradGuard)");
+  Tensor y = empty_as(x, {x.size(0), x.size(1), height, width});
+  backend_of(x).resize_bilinear(x, y);
+  return y;
+}
+
+Tensor concat(const std::vector<Tensor>& parts, int64_t dim) {
+  MDFF_CHECK(!parts.empty(), "concat: no tensors to concatenate");
+  const Tensor& first = parts[0];
+  check_float(first, "concat", "part 0");
+  const int64_t rank = first.dim();
+  if (dim < 0) dim += rank;
+  MDFF_CHECK(dim >= 0 && dim < rank, "concat: dimension out of range for tensors of shape ", shape_str(first.shape()));
+  Shape out_shape = first.shape();
+  out_shape[dim] = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Tensor& p = parts[i];
+    check_float(p, "concat", "a part");
+    check_same_device(first, p, "concat");
+    check_same_dtype(first, p, "concat");
+    bool compatible = p.dim() == rank;
+    for (int64_t d = 0; compatible && d < rank; ++d) compatible = d == dim || p.size(d) == first.size(d);
+    MDFF_CHECK(compatible, "concat: part ", i, " has shape ", shape_str(p.shape()), ", incompatible with part 0 ",
+               shape_str(first.shape()), " along dimensions other than ", dim);
+    out_shape[dim] += p.size(dim);
+  }
+  Tensor out = empty_as(first, out_shape);
+  int64_t outer = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= out_shape[d];
+  const int64_t whole_inner = out.numel() / std::max<int64_t>(outer, 1);
+  std::vector<int64_t> inner(parts.size()), offsets(parts.size());
+  std::vector<Shape> shapes(parts.size());
+  for (size_t i = 0, offset = 0; i < parts.size(); ++i) {
+    inner[i] = parts[i].numel() / std::max<int64_t>(outer, 1);
+    offsets[i] = static_cast<int64_t>(offset);
+    shapes[i] = parts[i].shape();
+    backend_of(out).copy_block(parts[i], out, outer, inner[i], whole_inner, offsets[i], true);
+    offset += inner[i];
+  }
+  return record(out, "concat", parts, [=](const Tensor& g) {
+    Grads grads;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      Tensor gi = empty_as(g, shapes[i]);
+      backend_of(g).copy_block(gi, g, outer, inner[i], whole_inner, offsets[i], false);
+      grads.push_back(gi);
+    }
+    return grads;
+  });
+}
+
+Tensor log_softmax(const Tensor& x) {
+  check_float(x, "log_softmax", "input");
+  check_rank(x, 2, "log_softmax", "input (N,K)");
+  Tensor y = empty_like(x);
+  backend_of(x).log_softmax_forward(x, y);
+  Tensor saved_y = y.detach();
+  return record(y, "log_softmax", {x}, [=](const Tensor& g) {
+    Tensor gx = empty_like(g);
+    backend_of(g).log_softmax_backward(saved_y, g, gx);
+    return Grads{gx};
+  });
+}
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& target) {
+  check_compatible("cross_entropy", {{"logits", &logits}, {"target", &target}});
+  MDFF_CHECK(logits.shape() == target.shape(), "cross_entropy: logits ", shape_str(logits.shape()),
+             " and target ", shape_str(target.shape()), " must have the same shape (N,K)");
+  return scale(sum(mul(target, log_softmax(logits))), -1.0 / static_cast<double>(logits.size(0)));
+}
+
+namespace {
+void check_index(const Tensor& index, const Tensor& rows, const char* op) {
+  check_defined(index, op, "index");
+  MDFF_CHECK(index.dtype() == DType::I32 && index.dim() == 1, op, ": index must be a 1-D int32 tensor, got ",
+             dtype_name(index.dtype()), " ", shape_str(index.shape()));
+  check_same_device(index, rows, op);
+  MDFF_CHECK(rows.dim() >= 1, op, ": the row tensor needs at least one dimension");
+}
+}  // namespace
+
+Tensor gather_rows(const Tensor& src, const Tensor& index) {
+  check_float(src, "gather_rows", "source");
+  check_index(index, src, "gather_rows");
+  Shape out_shape = src.shape();
+  out_shape[0] = index.size(0);
+  Tensor out = empty_as(src, out_shape);
+  backend_of(src).gather_rows(src, index, out);
+  const Shape src_shape = src.shape();
+  return record(out, "gather_rows", {src}, [=](const Tensor& g) {
+    Tensor gs = Tensor::zeros(src_shape, g.dtype(), g.device());
+    backend_of(g).scatter_rows(g, index, gs, true);  // repeated rows get summed gradients
+    return Grads{gs};
+  });
+}
+
+void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src) {
+  check_compatible("scatter_rows_", {{"destination", &dst}, {"source", &src}});
+  check_index(index, dst, "scatter_rows_");
+  Shape expected = dst.shape();
+  expected[0] = index.size(0);
+  MDFF_CHECK(src.shape() == expected, "scatter_rows_: source of shape ", shape_str(src.shape()), " for ",
+             index.size(0), " rows of ", shape_str(dst.shape()), " (expected ", shape_str(expected), ")");
+  MDFF_CHECK(!dst.requires_grad(), "scatter_rows_: the destination is written in place and must not require grad");
+  backend_of(dst).scatter_rows(src, index, dst, false);
+}
+
+}  // namespace mdff::ops

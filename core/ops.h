@@ -1,0 +1,56 @@
+// The functional ops: each defines its shape rules, its checks, and its forward and backward once, and
+// runs on whatever device its inputs are on (through backend(), core/backend.h). Every op returns a
+// new tensor and records the autograd graph when an input requires grad; ops ending in `_` change a
+// tensor in place and never record.
+#pragma once
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace mdff::ops {
+
+// ---- elementwise (NumPy broadcasting: (N,C,H,W) + (1,C,1,1), (N,D) + (D), ...) ----
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor scale(const Tensor& x, double alpha);  // alpha * x
+Tensor relu(const Tensor& x);
+Tensor tanh(const Tensor& x);
+Tensor sign(const Tensor& x);      // +1 for x >= 0 (sign(0) = +1), -1 otherwise; no gradient (constant)
+Tensor softplus(const Tensor& x);  // log(1 + e^x) in the stable form max(x,0) + log1p(e^-|x|)
+
+// ---- reductions (to a 0-dim tensor) ----
+Tensor sum(const Tensor& x);
+Tensor mean(const Tensor& x);
+
+// ---- matrix products ----
+// (M,K) x (K,N) -> (M,N), with either operand transposed first.
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// x (N,in), weight (out,in), bias (out) or undefined -> (N,out): x weight^T + bias.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
+
+// ---- images (N,C,H,W) ----
+// weight (Cout,Cin,kh,kw), bias (Cout) or undefined -> (N,Cout,Ho,Wo), Ho = (H + 2 padding - kh) / stride + 1.
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride = 1, int padding = 0);
+// Per-channel normalisation. training: batch statistics, and running_mean / running_var (C) updated in
+// place (momentum 0.1, unbiased variance, as PyTorch); evaluation: running statistics.
+Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                    const Tensor& running_var, bool training, double momentum = 0.1, double eps = 1e-5);
+Tensor max_pool2d(const Tensor& x, int kernel = 3, int stride = 2, int padding = 1);
+Tensor global_avg_pool(const Tensor& x);                        // (N,C,H,W) -> (N,C)
+Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width);  // to an exact size
+Tensor resize_bilinear(const Tensor& x, int64_t height, int64_t width);   // forward only (resizes inputs)
+
+// ---- layout ----
+Tensor concat(const std::vector<Tensor>& parts, int64_t dim);
+
+// ---- classification ----
+Tensor log_softmax(const Tensor& x);  // over the last dim of (N,K)
+// Mean over rows of -sum_k target[n,k] log_softmax(logits)[n,k]; targets are probabilities (soft or one-hot).
+Tensor cross_entropy(const Tensor& logits, const Tensor& target);
+
+// ---- rows (the U matrix of the pairwise loss) ----
+Tensor gather_rows(const Tensor& src, const Tensor& index);  // (R,D...), I32 (M) -> (M,D...)
+void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src);  // dst[index[i]] = src[i]; no grad
+
+}  // namespace mdff::ops

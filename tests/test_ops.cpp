@@ -1,0 +1,133 @@
+// Op values on hand-computed cases (PyTorch's conventions where they matter: batch-norm running
+// statistics, nearest and bilinear indexing, max-pool padding) and the clear errors for bad shapes.
+#include <doctest/doctest.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/ops.h"
+#include "core/rng.h"
+
+using namespace mdff;
+
+namespace {
+Tensor t64(std::vector<double> v, const Shape& shape) { return Tensor::from_vector(v, shape, DType::F64); }
+Tensor iota(const Shape& shape) {
+  std::vector<double> v(static_cast<size_t>(numel(shape)));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(i);
+  return t64(v, shape);
+}
+void check_close(const Tensor& t, const std::vector<double>& expected, double eps = 1e-12) {
+  const std::vector<double> got = t.to_vector();
+  REQUIRE(got.size() == expected.size());
+  for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == doctest::Approx(expected[i]).epsilon(eps));
+}
+}  // namespace
+
+TEST_CASE("conv2d values") {
+  const Tensor x = t64({1, 2, 3, 4, 5, 6, 7, 8, 9}, {1, 1, 3, 3});
+  check_close(ops::conv2d(x, Tensor::full({1, 1, 2, 2}, 1.0, DType::F64), Tensor()), {12, 16, 24, 28});
+  // padding 1 with a 3x3 box: each output is the sum of its neighbourhood; bias added once
+  check_close(ops::conv2d(x, Tensor::full({1, 1, 3, 3}, 1.0, DType::F64), t64({0.5}, {1}), 1, 1),
+              {12.5, 21.5, 16.5, 27.5, 45.5, 33.5, 24.5, 39.5, 28.5});
+  // stride 2 picks every other window
+  check_close(ops::conv2d(x, Tensor::full({1, 1, 1, 1}, 2.0, DType::F64), Tensor(), 2, 0), {2, 6, 14, 18});
+}
+
+TEST_CASE("batch_norm2d: batch statistics, PyTorch's running-statistics update, evaluation") {
+  // channel 0 holds 1..4, channel 1 holds 10, 10, 30, 30 (N=2, H=1, W=2)
+  const Tensor x = t64({1, 2, 10, 10, 3, 4, 30, 30}, {2, 2, 1, 2});
+  Tensor gamma = t64({1, 2}, {2}), beta = t64({0, 1}, {2});
+  Tensor rm = t64({0, 0}, {2}), rv = t64({1, 1}, {2});
+  const Tensor y = ops::batch_norm2d(x, gamma, beta, rm, rv, true, 0.1, 0.0);
+  const double s0 = std::sqrt(1.25);  // biased std of 1..4
+  check_close(y, {-1.5 / s0, -0.5 / s0, -1, -1, 0.5 / s0, 1.5 / s0, 3, 3});
+  check_close(rm, {0.1 * 2.5, 0.1 * 20});
+  check_close(rv, {0.9 + 0.1 * (5.0 / 3.0), 0.9 + 0.1 * (400.0 / 3.0)});  // unbiased variance
+  const Tensor e = ops::batch_norm2d(x, gamma, beta, rm, rv, false, 0.1, 1e-5);
+  const std::vector<double> ev = e.to_vector(), m = rm.to_vector(), v = rv.to_vector();
+  CHECK(ev[0] == doctest::Approx((1 - m[0]) / std::sqrt(v[0] + 1e-5)));
+  CHECK(rm.to_vector() == m);  // evaluation leaves the running statistics alone
+}
+
+TEST_CASE("max_pool2d 3x3 stride 2 padding 1") {
+  check_close(ops::max_pool2d(iota({1, 1, 4, 4}), 3, 2, 1), {5, 7, 13, 15});
+  // all-negative input: padding never wins
+  check_close(ops::max_pool2d(ops::scale(ops::add(iota({1, 1, 2, 2}), t64({1}, {1})), -1.0), 3, 2, 1), {-1});
+}
+
+TEST_CASE("global average pool, nearest upsampling and bilinear resizing") {
+  check_close(ops::global_avg_pool(iota({1, 2, 2, 2})), {1.5, 5.5});
+  // nearest 2x2 -> 3x3: source index floor(d * 2/3) = 0, 0, 1
+  check_close(ops::upsample_nearest(t64({1, 2, 3, 4}, {1, 1, 2, 2}), 3, 3), {1, 1, 2, 1, 1, 2, 3, 3, 4});
+  // bilinear, align_corners=False, 2x2 -> 4x4 (PyTorch's values)
+  check_close(ops::resize_bilinear(t64({1, 2, 3, 4}, {1, 1, 2, 2}), 4, 4),
+              {1, 1.25, 1.75, 2, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3, 3.25, 3.75, 4});
+  // downscaling by 2 averages each 2x2 block (the 0.5x input of the dual-scale model)
+  check_close(ops::resize_bilinear(iota({1, 1, 4, 4}), 2, 2), {2.5, 4.5, 10.5, 12.5});
+  CHECK_THROWS_WITH_AS(ops::resize_bilinear(iota({1, 1, 2, 2}).set_requires_grad(), 4, 4),
+                       doctest::Contains("no backward"), Error);
+}
+
+TEST_CASE("unary values: sign(0) = +1, softplus is stable at large |x|") {
+  check_close(ops::sign(t64({-2, 0, 3}, {3})), {-1, 1, 1});
+  const std::vector<double> sp = ops::softplus(Tensor::from_vector(std::vector<float>{-100, 0, 50, 100}, {4})).to_vector();
+  CHECK(sp[0] > 0);
+  CHECK(sp[0] < 1e-40);
+  CHECK(sp[1] == doctest::Approx(std::log(2.0)));
+  CHECK(sp[2] == 50);
+  CHECK(sp[3] == 100);
+}
+
+TEST_CASE("log_softmax and cross-entropy") {
+  const Tensor logits = t64({1, 2, 3, 1000, 1000, -1000}, {2, 3});
+  const std::vector<double> ls = ops::log_softmax(logits).to_vector();
+  for (double v : ls) CHECK(std::isfinite(v));
+  CHECK(std::exp(ls[0]) + std::exp(ls[1]) + std::exp(ls[2]) == doctest::Approx(1.0));
+  CHECK(ls[3] == doctest::Approx(-std::log(2.0)));
+  // one-hot targets: the mean of -log p(label)
+  const double ce = ops::cross_entropy(logits, t64({0, 0, 1, 1, 0, 0}, {2, 3})).item();
+  CHECK(ce == doctest::Approx(-(ls[2] + ls[3]) / 2));
+}
+
+TEST_CASE("gather_rows and scatter_rows_ keep the U matrix") {
+  Tensor u = Tensor::zeros({4, 2}, DType::F64);
+  const Tensor rows = Tensor::from_vector(std::vector<int32_t>{2, 0}, {2});
+  ops::scatter_rows_(u, rows, t64({1, 2, 3, 4}, {2, 2}));
+  check_close(u, {3, 4, 0, 0, 1, 2, 0, 0});
+  check_close(ops::gather_rows(u, rows), {1, 2, 3, 4});
+  const Tensor bad = Tensor::from_vector(std::vector<int32_t>{4}, {1});
+  CHECK_THROWS_WITH_AS(ops::gather_rows(u, bad), doctest::Contains("row index 4 at position 0 is outside [0, 4)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::scatter_rows_(u, rows, t64({1, 2, 3}, {1, 3})), doctest::Contains("source of shape"),
+                       Error);
+}
+
+TEST_CASE("shape errors are clear exceptions") {
+  Rng rng(1);
+  const Tensor x = Tensor::randn({2, 3, 8, 8}, rng);
+  CHECK_THROWS_WITH_AS(ops::conv2d(x, Tensor::randn({4, 5, 3, 3}, rng), Tensor()),
+                       doctest::Contains("input has 3 channels but the weight (4,5,3,3) expects 5"), Error);
+  CHECK_THROWS_WITH_AS(ops::conv2d(x, Tensor::randn({4, 3, 9, 9}, rng), Tensor()),
+                       doctest::Contains("does not fit"), Error);
+  CHECK_THROWS_WITH_AS(ops::conv2d(x.reshape({6, 64}), Tensor::randn({4, 3, 3, 3}, rng), Tensor()),
+                       doctest::Contains("must have 4 dimensions"), Error);
+  CHECK_THROWS_WITH_AS(ops::concat({x, Tensor::randn({2, 3, 4, 8}, rng)}, 1),
+                       doctest::Contains("part 1 has shape (2,3,4,8), incompatible"), Error);
+  CHECK_THROWS_WITH_AS(ops::concat({x, Tensor::randn({2, 3, 8}, rng)}, 0), doctest::Contains("incompatible"), Error);
+  CHECK_THROWS_WITH_AS(ops::add(x, Tensor::randn({4}, rng)), doctest::Contains("do not broadcast"), Error);
+  CHECK_THROWS_WITH_AS(ops::matmul(Tensor::randn({2, 3}, rng), Tensor::randn({4, 5}, rng)),
+                       doctest::Contains("inner dimensions differ"), Error);
+  CHECK_THROWS_WITH_AS(ops::linear(Tensor::randn({2, 3}, rng), Tensor::randn({5, 4}, rng), Tensor()),
+                       doctest::Contains("input has 3 features"), Error);
+  Tensor c3 = Tensor::zeros({3}), c4 = Tensor::zeros({4});
+  CHECK_THROWS_WITH_AS(ops::batch_norm2d(x, c4, c4, c4, c4, true), doctest::Contains("must have shape (3)"), Error);
+  CHECK_THROWS_WITH_AS(ops::batch_norm2d(Tensor::zeros({1, 3, 1, 1}), c3, c3, c3, c3, true),
+                       doctest::Contains("more than one value per channel"), Error);
+  CHECK_THROWS_WITH_AS(ops::add(x, x.to(DType::F64)), doctest::Contains("different dtypes"), Error);
+  CHECK_THROWS_WITH_AS(ops::max_pool2d(x, 3, 2, 2), doctest::Contains("at most half the kernel"), Error);
+  CHECK_THROWS_WITH_AS(ops::cross_entropy(Tensor::zeros({2, 3}), Tensor::zeros({2, 4})),
+                       doctest::Contains("same shape"), Error);
+  CHECK_THROWS_WITH_AS(ops::relu(Tensor::zeros({2}, DType::I32)), doctest::Contains("must be float32 or float64"),
+                       Error);
+}
