@@ -1,0 +1,123 @@
+// The CUDA backend: mdff::Backend on the GPU. Memory comes from the caching allocator, copies and
+// kernels are queued on the one stream of device.h, matrix products go to cuBLAS, and the hand-written
+// kernels live in the .cu files (kernels.h). Kernels not overridden here keep the base-class default,
+// which throws "kernel 'X' is not implemented on the cuda backend".
+//
+// core/backend.cpp reaches this file only through mdff::cuda::get_backend().
+#include <cublas_v2.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/backend.h"
+#include "core/error.h"
+#include "cuda/allocator.h"
+#include "cuda/check.h"
+#include "cuda/device.h"
+#include "cuda/kernels.h"
+
+namespace mdff::cuda {
+
+namespace {
+
+// Row-major C (M,N) = alpha * op(A) op(B) + beta * C through cuBLAS, which is column-major. A row-major
+// matrix read as column-major is its transpose, so cuBLAS computes the transposed problem
+//   C^T (N,M) = alpha * op(B)^T op(A)^T + beta * C^T
+// on the same memory: B is passed first, A second, and each keeps its own transpose flag.
+void cublas_gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
+                 const Tensor& c) {
+  MDFF_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "cuda gemm: needs 2-D tensors, got ",
+             shape_str(a.shape()), ", ", shape_str(b.shape()), ", ", shape_str(c.shape()));
+  MDFF_CHECK(is_floating(c.dtype()) && a.dtype() == c.dtype() && b.dtype() == c.dtype(),
+             "cuda gemm: needs one float dtype, got ", dtype_name(a.dtype()), ", ", dtype_name(b.dtype()), ", ",
+             dtype_name(c.dtype()));
+  const int64_t m = trans_a ? a.size(1) : a.size(0);  // rows of op(A) and C
+  const int64_t k = trans_a ? a.size(0) : a.size(1);  // cols of op(A), rows of op(B)
+  const int64_t n = trans_b ? b.size(0) : b.size(1);  // cols of op(B) and C
+  MDFF_CHECK((trans_b ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "cuda gemm: op(A) ",
+             m, "x", k, " times op(B) ", (trans_b ? b.size(1) : b.size(0)), "x", n, " into C ",
+             shape_str(c.shape()));
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: C = beta * C (and beta = 0 overwrites whatever C held, as BLAS does)
+    if (beta == 0.0) fill(c, 0.0);
+    else scale(c, beta, c);
+    return;
+  }
+  MDFF_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "cuda gemm: dimensions ", m, ", ", n, ", ", k,
+             " exceed cuBLAS's 32-bit sizes");
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int lda = static_cast<int>(a.size(1)), ldb = static_cast<int>(b.size(1)), ldc = ni;  // row lengths
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasHandle_t handle = cublas_handle();
+  if (c.dtype() == DType::F32) {
+    const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+    MDFF_CUBLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha_f, b.data<float>(), ldb, a.data<float>(),
+                                  lda, &beta_f, c.data<float>(), ldc));
+  } else {
+    MDFF_CUBLAS_CHECK(cublasDgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b.data<double>(), ldb, a.data<double>(),
+                                  lda, &beta, c.data<double>(), ldc));
+  }
+}
+
+class CudaBackend : public Backend {
+ public:
+  const char* name() const override { return "cuda"; }
+
+  // ---- memory ----
+  void* allocate(size_t bytes) override { return cuda::allocate(bytes); }
+  void deallocate(void* ptr, size_t bytes) override { cuda::deallocate(ptr, bytes); }
+
+  // Host copies wait for the stream: the host may read (or reuse) its buffer as soon as they return.
+  void copy_from_host(void* dst, const void* host_src, size_t bytes) override {
+    if (bytes == 0) return;
+    MDFF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream()));
+    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+  void copy_to_host(void* host_dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    MDFF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
+    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+  void copy_on_device(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    MDFF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
+  }
+  void synchronize() override { MDFF_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+  // ---- elementwise and reductions (elementwise.cu) ----
+  void fill(const Tensor& out, double value) override { cuda::fill(out, value); }
+  void cast(const Tensor& src, const Tensor& dst) override { cuda::cast(src, dst); }
+  void binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out) override {
+    cuda::binary(op, a, b, out);
+  }
+  void scale(const Tensor& x, double alpha, const Tensor& out) override { cuda::scale(x, alpha, out); }
+  void unary(UnaryOp op, const Tensor& x, const Tensor& out) override { cuda::unary(op, x, out); }
+  void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
+                      const Tensor& grad_x) override {
+    cuda::unary_backward(op, x, y, grad_y, grad_x);
+  }
+  void sum_to(const Tensor& src, const Tensor& out) override { cuda::sum_to(src, out); }
+
+  // ---- matrix products (cuBLAS) ----
+  void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
+            const Tensor& c) override {
+    cublas_gemm(trans_a, trans_b, alpha, a, b, beta, c);
+  }
+};
+
+}  // namespace
+
+// The entry point core/backend.cpp calls: the process's CUDA backend, or nullptr with the reason in
+// why_not when no usable GPU is present. Never throws.
+Backend* get_backend(std::string* why_not) {
+  const DeviceInfo& info = device_info();  // detection itself never throws
+  if (!info.usable) {
+    if (why_not) *why_not = info.why_not;
+    return nullptr;
+  }
+  static CudaBackend* backend = new CudaBackend();  // never destroyed, for the same reason as device_info
+  return backend;
+}
+
+}  // namespace mdff::cuda
