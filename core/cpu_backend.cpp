@@ -1,10 +1,7 @@
 // The CPU backend: the reference kernels every other backend is checked against. Plain loops, written
-// to be read; the two hot paths (convolution and matrix products) go through OpenBLAS GEMM, and
+// to be read; the two hot paths (convolution and matrix products) go through OpenBLAS GEMM (core/blas.h), and
 // per-channel or per-plane loops are shared between cores with OpenMP. Every kernel is a template
 // over the float type (float for work, double for gradient checks).
-#include <cblas.h>
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -13,6 +10,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/blas.h"
 #include "core/error.h"
 
 namespace mdff {
@@ -33,18 +31,6 @@ template <class T> T* ptr(const Tensor& t) { return static_cast<T*>(t.raw()); }
 
 // Loops smaller than this run on one thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
-
-// ---- GEMM: row-major C (M,N) = alpha op(A) op(B) + beta C through OpenBLAS ----
-void blas_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-               float beta, float* c, int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
-              b, ldb, beta, c, ldc);
-}
-void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-               int ldb, double beta, double* c, int ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
-              b, ldb, beta, c, ldc);
-}
 
 // ---- broadcasting: strides of an input viewed at the output's shape (0 along repeated dims) ----
 std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
@@ -200,7 +186,7 @@ void conv2d_forward_impl(const Tensor& x, const Tensor& weight, const Tensor& bi
     const int64_t count = std::min(group, g.n - n0), width = count * g.p();
     im2col(xp, g, n0, count, cols.data());
     // out (Cout, count*P) = W (Cout, K) x cols (K, count*P)
-    blas_gemm(false, false, g.cout, width, g.k(), T(1), wp, g.k(), cols.data(), width, T(0), out.data(), width);
+    blas::gemm(false, false, g.cout, width, g.k(), T(1), wp, g.k(), cols.data(), width, T(0), out.data(), width);
     matrix_to_samples(out.data(), count, g.cout, g.p(), bp, yp + n0 * g.cout * g.p());
   }
 }
@@ -222,12 +208,12 @@ void conv2d_backward_impl(const Tensor& x, const Tensor& weight, const Tensor& g
     if (grad_weight.defined()) {
       im2col(xp, g, n0, count, cols.data());
       // dW (Cout, K) (+)= dY (Cout, count*P) x cols^T (count*P, K)
-      blas_gemm(false, true, g.cout, g.k(), width, T(1), gy_matrix.data(), width, cols.data(), width,
+      blas::gemm(false, true, g.cout, g.k(), width, T(1), gy_matrix.data(), width, cols.data(), width,
                 n0 == 0 ? T(0) : T(1), ptr<T>(grad_weight), g.k());
     }
     if (grad_x.defined()) {
       // dcols (K, count*P) = W^T (K, Cout) x dY (Cout, count*P), then scattered back onto the pixels
-      blas_gemm(true, false, g.k(), width, g.cout, T(1), wp, g.k(), gy_matrix.data(), width, T(0), cols.data(),
+      blas::gemm(true, false, g.k(), width, g.cout, T(1), wp, g.k(), gy_matrix.data(), width, T(0), cols.data(),
                 width);
       col2im_add(cols.data(), g, n0, count, ptr<T>(grad_x));
     }
@@ -376,7 +362,7 @@ class CpuBackend final : public Backend {
       using T = decltype(zero);
       const int m = static_cast<int>(c.size(0)), n = static_cast<int>(c.size(1));
       const int k = static_cast<int>(ta ? a.size(0) : a.size(1));
-      blas_gemm(ta, tb, m, n, k, static_cast<T>(alpha), ptr<T>(a), static_cast<int>(a.size(1)), ptr<T>(b),
+      blas::gemm(ta, tb, m, n, k, static_cast<T>(alpha), ptr<T>(a), static_cast<int>(a.size(1)), ptr<T>(b),
                 static_cast<int>(b.size(1)), static_cast<T>(beta), ptr<T>(c), n);
     });
   }

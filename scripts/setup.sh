@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache   # compiler and build
-  libopenblas-dev                            # CPU GEMM (sgemm/dgemm) for convolutions and linear layers
+  libopenblas0-openmp                        # CPU GEMM (sgemm/dgemm), OpenMP build, loaded at run time (core/blas.h)
   zlib1g-dev                                 # reading Fashion-MNIST's .gz idx files
   libstb-dev                                 # stb_image: decoding images of image-list datasets
   nlohmann-json3-dev                         # config.json / metrics.json / safetensors headers
