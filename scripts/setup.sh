@@ -16,9 +16,8 @@ packages=(
   doctest-dev                                # unit tests
   dataset-fashion-mnist                      # the embedded default dataset
 )
-if [[ "${1:-}" == "--test" ]]; then
-  packages+=(python3-numpy)                  # tools/ scripts that write or read .npy fixtures
-fi
+# --test adds nothing yet: the suite needs only the build dependencies. (PyTorch references come with the
+# model-parity tests.)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,62 @@
+// IDX reader (see idx.h). Reads through zlib, which passes uncompressed files through unchanged.
+#include "data/idx.h"
+
+#include <zlib.h>
+
+#include <filesystem>
+#include <memory>
+
+#include "core/error.h"
+
+namespace mdff::data {
+
+namespace {
+struct GzCloser {
+  void operator()(gzFile f) const { gzclose(f); }
+};
+
+// Reads exactly `bytes` bytes or throws, naming what was being read.
+void read_exact(gzFile file, void* dst, size_t bytes, const std::string& path, const char* what) {
+  size_t done = 0;
+  while (done < bytes) {
+    const unsigned chunk = static_cast<unsigned>(std::min<size_t>(bytes - done, 1u << 30));
+    const int got = gzread(file, static_cast<char*>(dst) + done, chunk);
+    if (got < 0) {
+      int code = 0;
+      MDFF_FAIL(path, ": corrupt compressed data while reading ", what, " (", gzerror(file, &code), ")");
+    }
+    MDFF_CHECK(got > 0, path, ": truncated: the file ends after ", done, " of the ", bytes, " bytes of ", what);
+    done += static_cast<size_t>(got);
+  }
+}
+}  // namespace
+
+IdxArray read_idx(const std::string& path) {
+  MDFF_CHECK(std::filesystem::exists(path), path, ": no such file");
+  std::unique_ptr<gzFile_s, GzCloser> file(gzopen(path.c_str(), "rb"));
+  MDFF_CHECK(file, path, ": cannot open for reading");
+  uint8_t magic[4];
+  read_exact(file.get(), magic, 4, path, "the header");
+  MDFF_CHECK(magic[0] == 0 && magic[1] == 0 && magic[3] >= 1 && magic[3] <= 4, path,
+             ": not an IDX file (the magic number is wrong)");
+  MDFF_CHECK(magic[2] == 0x08, path, ": IDX value type 0x", std::hex, int(magic[2]),
+             " is not supported (only unsigned bytes, 0x08)");
+  IdxArray array;
+  int64_t count = 1;
+  for (int d = 0; d < magic[3]; ++d) {
+    uint8_t be[4];
+    read_exact(file.get(), be, 4, path, "the dimensions");
+    const int64_t size = (int64_t(be[0]) << 24) | (be[1] << 16) | (be[2] << 8) | be[3];
+    MDFF_CHECK(size > 0 && size <= (int64_t{1} << 31), path, ": dimension ", d, " has an invalid size ", size);
+    array.shape.push_back(size);
+    count *= size;
+    MDFF_CHECK(count <= (int64_t{1} << 34), path, ": the declared array is implausibly large");
+  }
+  array.values.resize(static_cast<size_t>(count));
+  read_exact(file.get(), array.values.data(), array.values.size(), path, "the values");
+  char extra;
+  MDFF_CHECK(gzread(file.get(), &extra, 1) == 0, path, ": trailing bytes after the ", count, " values");
+  return array;
+}
+
+}  // namespace mdff::data

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Breaks each backward pass on purpose, one at a time, and checks that the tests notice.
+
+For every mutation below: edit the source, rebuild the gradient and autograd tests in their own build
+folder, run them, require a failure, and restore the file. The test suite's perturbation hook
+(tests/gradcheck.h) proves in every CI run that each gradient check reacts to a 1% error; this script
+proves it also catches the kinds of mistakes people make in real backward code.
+
+    scripts/mutation_check.py [--build-dir build-mutation]
+"""
+import argparse
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# (op, file, original text, broken text): each original must occur exactly once.
+MUTATIONS = [
+    ("relu", "core/cpu_backend.cpp", "gx[i] = xp[i] > T(0) ? gy[i] : T(0);", "gx[i] = gy[i];"),
+    ("tanh", "core/cpu_backend.cpp", "gy[i] * (T(1) - yp[i] * yp[i])", "gy[i] * (T(1) - yp[i])"),
+    ("softplus", "core/cpu_backend.cpp", "gy[i] * stable_sigmoid(xp[i])", "gy[i] * stable_sigmoid(-xp[i])"),
+    ("conv2d (input gradient)", "core/cpu_backend.cpp", "if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] += in[ow];",
+     "if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] = in[ow];"),
+    ("conv2d (weight gradient)", "core/cpu_backend.cpp",
+     "blas::gemm(false, true, g.cout, g.k(), width, T(1), gy_matrix.data(), width",
+     "blas::gemm(false, true, g.cout, g.k(), width, T(-1), gy_matrix.data(), width"),
+    ("conv2d (bias gradient)", "core/cpu_backend.cpp", "for (int64_t q = 0; q < g.p(); ++q) sum += plane[q];",
+     "for (int64_t q = 1; q < g.p(); ++q) sum += plane[q];"),
+    ("batch_norm2d (x, training)", "core/cpu_backend.cpp", "(count * gy[at] - sum_gy - xhat * sum_gy_xhat)",
+     "(count * gy[at] - sum_gy)"),
+    ("batch_norm2d (gamma)", "core/cpu_backend.cpp", "ptr<T>(grad_gamma)[ch] = static_cast<T>(sum_gy_xhat);",
+     "ptr<T>(grad_gamma)[ch] = static_cast<T>(sum_gy);"),
+    ("batch_norm2d (x, evaluation)", "core/cpu_backend.cpp", "gx[at] = static_cast<T>(g * is * gy[at]);",
+     "gx[at] = static_cast<T>(g * gy[at]);"),
+    ("max_pool2d", "core/cpu_backend.cpp", "dst[ap[pl * out_plane + q]] += gy[pl * out_plane + q];",
+     "dst[ap[pl * out_plane + q]] = gy[pl * out_plane + q];"),
+    ("global_avg_pool", "core/cpu_backend.cpp", "gy[pl] / T(plane)", "gy[pl] / T(plane + 1)"),
+    ("upsample_nearest", "core/cpu_backend.cpp", "[](auto* gx, auto* gy, int64_t s, int64_t d) { gx[s] += gy[d]; }",
+     "[](auto* gx, auto* gy, int64_t s, int64_t d) { gx[s] = gy[d]; }"),
+    ("log_softmax", "core/cpu_backend.cpp", "gy[r * k + j] - std::exp(yp[r * k + j]) * sum",
+     "gy[r * k + j] - std::exp(yp[r * k + j])"),
+    ("gather_rows", "core/ops.cpp", "backend_of(g).scatter_rows(g, index, gs, true);",
+     "backend_of(g).scatter_rows(g, index, gs, false);"),
+    ("mul", "core/ops.cpp", "ga = a_needs ? reduce_to(mul(g, saved_b), sa) : Tensor();",
+     "ga = a_needs ? reduce_to(g, sa) : Tensor();"),
+    ("sub", "core/ops.cpp", "gb = b_needs ? reduce_to(scale(g, -1.0), sb) : Tensor();",
+     "gb = b_needs ? reduce_to(g, sb) : Tensor();"),
+    ("add (gradient of a broadcast input)", "core/cpu_backend.cpp",
+     "for (int64_t i = 0; i < n; ++i) acc[broadcast_offset(i, shape, strides)] += sp[i];",
+     "for (int64_t i = 0; i < n; ++i) acc[broadcast_offset(i, shape, strides)] = sp[i];"),
+    ("matmul", "core/ops.cpp", "if (b_needs) gb = trans_b ? matmul(g, saved_a, true, trans_a) : matmul(saved_a, g, !trans_a, false);",
+     "if (b_needs) gb = trans_b ? matmul(g, saved_a, true, !trans_a) : matmul(saved_a, g, !trans_a, false);"),
+    ("linear (bias)", "core/ops.cpp", "b_needs ? reduce_to(g, bias_shape) : Tensor()}",
+     "b_needs ? reduce_to(scale(g, 0.5), bias_shape) : Tensor()}"),
+    ("concat", "core/ops.cpp", "backend_of(g).copy_block(gi, g, outer, inner[i], whole_inner, offsets[i], false);",
+     "backend_of(g).copy_block(gi, g, outer, inner[i], whole_inner, 0, false);"),
+    ("sum", "core/ops.cpp", "backend_of(g).binary(BinaryOp::Add, Tensor::zeros(shape, g.dtype(), g.device()), g, gx);",
+     "backend_of(g).binary(BinaryOp::Add, Tensor::full(shape, 0.5, g.dtype(), g.device()), g, gx);"),
+    ("autograd: summing gradients of a reused tensor", "core/autograd.cpp",
+     "if (!inserted) slot->second = add_new(slot->second, g);", "if (!inserted) slot->second = g;"),
+]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build-dir", default="build-mutation")
+    args = parser.parse_args()
+    build = args.build_dir
+    configure = run(["cmake", "-S", ".", "-B", build, "-G", "Ninja", "-DMDFF_CUDA=OFF"])
+    if configure.returncode:
+        sys.exit(configure.stdout)
+    targets = ["test_gradcheck", "test_autograd"]
+    baseline = run(["cmake", "--build", build, "--target", *targets])
+    if baseline.returncode or any(run([f"{build}/tests/{t}"]).returncode for t in targets):
+        sys.exit("the unmutated tests do not pass: fix that first")
+    caught = 0
+    for op, rel, original, broken in MUTATIONS:
+        path = ROOT / rel
+        text = path.read_text()
+        if text.count(original) != 1:
+            sys.exit(f"{op}: the text to mutate occurs {text.count(original)} times in {rel}; update this script")
+        try:
+            path.write_text(text.replace(original, broken))
+            result = run(["cmake", "--build", build, "--target", *targets])
+            failed = [t for t in targets if result.returncode == 0 and run([f"{build}/tests/{t}"]).returncode != 0]
+            status = "build broke" if result.returncode else ("caught by " + ", ".join(failed) if failed else "NOT CAUGHT")
+        finally:
+            path.write_text(text)
+        caught += status != "NOT CAUGHT"
+        print(f"{op:48s} {status}", flush=True)
+    run(["cmake", "--build", build, "--target", *targets])  # leave the build matching the sources
+    print(f"{caught} of {len(MUTATIONS)} broken backward passes caught")
+    sys.exit(0 if caught == len(MUTATIONS) else 1)
+
+
+if __name__ == "__main__":
+    main()
