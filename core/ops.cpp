@@ -272,10 +272,16 @@ Tensor global_avg_pool(const Tensor& x) {
   });
 }
 
+namespace {
+void check_resize(const Tensor& x, int64_t height, int64_t width, const char* op) {
+  check_float(x, op, "input");
+  check_rank(x, 4, op, "input (N,C,H,W)");
+  MDFF_CHECK(height >= 1 && width >= 1, op, ": target size ", height, "x", width, " must be positive");
+}
+}  // namespace
+
 Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width) {
-  check_float(x, "upsample_nearest", "input");
-  check_rank(x, 4, "upsample_nearest", "input (N,C,H,W)");
-  MDFF_CHECK(height >= 1 && width >= 1, "upsample_nearest: target size ", height, "x", width, " must be positive");
+  check_resize(x, height, width, "upsample_nearest");
   Tensor y = empty_as(x, {x.size(0), x.size(1), height, width});
   backend_of(x).upsample_nearest_forward(x, y);
   const Shape input_shape = x.shape();
@@ -287,9 +293,7 @@ Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width) {
 }
 
 Tensor resize_bilinear(const Tensor& x, int64_t height, int64_t width) {
-  check_float(x, "resize_bilinear", "input");
-  check_rank(x, 4, "resize_bilinear", "input (N,C,H,W)");
-  MDFF_CHECK(height >= 1 && width >= 1, "resize_bilinear: target size ", height, "x", width, " must be positive");
+  check_resize(x, height, width, "resize_bilinear");
   MDFF_CHECK(!needs_grad({x}), "resize_bilinear has no backward: it resizes input images, which need no gradient "
              "(call it on a tensor that does not require grad, or under NoGradGuard)");
   Tensor y = empty_as(x, {x.size(0), x.size(1), height, width});
