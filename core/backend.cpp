@@ -86,5 +86,11 @@ void Backend::log_softmax_forward(const Tensor&, const Tensor&) { missing("log_s
 void Backend::log_softmax_backward(const Tensor&, const Tensor&, const Tensor&) { missing("log_softmax_backward"); }
 void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { missing("gather_rows"); }
 void Backend::scatter_rows(const Tensor&, const Tensor&, const Tensor&, bool) { missing("scatter_rows"); }
+void Backend::rmsprop_step(const Tensor&, const Tensor&, const Tensor&, double, double, double, double) {
+  missing("rmsprop_step");
+}
+void Backend::sgd_step(const Tensor&, const Tensor&, const Tensor&, double, double, double, bool) {
+  missing("sgd_step");
+}
 
 }  // namespace mdff

@@ -25,7 +25,7 @@ struct Pool2dParams {
   int padding = 1;
 };
 
-enum class BinaryOp { Add, Sub, Mul };
+enum class BinaryOp { Add, Sub, Mul, Div };
 enum class UnaryOp { Relu, Tanh, Sign, Softplus };
 
 class Backend {
@@ -109,6 +109,15 @@ class Backend {
   virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out);
   // dst[index[i],:] += src[i,:] when accumulate, else dst[index[i],:] = src[i,:]
   virtual void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate);
+
+  // ---- optimizers, over flat buffers of equal size, in place (PyTorch's semantics) ----
+  // g = grad + weight_decay * param;  square_avg = alpha * square_avg + (1 - alpha) g^2;
+  // param -= lr * g / (sqrt(square_avg) + eps)
+  virtual void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr,
+                            double alpha, double eps, double weight_decay);
+  // g = grad + weight_decay * param;  buffer = first_step ? g : momentum * buffer + g;  param -= lr * buffer
+  virtual void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
+                        double weight_decay, bool first_step);
 
  protected:
   [[noreturn]] void missing(const char* kernel) const;

@@ -59,6 +59,7 @@ T apply(BinaryOp op, T a, T b) {
     case BinaryOp::Add: return a + b;
     case BinaryOp::Sub: return a - b;
     case BinaryOp::Mul: return a * b;
+    case BinaryOp::Div: return a / b;
   }
   return T(0);
 }
@@ -644,6 +645,42 @@ class CpuBackend final : public Backend {
       for (int64_t i = 0; i < rows; ++i) {
         T* row = dp + ip[i] * width;
         for (int64_t j = 0; j < width; ++j) row[j] = accumulate ? row[j] + sp[i * width + j] : sp[i * width + j];
+      }
+    });
+  }
+
+  void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
+                    double eps, double weight_decay) override {
+    dispatch_float(param.dtype(), "rmsprop_step", [&](auto zero) {
+      using T = decltype(zero);
+      T* p = ptr<T>(param);
+      const T* gp = ptr<T>(grad);
+      T* v = ptr<T>(square_avg);
+      const T a = T(alpha), e = T(eps), l = T(lr), wd = T(weight_decay);
+      const int64_t n = param.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) {  // the order of PyTorch's operations, for the same rounding
+        const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
+        v[i] = v[i] * a + (T(1) - a) * g * g;
+        p[i] -= l * (g / (std::sqrt(v[i]) + e));
+      }
+    });
+  }
+
+  void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
+                double weight_decay, bool first_step) override {
+    dispatch_float(param.dtype(), "sgd_step", [&](auto zero) {
+      using T = decltype(zero);
+      T* p = ptr<T>(param);
+      const T* gp = ptr<T>(grad);
+      T* b = ptr<T>(buffer);
+      const T m = T(momentum), l = T(lr), wd = T(weight_decay);
+      const int64_t n = param.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) {
+        const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
+        b[i] = first_step ? g : m * b[i] + g;
+        p[i] -= l * b[i];
       }
     });
   }

@@ -67,9 +67,10 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
   backend_of(a).binary(op, a, b, out);
   const Shape sa = a.shape(), sb = b.shape();
   const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
-  // Mul saves its inputs (each one's gradient needs the other); Add and Sub save nothing.
-  Tensor saved_a = op == BinaryOp::Mul && b_needs ? a.detach() : Tensor();
-  Tensor saved_b = op == BinaryOp::Mul && a_needs ? b.detach() : Tensor();
+  // Mul and Div save the inputs their gradients need; Add and Sub save nothing.
+  const bool mul_or_div = op == BinaryOp::Mul || op == BinaryOp::Div;
+  Tensor saved_a = mul_or_div && b_needs ? a.detach() : Tensor();
+  Tensor saved_b = (op == BinaryOp::Mul && a_needs) || (op == BinaryOp::Div && (a_needs || b_needs)) ? b.detach() : Tensor();
   return record(out, name, {a, b}, [=](const Tensor& g) {
     Tensor ga, gb;
     switch (op) {
@@ -84,6 +85,10 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
       case BinaryOp::Mul:
         ga = a_needs ? reduce_to(mul(g, saved_b), sa) : Tensor();
         gb = b_needs ? reduce_to(mul(g, saved_a), sb) : Tensor();
+        break;
+      case BinaryOp::Div:  // d(a/b)/da = 1/b,  d(a/b)/db = -a/b^2
+        ga = a_needs ? reduce_to(div(g, saved_b), sa) : Tensor();
+        gb = b_needs ? reduce_to(scale(div(mul(g, saved_a), mul(saved_b, saved_b)), -1.0), sb) : Tensor();
         break;
     }
     return Grads{ga, gb};
@@ -110,6 +115,7 @@ Tensor unary(UnaryOp op, const Tensor& x, const char* name) {
 Tensor add(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Add, a, b, "add"); }
 Tensor sub(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Sub, a, b, "sub"); }
 Tensor mul(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Mul, a, b, "mul"); }
+Tensor div(const Tensor& a, const Tensor& b) { return binary(BinaryOp::Div, a, b, "div"); }
 
 Tensor scale(const Tensor& x, double alpha) {
   check_float(x, "scale", "input");

@@ -13,6 +13,7 @@ namespace mdff::ops {
 Tensor add(const Tensor& a, const Tensor& b);
 Tensor sub(const Tensor& a, const Tensor& b);
 Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
 Tensor scale(const Tensor& x, double alpha);  // alpha * x
 Tensor relu(const Tensor& x);
 Tensor tanh(const Tensor& x);

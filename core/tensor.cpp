@@ -191,6 +191,27 @@ Tensor Tensor::detach() const {
   return Tensor(std::move(impl));
 }
 
+Tensor Tensor::view_range(int64_t offset, const Shape& shape) const {
+  MDFF_CHECK(offset >= 0 && offset + mdff::numel(shape) <= numel(), "view_range: elements [", offset, ", ",
+             offset + mdff::numel(shape), ") are outside a tensor of ", numel(), " elements");
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = impl_->storage;
+  impl->offset_bytes = impl_->offset_bytes + static_cast<size_t>(offset) * dtype_size(dtype());
+  impl->shape = shape;
+  impl->dtype = dtype();
+  return Tensor(std::move(impl));
+}
+
+void Tensor::rebind_storage(const Tensor& other) {
+  MDFF_CHECK(other.shape() == shape(), "rebind_storage: a tensor of shape ", shape_str(other.shape()),
+             " cannot stand for one of shape ", shape_str(shape()));
+  MDFF_CHECK(is_leaf(), "rebind_storage: only leaf tensors (parameters, buffers) can be rebound");
+  if (impl_->grad && (other.dtype() != dtype() || other.device() != device())) impl_->grad.reset();
+  impl_->storage = other.impl()->storage;
+  impl_->offset_bytes = other.impl()->offset_bytes;
+  impl_->dtype = other.dtype();
+}
+
 bool Tensor::requires_grad() const {
   const TensorImpl& impl = checked(impl_);
   return impl.requires_grad || impl.grad_fn != nullptr;
@@ -206,8 +227,14 @@ Tensor& Tensor::set_requires_grad(bool value) {
 
 Tensor Tensor::grad() const { return Tensor(checked(impl_).grad); }
 void Tensor::zero_grad() {
-  (void)checked(impl_);
-  impl_->grad.reset();
+  if (checked(impl_).grad) Tensor(impl_->grad).fill_(0.0);
+}
+
+void Tensor::set_grad(const Tensor& grad) {
+  MDFF_CHECK(is_leaf(), "set_grad: only leaf tensors hold gradients");
+  MDFF_CHECK(grad.shape() == shape() && grad.dtype() == dtype() && grad.device() == device(),
+             "set_grad: the gradient must match the tensor's shape, dtype and device");
+  impl_->grad = grad.impl_ptr();
 }
 bool Tensor::is_leaf() const { return checked(impl_).grad_fn == nullptr; }
 const std::shared_ptr<Node>& Tensor::grad_fn() const { return checked(impl_).grad_fn; }

@@ -145,7 +145,8 @@ template <BinaryOp Op, class T>
 __device__ inline T apply_binary(T a, T b) {
   if constexpr (Op == BinaryOp::Add) return a + b;
   else if constexpr (Op == BinaryOp::Sub) return a - b;
-  else return a * b;
+  else if constexpr (Op == BinaryOp::Mul) return a * b;
+  else return a / b;
 }
 
 // Fast path: a, b and out have the same number of elements (same shape up to leading 1s).
@@ -191,6 +192,7 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
     case BinaryOp::Add: return launch_binary<BinaryOp::Add, T>(a, b, out);
     case BinaryOp::Sub: return launch_binary<BinaryOp::Sub, T>(a, b, out);
     case BinaryOp::Mul: return launch_binary<BinaryOp::Mul, T>(a, b, out);
+    case BinaryOp::Div: return launch_binary<BinaryOp::Div, T>(a, b, out);
   }
 }
 

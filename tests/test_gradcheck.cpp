@@ -25,6 +25,9 @@ TEST_CASE("elementwise ops with broadcasting") {
     check_op("add", [](const Ts& t) { return ops::add(t[0], t[1]); }, in);
     check_op("sub", [](const Ts& t) { return ops::sub(t[0], t[1]); }, in);
     check_op("mul", [](const Ts& t) { return ops::mul(t[0], t[1]); }, in);
+    const Ts away{in[0], test::away_from_zero(sb, rng, 0.5)};  // a divisor away from 0
+    check_op("div", [](const Ts& t) { return ops::div(t[0], t[1]); }, away);
+    CHECK(f32_vs_f64([](const Ts& t) { return ops::div(t[0], t[1]); }, away) < kF32Tolerance);
     CHECK(f32_vs_f64([](const Ts& t) { return ops::mul(t[0], t[1]); }, in) < kF32Tolerance);
   }
 }
