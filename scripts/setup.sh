@@ -16,8 +16,9 @@ packages=(
   doctest-dev                                # unit tests
   dataset-fashion-mnist                      # the embedded default dataset
 )
-# --test adds nothing yet: the suite needs only the build dependencies. (PyTorch references come with the
-# model-parity tests.)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(python3-torch python3-torchvision)  # the PyTorch twin that test_torch_parity compares against
+fi
 
 missing=()
 for p in "${packages[@]}"; do
