@@ -84,9 +84,9 @@ MdffOutput MdffSh::forward(const Tensor& images, std::vector<TraceRow>* trace) {
     const bool first = s == 0;
     ResNetTaps taps = backbone_->forward_taps(x);
     if (first) {
-      note("backbone C3 (layer2)", taps.c3, 0);
-      note("backbone C4 (layer3)", taps.c4, 0);
-      note("backbone C5 (layer4)", taps.c5, backbone_->num_parameters());
+      note("backbone C3 (stem..layer2)", taps.c3, backbone_->parameters_through(1));
+      note("backbone C4 (layer3)", taps.c4, backbone_->parameters_through(2) - backbone_->parameters_through(1));
+      note("backbone C5 (layer4)", taps.c5, backbone_->parameters_through(3) - backbone_->parameters_through(2));
     }
     if (uses_fc1()) {
       Tensor f = ops::relu(fc1_->forward(ops::global_avg_pool(taps.c5)));  // (N,1024)
@@ -127,7 +127,8 @@ MdffOutput MdffSh::forward(const Tensor& images, std::vector<TraceRow>* trace) {
   note("fusion layer", f, count({fusion_.get()}));
   hashes.push_back(ops::tanh(hash_fusion_->forward(f)));  // h_f (N,L)
   Tensor hash_input = ops::concat(hashes, 1);             // (N,4L) or (N,L)
-  note("hash layers h3 h4 h5 h_f", hash_input, count({hash3_.get(), hash4_.get(), hash5_.get(), hash_fusion_.get()}));
+  note(uses_convs() ? "hash layers h3 h4 h5 h_f" : "hash layer h_f", hash_input,
+       count({hash3_.get(), hash4_.get(), hash5_.get(), hash_fusion_.get()}));
   MdffOutput out;
   out.u = ops::tanh(hash_->forward(hash_input));  // (N,L)
   note("final hash layer u", out.u, count({hash_.get()}));

@@ -67,6 +67,12 @@ ResNetTaps ResNet::forward_taps(const Tensor& images) {
   return taps;
 }
 
+int64_t ResNet::parameters_through(int stage) const {
+  int64_t n = conv1_->num_parameters() + bn1_->num_parameters();
+  for (int s = 0; s <= stage; ++s) n += layers_[s]->num_parameters();
+  return n;
+}
+
 Tensor ResNet::forward(const Tensor& images) {
   MDFF_CHECK(fc_, "ResNet::forward needs the classifier: build it with num_classes > 0");
   return fc_->forward(ops::global_avg_pool(forward_taps(images).c5));

@@ -44,6 +44,8 @@ class ResNet : public Module {
   ResNetTaps forward_taps(const Tensor& images);  // images (N,3,H,W)
   Tensor forward(const Tensor& images);           // torchvision's forward: logits (N,num_classes)
   const ResNetConfig& config() const { return config_; }
+  // Parameters of the stem (conv1, bn1) and stages 0..3 up to and including `stage` (layer1..layer4).
+  int64_t parameters_through(int stage) const;
 
  private:
   ResNetConfig config_;

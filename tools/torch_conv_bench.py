@@ -3,6 +3,7 @@
 prints, per shape, the median seconds of conv2d forward and backward (input and weight gradients)
 as JSON. Runs under Debian's python3-torch (/usr/bin/python3); the engine itself never imports torch."""
 import json
+import os
 import sys
 import time
 
@@ -20,6 +21,7 @@ def median_seconds(fn, budget=0.3):
 
 
 def main():
+    torch.set_num_threads(os.cpu_count())  # Debian's torch starts with 1 thread here; the engine uses all cores
     spec = json.load(sys.stdin)
     batch, results = spec["batch"], []
     torch.manual_seed(0)
