@@ -2,6 +2,8 @@
 // place, the reader's check of every rule of the format, and the dtype conversions of to_tensor.
 #include "core/safetensors.h"
 
+#include "core/file_io.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -74,66 +76,6 @@ bool checked_byte_count(const Shape& shape, size_t element_size, uint64_t& bytes
   bytes = count * element_size;
   return true;
 }
-
-// A file descriptor closed when it goes out of scope.
-struct FileDescriptor {
-  int fd = -1;
-  FileDescriptor() = default;
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-// ---- writing ----
-
-// A temporary file next to `path` that commit() syncs and renames over `path`; removed if it never
-// gets there (a write error, an exception while producing the data).
-class AtomicFile {
- public:
-  explicit AtomicFile(const std::string& path)
-      : path_(path), temp_path_(path + ".tmp-" + std::to_string(::getpid())) {
-    file_.fd = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    MDFF_CHECK(file_.fd >= 0, "cannot write ", path_, ": ", std::strerror(errno), " (creating the temporary file ",
-               temp_path_, ")");
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() {
-    if (!committed_) ::unlink(temp_path_.c_str());
-  }
-
-  void write(const void* data, size_t bytes) {
-    const char* next = static_cast<const char*>(data);
-    while (bytes > 0) {
-      const ssize_t written = ::write(file_.fd, next, std::min<size_t>(bytes, size_t{1} << 30));
-      if (written < 0 && errno == EINTR) continue;
-      MDFF_CHECK(written > 0, "cannot write ", path_, ": ", written < 0 ? std::strerror(errno) : "no progress",
-                 " (writing the temporary file ", temp_path_, ")");
-      next += written;
-      bytes -= static_cast<size_t>(written);
-    }
-  }
-
-  void commit() {
-    MDFF_CHECK(::fsync(file_.fd) == 0, "cannot write ", path_, ": ", std::strerror(errno),
-               " (syncing the temporary file ", temp_path_, ")");
-    const int fd = file_.fd;
-    file_.fd = -1;
-    MDFF_CHECK(::close(fd) == 0, "cannot write ", path_, ": ", std::strerror(errno), " (closing the temporary file ",
-               temp_path_, ")");
-    MDFF_CHECK(::rename(temp_path_.c_str(), path_.c_str()) == 0, "cannot write ", path_, ": ", std::strerror(errno),
-               " (renaming the temporary file ", temp_path_, " over it)");
-    committed_ = true;
-  }
-
- private:
-  std::string path_;
-  std::string temp_path_;
-  FileDescriptor file_;
-  bool committed_ = false;
-};
 
 // ---- reading ----
 

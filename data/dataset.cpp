@@ -1,0 +1,201 @@
+// Dataset loaders (see dataset.h): CIFAR-10 binary batches, Fashion-MNIST IDX files, image lists, and
+// image decoding with stb_image (its implementation is compiled here, once for the whole library).
+#include "data/dataset.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+#include "data/idx.h"
+
+#define STB_IMAGE_IMPLEMENTATION
+#define STBI_FAILURE_USERMSG
+#include <stb/stb_image.h>
+
+namespace mdff::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+constexpr const char* kCifar10Hint =
+    "get CIFAR-10's binary version with scripts/download_cifar10.sh (it downloads cifar-10-binary.tar.gz "
+    "and unpacks cifar-10-batches-bin/), then pass that folder";
+
+std::vector<uint8_t> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MDFF_CHECK(in, path, ": cannot open for reading");
+  std::vector<uint8_t> bytes(fs::file_size(path));
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  MDFF_CHECK(in.gcount() == static_cast<std::streamsize>(bytes.size()), path, ": read error");
+  return bytes;
+}
+
+// Non-empty, whitespace-trimmed lines of batches.meta.txt, or the standard names when it is absent.
+std::vector<std::string> cifar10_class_names(const std::string& dir) {
+  const std::string path = dir + "/batches.meta.txt";
+  if (!fs::exists(path)) {
+    return {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"};
+  }
+  std::ifstream in(path);
+  std::vector<std::string> names;
+  for (std::string line, name; std::getline(in, line);) {
+    if (std::istringstream(line) >> name) names.push_back(name);
+  }
+  MDFF_CHECK(names.size() == 10, path, ": expected 10 class names (one a line), found ", names.size(),
+             "; restore the file from cifar-10-binary.tar.gz or delete it to use the standard names");
+  return names;
+}
+
+void set_one_hot(Dataset& d, int64_t row, int label) { d.labels[row * d.classes + label] = 1; }
+}  // namespace
+
+Dataset load_cifar10(const std::string& dir_arg, int64_t records_per_file) {
+  MDFF_CHECK(records_per_file > 0, "load_cifar10: records_per_file must be positive, got ", records_per_file);
+  MDFF_CHECK(fs::is_directory(dir_arg), "CIFAR-10: the folder ", dir_arg, " does not exist; ", kCifar10Hint);
+  // Accept the folder that holds cifar-10-batches-bin/ (where the download script unpacks it).
+  std::string dir = dir_arg;
+  if (!fs::exists(dir + "/data_batch_1.bin") && fs::exists(dir + "/cifar-10-batches-bin/data_batch_1.bin")) {
+    dir += "/cifar-10-batches-bin";
+  }
+  constexpr int64_t kImageBytes = 3 * 32 * 32, kRecordBytes = 1 + kImageBytes;
+  const std::vector<std::string> files{"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin",
+                                       "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"};
+  Dataset d;
+  d.name = "cifar10";
+  d.classes = 10;
+  d.class_names = cifar10_class_names(dir);
+  d.channels = 3;
+  d.height = d.width = 32;
+  const int64_t n = records_per_file * static_cast<int64_t>(files.size());
+  d.pixels.resize(static_cast<size_t>(n * kImageBytes));
+  d.labels.assign(static_cast<size_t>(n * d.classes), 0);
+  int64_t row = 0;
+  for (const std::string& file : files) {
+    const std::string path = dir + "/" + file;
+    MDFF_CHECK(fs::exists(path), "CIFAR-10: ", path, " is missing (looked in ", dir, "); ", kCifar10Hint);
+    const int64_t expected = records_per_file * kRecordBytes;
+    const auto actual = static_cast<int64_t>(fs::file_size(path));
+    MDFF_CHECK(actual == expected, path, ": ", actual, " bytes, expected ", expected, " (", records_per_file,
+               " records of 1 label byte + 3072 pixel bytes); the file is truncated or not from CIFAR-10's binary "
+               "version (the Python and MATLAB versions do not work here); ",
+               kCifar10Hint);
+    const std::vector<uint8_t> bytes = read_file(path);
+    for (int64_t r = 0; r < records_per_file; ++r, ++row) {
+      const uint8_t* record = bytes.data() + r * kRecordBytes;
+      MDFF_CHECK(record[0] < 10, path, ": record ", r, " (byte offset ", r * kRecordBytes, ") has label ",
+                 int(record[0]), ", outside 0..9; the file is damaged: ", kCifar10Hint);
+      set_one_hot(d, row, record[0]);
+      std::copy(record + 1, record + kRecordBytes, d.pixels.begin() + row * kImageBytes);
+    }
+  }
+  return d;
+}
+
+Dataset load_fashion_mnist(const std::string& dir) {
+  constexpr int kIn = 28, kPad = 2, kOut = kIn + 2 * kPad;
+  const std::string hint = " (Fashion-MNIST: install Debian's dataset-fashion-mnist, which puts the files in " +
+                           std::string(kFashionMnistDir) +
+                           ", or pass the folder that holds train-images-idx3-ubyte.gz and the others)";
+  MDFF_CHECK(fs::is_directory(dir), "Fashion-MNIST: the folder ", dir, " does not exist", hint);
+  // `name`.gz, else the uncompressed `name`.
+  auto find = [&](const std::string& name) {
+    const std::string gz = dir + "/" + name + ".gz", plain = dir + "/" + name;
+    if (fs::exists(gz) || !fs::exists(plain)) {
+      MDFF_CHECK(fs::exists(gz), "Fashion-MNIST: neither ", gz, " nor ", plain, " exists", hint);
+      return gz;
+    }
+    return plain;
+  };
+  Dataset d;
+  d.name = "fashion-mnist";
+  d.classes = 10;
+  d.class_names = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
+  d.channels = 3;
+  d.height = d.width = kOut;
+  for (const std::string prefix : {"train", "t10k"}) {
+    const std::string images_path = find(prefix + "-images-idx3-ubyte");
+    const std::string labels_path = find(prefix + "-labels-idx1-ubyte");
+    const IdxArray images = read_idx(images_path), labels = read_idx(labels_path);
+    std::ostringstream shape;
+    for (int64_t size : images.shape) shape << (shape.tellp() ? "," : "(") << size;
+    MDFF_CHECK(images.shape.size() == 3 && images.shape[1] == kIn && images.shape[2] == kIn, images_path,
+               ": expected images of shape (n,28,28), found ", shape.str(), ")");
+    MDFF_CHECK(labels.shape.size() == 1 && labels.shape[0] == images.shape[0], labels_path, ": holds ",
+               labels.values.size(), " labels but ", images_path, " holds ", images.shape[0],
+               " images; the two files must come from the same release");
+    const int64_t first = d.size(), count = images.shape[0];
+    d.labels.resize(static_cast<size_t>((first + count) * d.classes), 0);
+    d.pixels.resize(static_cast<size_t>((first + count) * 3 * kOut * kOut), 0);
+    for (int64_t i = 0; i < count; ++i) {
+      const uint8_t label = labels.values[i];
+      MDFF_CHECK(label < 10, labels_path, ": label ", i, " is ", int(label), ", outside 0..9; the file is damaged");
+      set_one_hot(d, first + i, label);
+      const uint8_t* src = images.values.data() + i * kIn * kIn;
+      uint8_t* dst = d.pixels.data() + (first + i) * 3 * kOut * kOut;
+      for (int c = 0; c < 3; ++c) {
+        for (int y = 0; y < kIn; ++y) {
+          std::copy(src + y * kIn, src + (y + 1) * kIn, dst + (c * kOut + y + kPad) * kOut + kPad);
+        }
+      }
+    }
+  }
+  return d;
+}
+
+Dataset load_image_list(const std::string& list_file, const std::string& root, int classes) {
+  MDFF_CHECK(classes > 0, "load_image_list: the number of classes must be positive, got ", classes);
+  std::ifstream in(list_file);
+  MDFF_CHECK(fs::exists(list_file) && in, list_file, ": cannot open the image list (no such file?)");
+  Dataset d;
+  d.name = list_file;
+  d.classes = classes;
+  d.multi_label = true;
+  for (int k = 0; k < classes; ++k) d.class_names.push_back(std::to_string(k));
+  int64_t line_number = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_number;
+    std::istringstream fields(line);
+    std::string path;
+    if (!(fields >> path)) continue;  // blank line
+    const std::string where = list_file + ":" + std::to_string(line_number) + ": ";
+    std::vector<uint8_t> row;
+    for (std::string value; fields >> value;) {
+      MDFF_CHECK(value == "0" || value == "1", where, "label ", row.size() + 1, " is '", value,
+                 "'; labels must be 0 or 1 (the line is `path l1 ... l", classes, "`)");
+      row.push_back(value == "1");
+    }
+    MDFF_CHECK(static_cast<int>(row.size()) == classes, where, "found ", row.size(),
+               " labels after the path, expected ", classes, " (the line is `path l1 ... l", classes,
+               "`; is the number of classes right?)");
+    MDFF_CHECK(std::find(row.begin(), row.end(), 1) != row.end(), where, "the image ", path, " has no label (all ",
+               classes, " are 0); remove the line from the list");
+    const std::string resolved = fs::path(path).is_absolute() ? path : (fs::path(root) / path).string();
+    MDFF_CHECK(fs::exists(resolved), where, "the image ", resolved,
+               " does not exist (relative paths are taken from the "
+               "root folder '",
+               root, "'; is it right?)");
+    d.image_paths.push_back(resolved);
+    d.labels.insert(d.labels.end(), row.begin(), row.end());
+  }
+  MDFF_CHECK(!d.image_paths.empty(), list_file, ": the image list is empty");
+  return d;
+}
+
+Image decode_image(const std::string& path) {
+  MDFF_CHECK(fs::exists(path), path, ": no such image file");
+  int width = 0, height = 0, channels_in_file = 0;
+  uint8_t* pixels = stbi_load(path.c_str(), &width, &height, &channels_in_file, 3);
+  MDFF_CHECK(pixels, path, ": cannot decode the image (", stbi_failure_reason(),
+             "); formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR");
+  Image image;
+  image.height = height;
+  image.width = width;
+  image.pixels.assign(pixels, pixels + int64_t(height) * width * 3);
+  stbi_image_free(pixels);
+  return image;
+}
+
+}  // namespace mdff::data
