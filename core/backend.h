@@ -128,6 +128,10 @@ class Backend {
 Backend& backend(Device device);
 Backend& backend_of(const Tensor& t);
 
+// True when this thread flushes denormal floats to zero (set for the whole process at start-up; see
+// core/cpu_backend.cpp for why).
+bool denormals_flushed();
+
 // True when CUDA tensors can be created here; `why_not` says why not (no build support, no GPU, ...).
 bool cuda_available(std::string* why_not = nullptr);
 

@@ -72,7 +72,7 @@ TEST_CASE("global average pool, nearest upsampling and bilinear resizing") {
 TEST_CASE("unary values: sign(0) = +1, softplus is stable at large |x|") {
   check_close(ops::sign(t64({-2, 0, 3}, {3})), {-1, 1, 1});
   const std::vector<double> sp = ops::softplus(Tensor::from_vector(std::vector<float>{-100, 0, 50, 100}, {4})).to_vector();
-  CHECK(sp[0] > 0);
+  CHECK(sp[0] >= 0);  // log1p(e^-100) = 3.7e-44 is a denormal float: flushed to 0 (core/cpu_backend.cpp)
   CHECK(sp[0] < 1e-40);
   CHECK(sp[1] == doctest::Approx(std::log(2.0)));
   CHECK(sp[2] == 50);
