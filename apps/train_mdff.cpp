@@ -42,7 +42,8 @@ namespace {
 struct Options {
   std::string dataset = "fashion-mnist", data_dir, list_root, out, pretrained, recipe;
   std::string bits = "", taps = "all", scales = "1,0.5", pairs = "dataset", protocol = "paper";
-  std::string optimizer, schedule, device = "auto";
+  std::string optimizer, schedule, device = "auto", model = "resnet50";
+  data::SplitSizes split;
   int classes = 0, epochs = 0, image_size = 0, monitor_every = 1;
   int64_t batch_size = 32;
   double lr = 0, weight_decay = -1, beta = 0.1, gamma = -1;
@@ -201,6 +202,38 @@ std::string timestamp() {
   return text;
 }
 
+// What the options ask for, with the recipe's defaults filled in.
+struct Plan {
+  TrainSettings settings;
+  std::vector<int> bits;
+  std::vector<double> scales;
+  Device device = Device::CPU;
+};
+
+Plan plan_from(const Options& o) {
+  MDFF_CHECK(o.pretrained.empty(), "--pretrained: loading ImageNet weights is not available yet (issue 6); "
+             "train from scratch without it");
+  const Recipe recipe = recipe_named(o.recipe.empty() ? (o.pretrained.empty() ? "scratch" : "paper") : o.recipe);
+  Plan plan;
+  TrainSettings& settings = plan.settings;
+  settings.epochs = o.epochs ? o.epochs : recipe.epochs;
+  settings.batch_size = o.batch_size;
+  settings.optimizer = o.optimizer.empty() ? recipe.optimizer : o.optimizer;
+  settings.lr = o.lr > 0 ? o.lr : recipe.lr;
+  settings.schedule = o.schedule.empty() ? recipe.schedule : o.schedule;
+  settings.weight_decay = o.weight_decay >= 0 ? o.weight_decay : recipe.weight_decay;
+  settings.loss = {parse_pairs(o.pairs), o.beta, o.gamma >= 0 ? o.gamma : recipe.gamma};
+  settings.batch.image_size = o.image_size ? o.image_size : recipe.image_size;
+  settings.batch.flip = !o.no_flip;
+  settings.seed = o.seed;
+  plan.bits = parse_int_list(o.bits.empty() ? (o.dataset == "fashion-mnist" ? "48" : "12,24,32,48") : o.bits, "--bits");
+  for (int b : plan.bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
+  plan.scales = parse_double_list(o.scales, "--scales");
+  for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
+  plan.device = choose_device(o.device);
+  return plan;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -237,6 +270,16 @@ int main(int argc, char** argv) {
   app.add_option("--protocol", o.protocol, "split: paper (training images stay in the database) or deephash54k")
       ->capture_default_str()->check(CLI::IsMember({"paper", "deephash54k"}));
   app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str();
+  app.add_option("--queries-per-class", o.split.queries_per_class, "single-label split: queries drawn per class")
+      ->capture_default_str()->check(CLI::Range(1, 1000000));
+  app.add_option("--train-per-class", o.split.train_per_class, "single-label split: training images per class")
+      ->capture_default_str()->check(CLI::Range(1, 1000000));
+  app.add_option("--queries", o.split.queries, "multi-label split: queries")->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  app.add_option("--train-images", o.split.train, "multi-label split: training images")->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  app.add_option("--model", o.model, "backbone: resnet50 (the paper's) or tiny (the tests' small ResNet, for quick "
+                 "trials)")->capture_default_str()->check(CLI::IsMember({"resnet50", "tiny"}));
   app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 5,000-image "
                  "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
   app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
@@ -245,34 +288,27 @@ int main(int argc, char** argv) {
   app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights (safetensors)");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
 
+  // Option values CLI11 cannot check alone: an error here is a usage error (exit 2), like CLI11's own.
+  Plan plan;
   try {
-    MDFF_CHECK(o.pretrained.empty(), "--pretrained: loading ImageNet weights is not available yet (issue 6); "
-               "train from scratch without it");
-    const Recipe recipe = recipe_named(o.recipe.empty() ? (o.pretrained.empty() ? "scratch" : "paper") : o.recipe);
-    TrainSettings settings;
-    settings.epochs = o.epochs ? o.epochs : recipe.epochs;
-    settings.batch_size = o.batch_size;
-    settings.optimizer = o.optimizer.empty() ? recipe.optimizer : o.optimizer;
-    settings.lr = o.lr > 0 ? o.lr : recipe.lr;
-    settings.schedule = o.schedule.empty() ? recipe.schedule : o.schedule;
-    settings.weight_decay = o.weight_decay >= 0 ? o.weight_decay : recipe.weight_decay;
-    settings.loss = {parse_pairs(o.pairs), o.beta, o.gamma >= 0 ? o.gamma : recipe.gamma};
-    settings.batch.image_size = o.image_size ? o.image_size : recipe.image_size;
-    settings.batch.flip = !o.no_flip;
-    settings.seed = o.seed;
-    const std::vector<int> bits =
-        parse_int_list(o.bits.empty() ? (o.dataset == "fashion-mnist" ? "48" : "12,24,32,48") : o.bits, "--bits");
-    for (int b : bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
-    const std::vector<double> scales = parse_double_list(o.scales, "--scales");
-    const Device device = choose_device(o.device);
+    plan = plan_from(o);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "train_mdff: %s\nRun with --help for more information.\n", e.what());
+    return 2;
+  }
+  const TrainSettings& settings = plan.settings;
+  const std::vector<int>& bits = plan.bits;
+  const std::vector<double>& scales = plan.scales;
+  const Device device = plan.device;
 
+  try {
     const std::string dataset_name = fs::path(o.dataset).stem().string();
     const fs::path out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
     fs::create_directories(out);
     std::printf("train_mdff: %s on %s; results in %s\n", dataset_name.c_str(), device_name(device), out.c_str());
 
     const data::Dataset dataset = load_dataset(o);
-    const data::Split split = data::make_split(dataset, o.protocol, o.seed);
+    const data::Split split = data::make_split(dataset, o.protocol, o.seed, o.split);
     data::write_split((out / "split").string(), split);
     std::printf("%s: %lld images, %d classes; %zu queries, %zu training, %zu database (protocol %s, seed %llu)\n",
                 dataset.name.c_str(), static_cast<long long>(dataset.size()), dataset.classes, split.query.size(),
@@ -285,6 +321,9 @@ int main(int argc, char** argv) {
                 {"gamma", settings.loss.gamma}, {"pairs", o.pairs}, {"taps", o.taps}, {"scales", scales},
                 {"image_size", settings.batch.image_size}, {"flip", settings.batch.flip}, {"protocol", o.protocol},
                 {"seed", o.seed}, {"device", device_name(device)}, {"monitor_every", o.monitor_every},
+                {"model", o.model}, {"queries_per_class", o.split.queries_per_class},
+                {"train_per_class", o.split.train_per_class}, {"queries", o.split.queries},
+                {"train_images", o.split.train},
                 {"out", out.string()}};
     std::ofstream(out / "config.json") << config.dump(2) << "\n";
 
@@ -311,6 +350,7 @@ int main(int argc, char** argv) {
       model_config.classes = dataset.classes;
       model_config.taps = parse_taps(o.taps);
       model_config.scales = scales;
+      if (o.model == "tiny") model_config.backbone = ResNetConfig::tiny();
       Rng rng(o.seed);
       MdffSh model(model_config, rng);
       model.to(device);
@@ -340,8 +380,8 @@ int main(int argc, char** argv) {
           const auto d = retrieval::pack_codes(retrieval::encode(model, dataset, monitor_rows, settings.batch, 256));
           const double m = retrieval::evaluate(q, query_labels, d, monitor_labels, dataset.classes, map_at, {100}).map;
           entry["monitor_map"] = m;
-          std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f), mAP on the 5,000-image sample %.4f\n", epoch,
-                      report.loss, report.j1, report.j2, report.j3, m);
+          std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f), mAP against %zu database images %.4f\n",
+                      epoch, report.loss, report.j1, report.j2, report.j3, monitor_rows.size(), m);
         } else {
           std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)\n", epoch, report.loss, report.j1, report.j2,
                       report.j3);
@@ -398,8 +438,10 @@ int main(int argc, char** argv) {
       m.pn_at = r["precision_at_n"]["n"].get<std::vector<int>>();
       m.precision_at_n = r["precision_at_n"]["precision"].get<std::vector<double>>();
       const double paper = paper_map(o.dataset, b);
-      std::printf("%-6d %8.4f %10.4f %10.4f %12s\n", b, r["map"].get<double>(), r["precision_hamming_2"].get<double>(),
-                  precision_at(m, 1000), std::isnan(paper) ? "-" : detail::concat(paper).c_str());
+      const double p1000 = precision_at(m, 1000);
+      std::printf("%-6d %8.4f %10.4f %10s %12s\n", b, r["map"].get<double>(), r["precision_hamming_2"].get<double>(),
+                  std::isnan(p1000) ? "-" : detail::concat(p1000).substr(0, 6).c_str(),
+                  std::isnan(paper) ? "-" : detail::concat(paper).c_str());
     }
     std::printf("mAP is mAP@%s; results in %s\n", map_at < 0 ? "ALL" : "5000", out.c_str());
   } catch (const Error& e) {

@@ -29,17 +29,17 @@ int single_label(const Dataset& d, int64_t row) {
   return static_cast<int>(std::find(labels, labels + d.classes, 1) - labels);
 }
 
-Split single_label_split(const Dataset& d, bool train_in_database, uint64_t seed) {
+Split single_label_split(const Dataset& d, bool train_in_database, uint64_t seed, const SplitSizes& sizes) {
   std::vector<int64_t> queries_taken(d.classes, 0), train_taken(d.classes, 0);
   Split split;
   for (int64_t row : shuffled_rows(d.size(), seed)) {
     const int c = single_label(d, row);
-    if (queries_taken[c] < kQueriesPerClass) {
+    if (queries_taken[c] < sizes.queries_per_class) {
       ++queries_taken[c];
       split.query.push_back(row);
       continue;
     }
-    const bool is_train = train_taken[c] < kTrainPerClass;
+    const bool is_train = train_taken[c] < sizes.train_per_class;
     if (is_train) {
       ++train_taken[c];
       split.train.push_back(row);
@@ -47,25 +47,24 @@ Split single_label_split(const Dataset& d, bool train_in_database, uint64_t seed
     if (!is_train || train_in_database) split.database.push_back(row);
   }
   for (int c = 0; c < d.classes; ++c) {
-    MDFF_CHECK(train_taken[c] == kTrainPerClass, d.name, ": class ", c, " has only ", queries_taken[c] + train_taken[c],
-               " images; the protocol takes ", kQueriesPerClass, " queries and ", kTrainPerClass,
+    MDFF_CHECK(train_taken[c] == sizes.train_per_class, d.name, ": class ", c, " has only ",
+               queries_taken[c] + train_taken[c], " images; the protocol takes ", sizes.queries_per_class,
+               " queries and ", sizes.train_per_class,
                " training images from each class");
   }
   return split;
 }
 
-Split multi_label_split(const Dataset& d, uint64_t seed) {
+Split multi_label_split(const Dataset& d, uint64_t seed, const SplitSizes& sizes) {
   const int64_t n = d.size();
-  MDFF_CHECK(n >= kMultiLabelQueries + kMultiLabelTrain, d.name, ": ", n,
-             " images are too few for the protocol, which "
-             "takes ",
-             kMultiLabelQueries, " queries and ", kMultiLabelTrain, " training images (at least ",
-             kMultiLabelQueries + kMultiLabelTrain, " images)");
+  MDFF_CHECK(n >= sizes.queries + sizes.train, d.name, ": ", n, " images are too few for the protocol, which takes ",
+             sizes.queries, " queries and ", sizes.train, " training images (at least ", sizes.queries + sizes.train,
+             " images)");
   const std::vector<int64_t> rows = shuffled_rows(n, seed);
   Split split;
-  split.query.assign(rows.begin(), rows.begin() + kMultiLabelQueries);
-  split.train.assign(rows.begin() + kMultiLabelQueries, rows.begin() + kMultiLabelQueries + kMultiLabelTrain);
-  split.database.assign(rows.begin() + kMultiLabelQueries, rows.end());
+  split.query.assign(rows.begin(), rows.begin() + sizes.queries);
+  split.train.assign(rows.begin() + sizes.queries, rows.begin() + sizes.queries + sizes.train);
+  split.database.assign(rows.begin() + sizes.queries, rows.end());
   return split;
 }
 
@@ -102,7 +101,9 @@ bool overlap(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
 }
 }  // namespace
 
-Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t seed) {
+Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t seed, const SplitSizes& sizes) {
+  MDFF_CHECK(sizes.queries_per_class >= 1 && sizes.train_per_class >= 1 && sizes.queries >= 1 && sizes.train >= 1,
+             "make_split: every split size must be at least 1");
   MDFF_CHECK(protocol == "paper" || protocol == "deephash54k", "unknown protocol '", protocol,
              "'; the protocols are: paper, deephash54k");
   MDFF_CHECK(dataset.size() > 0, "make_split: the dataset ", dataset.name, " is empty");
@@ -110,9 +111,9 @@ Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t s
   if (dataset.multi_label) {
     MDFF_CHECK(protocol == "paper", "protocol '", protocol, "' is for single-label datasets (CIFAR-10 style); ",
                dataset.name, " is multi-label: use the protocol 'paper'");
-    split = multi_label_split(dataset, seed);
+    split = multi_label_split(dataset, seed, sizes);
   } else {
-    split = single_label_split(dataset, protocol == "paper", seed);
+    split = single_label_split(dataset, protocol == "paper", seed, sizes);
   }
   for (auto* list : {&split.query, &split.train, &split.database}) std::sort(list->begin(), list->end());
   return split;

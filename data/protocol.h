@@ -15,12 +15,13 @@ struct Split {
   std::vector<int64_t> query, train, database;
 };
 
-// Single-label datasets (CIFAR-10, Fashion-MNIST), per class.
-inline constexpr int64_t kQueriesPerClass = 100;  // 1,000 queries for 10 classes
-inline constexpr int64_t kTrainPerClass = 500;    // 5,000 training images
-// Multi-label datasets (image lists: NUS-WIDE, MS-COCO).
-inline constexpr int64_t kMultiLabelQueries = 5000;
-inline constexpr int64_t kMultiLabelTrain = 10000;
+// How many images the protocol draws; the defaults are the paper's. Smaller sizes make quick runs and tests.
+struct SplitSizes {
+  int64_t queries_per_class = 100;  // single-label datasets (CIFAR-10, Fashion-MNIST): 1,000 queries for 10 classes
+  int64_t train_per_class = 500;    //   5,000 training images
+  int64_t queries = 5000;           // multi-label datasets (image lists: NUS-WIDE, MS-COCO)
+  int64_t train = 10000;
+};
 
 // protocol "paper" (the default) or "deephash54k":
 //  single-label, "paper":       100 per class -> queries; all the others -> database; 500 per class of the
@@ -30,7 +31,7 @@ inline constexpr int64_t kMultiLabelTrain = 10000;
 //  multi-label, "paper":        5,000 random queries; 10,000 random training images from the rest; database =
 //                               the rest, training included. ("deephash54k" is single-label only.)
 // Deterministic from `seed` (mdff::Rng): the same seed gives the same split on every platform.
-Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t seed);
+Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t seed, const SplitSizes& sizes = {});
 
 // query.txt, train.txt and database.txt in `dir` (created if needed), one row number a line.
 void write_split(const std::string& dir, const Split& split);
