@@ -125,6 +125,29 @@ TEST_CASE("a missing dataset exits 1 naming where it looked") {
   CHECK(r.output.find("download_cifar10.sh") != std::string::npos);
 }
 
+TEST_CASE("a diverging run stops naming the step and the last good checkpoint; --config is read") {
+  const fs::path root = fs::temp_directory_path() / ("mdff_train_diverge_" + std::to_string(::getpid()));
+  const fs::path data = make_dataset(root / "data", 20);
+  const std::string common = "fashion-mnist --data-dir " + data.string() +
+                             " --model tiny --bits 8 --batch-size 16 --scales 1 --queries-per-class 5"
+                             " --train-per-class 10 --monitor-every 0 ";
+  const Run diverged = run(common + "--epochs 3 --optimizer sgd --lr 1e12 --out " + (root / "diverged").string());
+  CHECK(diverged.exit_code == 1);
+  CHECK(diverged.output.find("the loss became") != std::string::npos);
+  CHECK(diverged.output.find("at epoch") != std::string::npos);
+  CHECK(diverged.output.find("checkpoint") != std::string::npos);
+  // options from a file; a bad value there is a usage error like on the command line
+  std::ofstream(root / "good.toml") << "epochs = 1\nlr = 0.01\n";
+  const Run configured = run(common + "--config " + (root / "good.toml").string() + " --out " + (root / "cfg").string());
+  CHECK(configured.exit_code == 0);
+  const auto config = nlohmann::json::parse(std::ifstream(root / "cfg" / "config.json"));
+  CHECK(config["epochs"] == 1);
+  CHECK(config["lr"] == 0.01);
+  std::ofstream(root / "bad.toml") << "epochs = 0\n";
+  CHECK(run(common + "--config " + (root / "bad.toml").string()).exit_code == 2);
+  fs::remove_all(root);
+}
+
 TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
   const fs::path root = fs::temp_directory_path() / ("mdff_train_test_" + std::to_string(::getpid()));
   const fs::path data = make_dataset(root / "data", 20), out = root / "run";
