@@ -3,7 +3,6 @@
 //
 //   mdff_summary [--bits 48] [--classes 10] [--taps all|fc1|convs] [--scales 1,0.5] [--image-size 32] [--tiny]
 #include <cstdio>
-#include <sstream>
 
 #include "apps/cli.h"
 #include "core/error.h"
@@ -27,15 +26,7 @@ int main(int argc, char** argv) {
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   try {
     config.taps = parse_taps(taps);
-    config.scales.clear();
-    std::stringstream in(scales);
-    for (std::string item; std::getline(in, item, ',');) {
-      try {
-        config.scales.push_back(std::stod(item));
-      } catch (const std::exception&) {
-        MDFF_FAIL("--scales: '", item, "' is not a number (write e.g. 1,0.5)");
-      }
-    }
+    config.scales = cli::parse_list<double>(scales, "--scales");
     if (tiny) config.backbone = ResNetConfig::tiny();
     Rng rng(0);
     MdffSh model(config, rng);

@@ -18,7 +18,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <sstream>
 
 #include "apps/cli.h"
 #include "apps/progress.h"
@@ -64,38 +63,6 @@ Recipe recipe_named(const std::string& name) {
   // scratch: for a randomly initialised backbone (see README.md, "Recipes", for how it was chosen).
   if (name == "scratch") return {"rmsprop", "constant", "batch", 1e-4, 1.0, 1e-5, 4, 32};
   MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
-}
-
-std::vector<int> parse_int_list(const std::string& text, const char* option) {
-  std::vector<int> values;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) {
-    try {
-      size_t used = 0;
-      values.push_back(std::stoi(item, &used));
-      MDFF_CHECK(used == item.size(), "");
-    } catch (const std::exception&) {
-      MDFF_FAIL(option, ": '", item, "' is not a whole number (write e.g. 12,24,32,48)");
-    }
-  }
-  MDFF_CHECK(!values.empty(), option, ": give at least one value");
-  return values;
-}
-
-std::vector<double> parse_double_list(const std::string& text, const char* option) {
-  std::vector<double> values;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) {
-    try {
-      size_t used = 0;
-      values.push_back(std::stod(item, &used));
-      MDFF_CHECK(used == item.size(), "");
-    } catch (const std::exception&) {
-      MDFF_FAIL(option, ": '", item, "' is not a number (write e.g. 1,0.5)");
-    }
-  }
-  MDFF_CHECK(!values.empty(), option, ": give at least one value");
-  return values;
 }
 
 data::Dataset load_dataset(const Options& o) {
@@ -226,9 +193,9 @@ Plan plan_from(const Options& o) {
   settings.batch.image_size = o.image_size ? o.image_size : recipe.image_size;
   settings.batch.flip = !o.no_flip;
   settings.seed = o.seed;
-  plan.bits = parse_int_list(o.bits.empty() ? (o.dataset == "fashion-mnist" ? "48" : "12,24,32,48") : o.bits, "--bits");
+  plan.bits = cli::parse_list<int>(o.bits.empty() ? (o.dataset == "fashion-mnist" ? "48" : "12,24,32,48") : o.bits, "--bits");
   for (int b : plan.bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
-  plan.scales = parse_double_list(o.scales, "--scales");
+  plan.scales = cli::parse_list<double>(o.scales, "--scales");
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
   plan.device = choose_device(o.device);
   return plan;

@@ -14,7 +14,6 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
-#include <sstream>
 
 #include "apps/cli.h"
 #include "core/blas.h"
@@ -32,12 +31,6 @@ double peak_rss_mib() {
   return usage.ru_maxrss / 1024.0;  // Linux reports KiB
 }
 
-std::vector<double> parse_scales(const std::string& text) {
-  std::vector<double> scales;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) scales.push_back(std::stod(item));
-  return scales;
-}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,7 +51,12 @@ int main(int argc, char** argv) {
 
   const double baseline = peak_rss_mib();
   MdffConfig config;
-  config.scales = parse_scales(scales_text);
+  try {
+    config.scales = cli::parse_list<double>(scales_text, "--scales");
+  } catch (const Error& e) {
+    std::fprintf(stderr, "bench_model: %s\n", e.what());
+    return 2;
+  }
   Rng rng(0);
   MdffSh model(config, rng);
   Tensor train_labels = Tensor::zeros({train_size, config.classes});
