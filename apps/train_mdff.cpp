@@ -61,7 +61,7 @@ Recipe recipe_named(const std::string& name) {
   // paper: the paper's recipe, tuned for an ImageNet-pretrained backbone (method.md §4).
   if (name == "paper") return {"rmsprop", "constant", "dataset", 1e-5, 0.01, 1e-5, 30, 32};
   // scratch: for a randomly initialised backbone (see README.md, "Recipes", for how it was chosen).
-  if (name == "scratch") return {"rmsprop", "constant", "batch", 1e-4, 1.0, 1e-5, 4, 32};
+  if (name == "scratch") return {"sgd", "constant", "batch", 0.01, 1.0, 1e-4, 4, 32};
   MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
 }
 
