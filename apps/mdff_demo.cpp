@@ -21,6 +21,7 @@
 #include "core/ops.h"
 #include "core/rng.h"
 #include "data/idx.h"
+#include "optim/optimizers.h"
 
 using namespace mdff;
 
@@ -102,8 +103,10 @@ int main(int argc, char** argv) {
                 (long long)test.labels.shape[0], data_dir.c_str());
     Rng rng(seed);
     Net net(rng);
-    std::vector<Tensor> velocity;
-    for (const Tensor& p : net.params) velocity.push_back(Tensor::zeros(p.shape()));
+    NamedTensors named;
+    for (size_t i = 0; i < net.params.size(); ++i) named.emplace_back(std::to_string(i), net.params[i]);
+    ParameterBuffer parameters(named);
+    Sgd optimizer(parameters, {lr, 0.9, 0.0});
 
     std::vector<int64_t> order(static_cast<size_t>(train.labels.shape[0]));
     std::iota(order.begin(), order.end(), 0);
@@ -119,17 +122,11 @@ int main(int argc, char** argv) {
       make_batch(train, order, cursor, batch, x, target);
       cursor += batch;
       Tensor loss = ops::cross_entropy(net.forward(x, true), target);
-      for (Tensor& p : net.params) p.zero_grad();
+      parameters.zero_grad();
       loss.backward();
       const double value = loss.item();
       MDFF_CHECK(std::isfinite(value), "the loss became ", value, " at step ", step, "; try a smaller --lr");
-      {
-        NoGradGuard no_grad;  // v <- 0.9 v + g;  p <- p - lr v
-        for (size_t i = 0; i < net.params.size(); ++i) {
-          velocity[i] = ops::add(ops::scale(velocity[i], 0.9), net.params[i].grad());
-          net.params[i].copy_(ops::sub(net.params[i].detach(), ops::scale(velocity[i], lr)));
-        }
-      }
+      optimizer.step();  // v <- 0.9 v + g;  p <- p - lr v
       smoothed = step == 1 ? value : 0.95 * smoothed + 0.05 * value;
       if (step % 25 == 0 || step == steps) {
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
