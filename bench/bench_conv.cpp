@@ -6,16 +6,14 @@
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <functional>
 #include <iostream>
 #include <memory>
 #include <string>
 
 #include "bench/resnet50_convs.h"
+#include "bench/timing.h"
 #include "apps/cli.h"
 #include "core/autograd.h"
 #include "core/backend.h"
@@ -27,32 +25,6 @@ using namespace mdff;
 using json = nlohmann::json;
 
 namespace {
-
-// Median seconds of fn over at least 3 runs and at least `budget` seconds, after one warm-up run.
-double median_seconds(const std::function<void()>& fn, double budget = 0.3) {
-  using clock = std::chrono::steady_clock;
-  fn();
-  std::vector<double> times;
-  const auto start = clock::now();
-  while (times.size() < 3 || (std::chrono::duration<double>(clock::now() - start).count() < budget && times.size() < 50)) {
-    const auto t0 = clock::now();
-    fn();
-    times.push_back(std::chrono::duration<double>(clock::now() - t0).count());
-  }
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
-}
-
-double sgemm_peak_gflops() {
-  Rng rng(1);
-  double best = 0;
-  for (int n : {512, 1024, 2048}) {
-    Tensor a = Tensor::randn({n, n}, rng), b = Tensor::randn({n, n}, rng), c = Tensor::zeros({n, n});
-    const double s = median_seconds([&] { backend(Device::CPU).gemm(false, false, 1.0, a, b, 0.0, c); });
-    best = std::max(best, 2.0 * n * n * n / s / 1e9);
-  }
-  return best;
-}
 
 // PyTorch's median forward and backward seconds per shape, from tools/torch_conv_bench.py.
 json torch_times(const json& shapes, int batch) {
@@ -85,7 +57,7 @@ int main(int argc, char** argv) {
   app.add_option("--json", json_path, "write the results to this JSON file");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
 
-  const double peak = sgemm_peak_gflops();
+  const double peak = bench::sgemm_peak_gflops();
   std::printf("SGEMM peak on this machine: %.1f GFLOP/s (%s, %d threads)\n", peak, blas::describe().c_str(),
               omp_get_max_threads());
   std::printf("ResNet50 convolutions at %dx%d, batch %d, float32 (backward = data + filter gradients)\n\n", input,
@@ -112,8 +84,9 @@ int main(int argc, char** argv) {
     Tensor y = ops::conv2d(x, w, Tensor(), s.stride, s.padding);
     Tensor gy = Tensor::randn(y.shape(), rng), gx = Tensor::empty(x.shape()), gw = Tensor::empty(w.shape());
     const Conv2dParams p{s.stride, s.padding};
-    const double fwd = median_seconds([&] { ops::conv2d(x, w, Tensor(), s.stride, s.padding); });
-    const double bwd = median_seconds([&] { backend(Device::CPU).conv2d_backward(x, w, gy, p, gx, gw, Tensor()); });
+    const double fwd = bench::median_seconds([&] { ops::conv2d(x, w, Tensor(), s.stride, s.padding); });
+    const double bwd =
+        bench::median_seconds([&] { backend(Device::CPU).conv2d_backward(x, w, gy, p, gx, gw, Tensor()); });
     const double flops = s.flops(batch);
     std::printf("%-28s %3d %9.3f %9.1f %9.3f %9.1f", s.name.c_str(), s.count, fwd * 1e3, flops / fwd / 1e9, bwd * 1e3,
                 2 * flops / bwd / 1e9);

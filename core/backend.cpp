@@ -1,10 +1,11 @@
-// Device dispatch (the only place that chooses a backend) and the base-class defaults, which name the
-// kernel a backend lacks instead of failing silently.
+// Device dispatch (the only place that chooses a backend, and where the profiler wraps it) and the
+// base-class defaults, which name the kernel a backend lacks instead of failing silently.
 #include "core/backend.h"
 
 #include <string>
 
 #include "core/error.h"
+#include "core/profiler.h"
 
 namespace mdff {
 
@@ -25,7 +26,8 @@ bool cuda_available(std::string* why_not) {
 #endif
 }
 
-Backend& backend(Device device) {
+namespace {
+Backend& device_backend(Device device) {
   if (device == Device::CPU) return cpu_backend();
   std::string why_not;
 #ifdef MDFF_WITH_CUDA
@@ -34,6 +36,20 @@ Backend& backend(Device device) {
   cuda_available(&why_not);
 #endif
   MDFF_FAIL("a CUDA tensor was requested but CUDA is not usable: ", why_not, ". Use --device cpu");
+}
+}  // namespace
+
+Backend& backend(Device device) {
+  Backend& real = device_backend(device);
+  if (!profiler::enabled()) return real;
+  // One wrapper per device, made on first use and never destroyed: tensors freed while the process
+  // exits still deallocate through it.
+  if (device == Device::CPU) {
+    static ProfilingBackend* cpu = new ProfilingBackend(real);
+    return *cpu;
+  }
+  static ProfilingBackend* cuda = new ProfilingBackend(real);
+  return *cuda;
 }
 
 Backend& backend_of(const Tensor& t) { return backend(t.device()); }

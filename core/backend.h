@@ -124,7 +124,8 @@ class Backend {
 };
 
 // The backend that runs tensors on `device`. Asking for CUDA in a build without CUDA, or on a machine
-// without a usable GPU, throws an mdff::Error that says which.
+// without a usable GPU, throws an mdff::Error that says which. While the profiler is enabled
+// (core/profiler.h), it is a ProfilingBackend wrapping that backend.
 Backend& backend(Device device);
 Backend& backend_of(const Tensor& t);
 
