@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <set>
 
@@ -236,23 +237,32 @@ void decode(const uint8_t* src, size_t count, const StoredTypeInfo& type, Dst* o
     case StoredType::BOOL: each(load_bool); break;
   }
 }
-}  // namespace
 
-void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+// ---- writing ----
+
+// One tensor as the header describes it.
+struct TensorLayout {
+  const std::string& name;
+  const char* dtype;
+  Shape shape;
+  uint64_t bytes;
+};
+
+// Writes the header of `layouts` (checking their names) and then each tensor's bytes through
+// write_data(i, file), in order, to a temporary file renamed over `path`.
+void write_file(const std::string& path, const std::vector<TensorLayout>& layouts,
+                const std::map<std::string, std::string>& metadata,
+                const std::function<void(size_t, AtomicFile&)>& write_data) {
   Json header = Json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : tensors) {
-    MDFF_CHECK(!name.empty(), path, ": a tensor has an empty name");
-    MDFF_CHECK(name != "__metadata__", path, ": \"__metadata__\" names the metadata and cannot name a tensor");
-    MDFF_CHECK(names.insert(name).second, path, ": the tensor name '", name, "' is given twice");
-    MDFF_CHECK(tensor.defined(), path, ": tensor '", name, "' is an undefined tensor");
-    const uint64_t end = offset + tensor.nbytes();
-    header[name] = Json{{"dtype", stored_name(tensor.dtype())},
-                        {"shape", tensor.shape()},
-                        {"data_offsets", Json::array({offset, end})}};
+  for (const TensorLayout& layout : layouts) {
+    MDFF_CHECK(!layout.name.empty(), path, ": a tensor has an empty name");
+    MDFF_CHECK(layout.name != "__metadata__", path, ": \"__metadata__\" names the metadata and cannot name a tensor");
+    MDFF_CHECK(names.insert(layout.name).second, path, ": the tensor name '", layout.name, "' is given twice");
+    const uint64_t end = offset + layout.bytes;
+    header[layout.name] = Json{{"dtype", layout.dtype}, {"shape", layout.shape}, {"data_offsets", Json::array({offset, end})}};
     offset = end;
   }
   std::string text;
@@ -267,11 +277,39 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   AtomicFile file(path);
   file.write(&header_bytes, sizeof header_bytes);
   file.write(text.data(), text.size());
-  for (const auto& entry : tensors) {
-    const Tensor host = entry.second.cpu();
-    file.write(host.raw(), host.nbytes());
-  }
+  for (size_t i = 0; i < layouts.size(); ++i) write_data(i, file);
   file.commit();
+}
+}  // namespace
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorLayout> layouts;
+  for (const auto& [name, tensor] : tensors) {
+    MDFF_CHECK(tensor.defined(), path, ": tensor '", name, "' is an undefined tensor");
+    layouts.push_back({name, stored_name(tensor.dtype()), tensor.shape(), tensor.nbytes()});
+  }
+  write_file(path, layouts, metadata, [&](size_t i, AtomicFile& file) {
+    const Tensor host = tensors[i].second.cpu();  // one at a time: a model on the GPU is not copied whole
+    file.write(host.raw(), host.nbytes());
+  });
+}
+
+void save_safetensors_entries(const std::string& path, const std::vector<SafetensorsEntry>& entries,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorLayout> layouts;
+  for (const SafetensorsEntry& entry : entries) {
+    const StoredTypeInfo* type = find_stored_type(entry.dtype);
+    MDFF_CHECK(type, path, ": tensor '", entry.name, "' has the unknown or unsupported dtype \"", entry.dtype,
+               "\" (supported: ", kStoredTypeList, ")");
+    uint64_t needed = 0;
+    MDFF_CHECK(checked_byte_count(entry.shape, type->size, needed) && needed == entry.bytes.size(), path,
+               ": tensor '", entry.name, "' has ", entry.bytes.size(), " bytes, which do not match shape ",
+               shape_str(entry.shape), " of ", type->name);
+    layouts.push_back({entry.name, type->name, entry.shape, entry.bytes.size()});
+  }
+  write_file(path, layouts, metadata,
+             [&](size_t i, AtomicFile& file) { file.write(entries[i].bytes.data(), entries[i].bytes.size()); });
 }
 
 const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {

@@ -31,6 +31,12 @@ struct SafetensorsEntry {
   std::vector<uint8_t> bytes;
 };
 
+// Writes entries as they are stored, for data that is no Tensor (bytes as U8, 64-bit words as I64): any
+// dtype load_safetensors reads. Same layout, name rules and atomic replacement as save_safetensors; an
+// unknown dtype, or bytes that do not fill the shape exactly, is an error naming the tensor.
+void save_safetensors_entries(const std::string& path, const std::vector<SafetensorsEntry>& entries,
+                              const std::map<std::string, std::string>& metadata = {});
+
 struct SafetensorsFile {
   std::vector<SafetensorsEntry> entries;  // in data-offset order
   std::map<std::string, std::string> metadata;

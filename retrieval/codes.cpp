@@ -112,9 +112,13 @@ std::vector<int32_t> order_by_distance(const std::vector<int>& distances, int bi
     ++first[d + 1];
   }
   for (int d = 0; d <= bits; ++d) first[d + 1] += first[d];
-  std::vector<int32_t> order(static_cast<size_t>(count));
-  for (int32_t i = 0; i < count; ++i) order[first[distances[i]]++] = i;  // ascending i: ties stay in index order
-  if (top_k >= 0 && top_k < count) order.resize(static_cast<size_t>(top_k));
+  // Only the first `keep` positions are written, so a short top k costs the pass over the distances alone.
+  const int64_t keep = top_k >= 0 && top_k < count ? top_k : count;
+  std::vector<int32_t> order(static_cast<size_t>(keep));
+  for (int32_t i = 0; i < count; ++i) {  // ascending i: ties stay in index order
+    const int64_t position = first[distances[i]]++;
+    if (position < keep) order[position] = i;
+  }
   return order;
 }
 

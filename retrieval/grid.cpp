@@ -72,8 +72,8 @@ Image retrieval_grid(const std::vector<GridRow>& rows, int min_side) {
   for (size_t r = 0; r < rows.size(); ++r) {
     const GridRow& row = rows[r];
     check_image(row.query, "query " + std::to_string(r));
-    MDFF_CHECK(row.relevant.size() == row.results.size(), "retrieval grid: query ", r, " has ", row.results.size(),
-               " results but ", row.relevant.size(), " relevance flags");
+    MDFF_CHECK(row.relevant.empty() || row.relevant.size() == row.results.size(), "retrieval grid: query ", r,
+               " has ", row.results.size(), " results but ", row.relevant.size(), " relevance flags");
     grow_cell(row.query);
     for (size_t i = 0; i < row.results.size(); ++i) {
       check_image(row.results[i], "result " + std::to_string(i) + " of query " + std::to_string(r));
@@ -99,8 +99,10 @@ Image retrieval_grid(const std::vector<GridRow>& rows, int min_side) {
     draw(canvas, row.query, scale_factor(row.query, min_side), top + kFrame, kMargin + kFrame, cell_h, cell_w);
     for (size_t i = 0; i < row.results.size(); ++i) {
       const int left = kMargin + box_w + kQueryGap + static_cast<int>(i) * (box_w + kSpacing);
-      fill(canvas, top, left, box_h, box_w, row.relevant[i] ? kRelevantFrame : kIrrelevantFrame);
-      fill(canvas, top + kFrame, left + kFrame, cell_h, cell_w, kGridBackground);
+      if (!row.relevant.empty()) {
+        fill(canvas, top, left, box_h, box_w, row.relevant[i] ? kRelevantFrame : kIrrelevantFrame);
+        fill(canvas, top + kFrame, left + kFrame, cell_h, cell_w, kGridBackground);
+      }
       draw(canvas, row.results[i], scale_factor(row.results[i], min_side), top + kFrame, left + kFrame, cell_h, cell_w);
     }
   }

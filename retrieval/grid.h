@@ -19,12 +19,13 @@ struct Image {
 struct GridRow {
   Image query;
   std::vector<Image> results;
-  std::vector<bool> relevant;  // (results)
+  std::vector<bool> relevant;  // (results), or empty: nothing to judge relevance by, no frames
 };
 
 // The layout: each image is enlarged by the smallest integer factor that makes its larger side at least
 // min_side pixels, and sits in a cell as large as the largest enlarged image. A cell has a 2-pixel frame
-// (green or red for results, none for the query); rows may hold different numbers of results.
+// (green or red for judged results, none for the query and unjudged results); rows may hold different
+// numbers of results.
 Image retrieval_grid(const std::vector<GridRow>& rows, int min_side = 64);
 
 // Writes retrieval_grid(rows, min_side) to `path` as a PNG, atomically.

@@ -491,6 +491,23 @@ Image pattern(int height, int width, int seed) {
 }
 }  // namespace
 
+TEST_CASE("retrieval grid: results without relevance flags get no frame, and a flag count that differs is an error") {
+  std::vector<GridRow> rows(1);
+  rows[0] = {pattern(32, 32, 0), {pattern(32, 32, 1), pattern(32, 32, 2)}, {}};
+  const Image canvas = retrieval_grid(rows);
+  const std::vector<uint8_t> white(kGridBackground, kGridBackground + 3);
+  for (int i = 0; i < 2; ++i) {
+    const int left = 8 + 68 + 20 + i * 72;  // as in the framed layout below: the cells keep their size
+    for (auto [y, x] : {std::pair{8, left}, std::pair{8 + 67, left + 67}, std::pair{9, left + 1}}) {
+      CAPTURE(i);
+      const uint8_t* p = &canvas.rgb[(y * canvas.width + x) * 3];
+      CHECK(std::vector<uint8_t>(p, p + 3) == white);
+    }
+  }
+  rows[0].relevant = {true};
+  CHECK_THROWS_WITH_AS(retrieval_grid(rows), doctest::Contains("has 2 results but 1 relevance flags"), Error);
+}
+
 TEST_CASE("retrieval grid PNG: layout, enlargement, green and red frames, read back with stb_image") {
   std::vector<GridRow> rows(2);
   rows[0] = {pattern(32, 32, 0), {pattern(32, 32, 1), pattern(32, 32, 2), pattern(32, 32, 3)}, {true, false, true}};
@@ -542,8 +559,8 @@ TEST_CASE("retrieval grid PNG: layout, enlargement, green and red frames, read b
   CHECK(mixed.height == 8 + 68 + 8);
   CHECK(mixed.width == 8 + 76 + 20 + 76 + 8);
 
-  CHECK_THROWS_WITH_AS(retrieval_grid({{pattern(32, 32, 0), {pattern(32, 32, 1)}, {}}}),
-                       doctest::Contains("1 results but 0 relevance flags"), Error);
+  CHECK_THROWS_WITH_AS(retrieval_grid({{pattern(32, 32, 0), {pattern(32, 32, 1)}, {true, false}}}),
+                       doctest::Contains("1 results but 2 relevance flags"), Error);
   Image broken = pattern(32, 32, 0);
   broken.rgb.pop_back();
   CHECK_THROWS_WITH_AS(retrieval_grid({{broken, {}, {}}}), doctest::Contains("holds 3071 bytes instead of 3072"), Error);

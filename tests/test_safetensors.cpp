@@ -351,6 +351,43 @@ TEST_CASE("save_safetensors refuses names and tensors it cannot write, and write
   CHECK_FALSE(fs::exists(path));
 }
 
+TEST_CASE("save_safetensors_entries writes stored dtypes as given and refuses entries that do not add up") {
+  std::string words;
+  for (uint64_t w : {uint64_t{0xFFFF'FFFF'FFFF'FFFF}, uint64_t{1} << 63, uint64_t{5}}) append_le(words, w);
+  const std::vector<io::SafetensorsEntry> entries{
+      {"words", "I64", {3}, std::vector<uint8_t>(words.begin(), words.end())},
+      {"bytes", "U8", {2, 2}, {0, 255, 'a', '\n'}},
+      {"flags", "BOOL", {1}, {1}},
+      {"none", "U8", {0}, {}},
+      {"values", "F32", {1}, {0, 0, 0xC0, 0x3F}}};  // 1.5f
+  const std::string path = temp_path("entries.safetensors");
+  io::save_safetensors_entries(path, entries, {{"kind", "raw"}});
+  const io::SafetensorsFile file = io::load_safetensors(path);
+  CHECK(file.metadata == std::map<std::string, std::string>{{"kind", "raw"}});
+  REQUIRE(file.entries.size() == entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    CAPTURE(entries[i].name);
+    CHECK(file.entries[i].name == entries[i].name);
+    CHECK(file.entries[i].dtype == entries[i].dtype);
+    CHECK(file.entries[i].shape == entries[i].shape);
+    CHECK(file.entries[i].bytes == entries[i].bytes);
+  }
+  CHECK(io::to_tensor(*file.find("values")).item() == 1.5);
+  CHECK((read_bytes(path).size() - 33) % 8 == 0);  // the length and the padded header, then 33 bytes of data
+
+  const std::string refused = temp_path("entries_refused.safetensors");
+  const auto with = [&](io::SafetensorsEntry entry) { return std::vector<io::SafetensorsEntry>{std::move(entry)}; };
+  CHECK_THROWS_WITH_AS(io::save_safetensors_entries(refused, with({"w", "U64", {1}, std::vector<uint8_t>(8)})),
+                       doctest::Contains("tensor 'w' has the unknown or unsupported dtype \"U64\""), Error);
+  CHECK_THROWS_WITH_AS(io::save_safetensors_entries(refused, with({"w", "I64", {2}, std::vector<uint8_t>(8)})),
+                       doctest::Contains("tensor 'w' has 8 bytes, which do not match shape (2) of I64"), Error);
+  CHECK_THROWS_WITH_AS(io::save_safetensors_entries(refused, {entries[1], entries[1]}),
+                       doctest::Contains("the tensor name 'bytes' is given twice"), Error);
+  CHECK_THROWS_WITH_AS(io::save_safetensors_entries(refused, with({"", "U8", {0}, {}})),
+                       doctest::Contains("a tensor has an empty name"), Error);
+  CHECK_FALSE(fs::exists(refused));
+}
+
 TEST_CASE("writing goes through a temporary file that is renamed into place or removed") {
   const fs::path folder = fs::path(temp_path("atomic"));
   fs::create_directories(folder);

@@ -1,0 +1,136 @@
+// Rebuilding an MdffSh from a train_mdff checkpoint (see checkpoint.h).
+#include "models/checkpoint.h"
+
+#include <nlohmann/json.hpp>
+
+#include <limits>
+#include <map>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace mdff {
+
+namespace {
+using json = nlohmann::json;
+
+// Tensors under these prefixes hold training state (optimizer moments, the trainer's position), not the model.
+bool is_training_state(const std::string& name) {
+  return name.rfind("optimizer.", 0) == 0 || name.rfind("trainer.", 0) == 0;
+}
+
+const std::string& metadata_value(const io::SafetensorsFile& file, const char* key, const std::string& path) {
+  const auto it = file.metadata.find(key);
+  MDFF_CHECK(it != file.metadata.end(), path, ": the checkpoint has no \"", key,
+             "\" metadata; load_model_checkpoint reads the checkpoint_{L}bits.safetensors files train_mdff writes");
+  return it->second;
+}
+
+// config[key], which must exist and be of the kind `is_kind` checks (`kind` names it in the error).
+const json& config_value(const json& config, const char* key, bool (json::*is_kind)() const noexcept,
+                         const char* kind, const std::string& path) {
+  MDFF_CHECK(config.contains(key), path, ": the checkpoint's \"config\" metadata has no \"", key,
+             "\" (it holds the run's config.json, which train_mdff writes with every option)");
+  const json& value = config[key];
+  MDFF_CHECK((value.*is_kind)(), path, ": \"", key, "\" in the checkpoint's \"config\" metadata is ", value.dump(),
+             ", not ", kind);
+  return value;
+}
+
+int positive_int(const json& config, const char* key, const std::string& path) {
+  const json& value = config_value(config, key, &json::is_number_integer, "a whole number", path);
+  const int64_t number = value.get<int64_t>();
+  MDFF_CHECK(number >= 1 && number <= std::numeric_limits<int>::max(), path, ": \"", key,
+             "\" in the checkpoint's \"config\" metadata is ", number, ", not a positive int");
+  return static_cast<int>(number);
+}
+
+int bits_of(const io::SafetensorsFile& file, const std::string& path) {
+  const std::string& text = metadata_value(file, "bits", path);
+  size_t used = 0;
+  int bits = 0;
+  try {
+    bits = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  MDFF_CHECK(used > 0 && used == text.size() && bits >= 1, path, ": the checkpoint's \"bits\" metadata is '", text,
+             "', not a positive code length");
+  return bits;
+}
+}  // namespace
+
+MdffConfig mdff_config(const std::string& backbone, int bits, int classes, const std::string& taps,
+                       const std::vector<double>& scales) {
+  MdffConfig config;
+  MDFF_CHECK(backbone == "resnet50" || backbone == "tiny", "unknown model '", backbone, "': use resnet50 or tiny");
+  if (backbone == "tiny") config.backbone = ResNetConfig::tiny();
+  config.bits = bits;
+  config.classes = classes;
+  config.taps = parse_taps(taps);
+  config.scales = scales;
+  return config;
+}
+
+NamedTensors model_state(const Module& model) {
+  NamedTensors state = model.named_parameters();
+  for (auto& named : model.named_buffers()) state.push_back(named);
+  return state;
+}
+
+void load_model_state(Module& model, const io::SafetensorsFile& file, const std::string& source,
+                      const std::string& model_name) {
+  std::map<std::string, Tensor> expected;
+  for (auto& [name, tensor] : model_state(model)) expected.emplace(name, tensor);
+  for (const io::SafetensorsEntry& entry : file.entries) {
+    if (is_training_state(entry.name)) continue;
+    MDFF_CHECK(expected.count(entry.name), source, ": the checkpoint holds the tensor '", entry.name, "', which ",
+               model_name, " does not have");
+  }
+  for (auto& [name, tensor] : expected) {
+    const io::SafetensorsEntry* entry = file.find(name);
+    MDFF_CHECK(entry, source, ": the checkpoint has no tensor '", name, "', which ", model_name, " needs");
+    MDFF_CHECK(entry->shape == tensor.shape(), source, ": tensor '", name, "' has shape ", shape_str(entry->shape),
+               " in the checkpoint, but ", model_name, " needs ", shape_str(tensor.shape()));
+    tensor.copy_(io::to_tensor(*entry, tensor.dtype()));  // any stored dtype becomes the model's; copy_ crosses devices
+  }
+}
+
+LoadedCheckpoint load_model_checkpoint(const std::string& path) {
+  const io::SafetensorsFile file = io::load_safetensors(path);
+  const int bits = bits_of(file, path);
+  json config;
+  try {
+    config = json::parse(metadata_value(file, "config", path));
+  } catch (const json::exception& e) {
+    MDFF_FAIL(path, ": the checkpoint's \"config\" metadata is not valid JSON (", e.what(), ")");
+  }
+  MDFF_CHECK(config.is_object(), path, ": the checkpoint's \"config\" metadata is ", config.type_name(),
+             ", not a JSON object");
+
+  LoadedCheckpoint loaded;
+  loaded.backbone = config_value(config, "model", &json::is_string, "a string", path).get<std::string>();
+  loaded.classes = positive_int(config, "classes", path);
+  loaded.batch.image_size = positive_int(config, "image_size", path);
+  const std::string taps = config_value(config, "taps", &json::is_string, "a string", path).get<std::string>();
+  std::vector<double> scales;
+  for (const json& s : config_value(config, "scales", &json::is_array, "an array of numbers", path)) {
+    MDFF_CHECK(s.is_number(), path, ": \"scales\" in the checkpoint's \"config\" metadata holds ", s.dump(),
+               ", not a number");
+    scales.push_back(s.get<double>());
+  }
+  try {
+    Rng rng(0);  // every value is replaced by the checkpoint's
+    loaded.model = std::make_unique<MdffSh>(mdff_config(loaded.backbone, bits, loaded.classes, taps, scales), rng);
+  } catch (const Error& e) {
+    MDFF_FAIL(path, ": the checkpoint's metadata describes no valid model: ", e.what());
+  }
+
+  load_model_state(*loaded.model, file, path,
+                   detail::concat("a ", loaded.backbone, " MDFF-SH (", bits, " bits, ", loaded.classes, " classes, taps ",
+                                  taps, ")"));
+  loaded.model->eval();
+  return loaded;
+}
+
+}  // namespace mdff
