@@ -3,13 +3,16 @@
 //   train_mdff                      the embedded default: Fashion-MNIST (Debian's dataset-fashion-mnist)
 //   train_mdff cifar10              CIFAR-10 binary from --data-dir (scripts/download_cifar10.sh)
 //   train_mdff LIST.txt --classes K an image list ("path l1 ... lK" per line; NUS-WIDE, MS-COCO)
+//   train_mdff --resume RUN_DIR     continues an interrupted run exactly where its checkpoint left it
 //
-// Everything goes into the run folder (--out): config.json, the split, a checkpoint per code length,
-// metrics.json, the codes as .npy, SVG plots and the paper's Figure 4 as PNG. `--help` explains each
-// option; docs in README.md.
+// Everything goes into the run folder (--out): config.json, the split, a checkpoint per code length
+// (model, optimizer state, U, counters and random state: written atomically after every epoch and on
+// Ctrl-C), metrics.json, the codes as .npy, SVG plots and the paper's Figure 4 as PNG. `--help` explains
+// each option; docs in README.md.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -17,14 +20,18 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <map>
 
 #include "apps/cli.h"
 #include "apps/progress.h"
 #include "core/backend.h"
 #include "core/error.h"
+#include "core/file_io.h"
 #include "core/safetensors.h"
 #include "data/protocol.h"
+#include "models/checkpoint.h"
+#include "models/pretrained.h"
 #include "optim/trainer.h"
 #include "retrieval/encode.h"
 #include "retrieval/grid.h"
@@ -39,30 +46,151 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Options {
-  std::string dataset = "fashion-mnist", data_dir, list_root, out, pretrained, recipe;
-  std::string bits = "", taps = "all", scales = "1,0.5", pairs, protocol = "paper";
+  std::string dataset = "fashion-mnist", data_dir, list_root, out, pretrained, recipe, resume;
+  std::string bits, taps = "all", scales, pairs, protocol = "paper";
   std::string optimizer, schedule, device = "auto", model = "resnet50";
   data::SplitSizes split;
-  int classes = 0, epochs = 0, image_size = 0, monitor_every = 1;
-  int64_t batch_size = 32;
-  double lr = 0, weight_decay = -1, beta = 0.1, gamma = -1;
+  int classes = 0, epochs = 0, image_size = 0, shift = -1, zero_init_residual = -1, monitor_every = 1;
+  int64_t batch_size = 32, interrupt_after_steps = 0;
+  double lr = 0, weight_decay = -1, beta = 0.1, gamma = -1, warmup = -1;
   uint64_t seed = 0;
   bool no_flip = false;
 };
 
+// Every option that a run's results depend on, by its config.json key (the command-line option is
+// "--" + the key with '-' for '_'; "dataset" is the positional argument). One list, so that config.json
+// is written and read back (--resume) alike. Not here: --out, --device and --resume, which may differ
+// when a run is continued.
+template <class O, class Visit>
+void for_each_option(O& o, Visit&& visit) {
+  visit("dataset", o.dataset);
+  visit("data_dir", o.data_dir);
+  visit("list_root", o.list_root);
+  visit("classes", o.classes);
+  visit("recipe", o.recipe);
+  visit("pretrained", o.pretrained);
+  visit("model", o.model);
+  visit("bits", o.bits);
+  visit("taps", o.taps);
+  visit("zero_init_residual", o.zero_init_residual);
+  visit("scales", o.scales);
+  visit("epochs", o.epochs);
+  visit("batch_size", o.batch_size);
+  visit("optimizer", o.optimizer);
+  visit("lr", o.lr);
+  visit("schedule", o.schedule);
+  visit("warmup", o.warmup);
+  visit("weight_decay", o.weight_decay);
+  visit("beta", o.beta);
+  visit("gamma", o.gamma);
+  visit("pairs", o.pairs);
+  visit("image_size", o.image_size);
+  visit("no_flip", o.no_flip);
+  visit("shift", o.shift);
+  visit("protocol", o.protocol);
+  visit("seed", o.seed);
+  visit("queries_per_class", o.split.queries_per_class);
+  visit("train_per_class", o.split.train_per_class);
+  visit("queries", o.split.queries);
+  visit("train_images", o.split.train);
+  visit("monitor_every", o.monitor_every);
+}
+
+// The lists (--bits, --scales) are written as JSON arrays, for programs that read config.json.
+json options_json(const Options& o) {
+  json j;
+  for_each_option(o, [&](const char* key, const auto& value) { j[key] = value; });
+  j["bits"] = cli::parse_list<int>(o.bits, "--bits");
+  j["scales"] = cli::parse_list<double>(o.scales, "--scales");
+  return j;
+}
+
+Options options_from_json(const json& j, const std::string& source) {
+  Options o;
+  for_each_option(o, [&](const char* key, auto& value) {
+    MDFF_CHECK(j.contains(key), source, " has no option '", key, "' (written by another version of train_mdff?)");
+    try {
+      if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::string>) {
+        if (j.at(key).is_array()) {  // a list option: "1,0.5"
+          value.clear();
+          for (const json& item : j.at(key)) value += (value.empty() ? "" : ",") + item.dump();
+          return;
+        }
+      }
+      j.at(key).get_to(value);
+    } catch (const json::exception&) {
+      MDFF_FAIL(source, ": option '", key, "' has the wrong type: ", j.at(key).dump());
+    }
+  });
+  return o;
+}
+
 // A recipe's defaults; options given on the command line win.
 struct Recipe {
-  std::string optimizer, schedule, pairs;
-  double lr, gamma, weight_decay;
-  int epochs, image_size;
+  std::string optimizer, schedule, pairs, scales;
+  double lr, gamma, weight_decay, warmup;
+  int epochs, image_size, shift, zero_init_residual;
 };
 
 Recipe recipe_named(const std::string& name) {
   // paper: the paper's recipe, tuned for an ImageNet-pretrained backbone (method.md §4).
-  if (name == "paper") return {"rmsprop", "constant", "dataset", 1e-5, 0.01, 1e-5, 30, 32};
+  if (name == "paper") return {"rmsprop", "constant", "dataset", "1,0.5", 1e-5, 0.01, 1e-5, 0, 30, 32, 0, 0};
   // scratch: for a randomly initialised backbone (see README.md, "Recipes", for how it was chosen).
-  if (name == "scratch") return {"sgd", "constant", "batch", 0.01, 1.0, 1e-4, 4, 32};
+  if (name == "scratch") return {"sgd", "constant", "batch", "1,0.5", 0.01, 1.0, 1e-4, 0, 4, 32, 0, 0};
   MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
+}
+
+// Fills every option left unset with the recipe's (or the dataset's) default.
+void resolve_defaults(Options& o) {
+  if (o.recipe.empty()) o.recipe = o.pretrained.empty() ? "scratch" : "paper";
+  const Recipe r = recipe_named(o.recipe);
+  if (o.epochs == 0) o.epochs = r.epochs;
+  if (o.optimizer.empty()) o.optimizer = r.optimizer;
+  if (o.lr <= 0) o.lr = r.lr;
+  if (o.schedule.empty()) o.schedule = r.schedule;
+  if (o.warmup < 0) o.warmup = r.warmup;
+  if (o.weight_decay < 0) o.weight_decay = r.weight_decay;
+  if (o.pairs.empty()) o.pairs = r.pairs;
+  if (o.gamma < 0) o.gamma = r.gamma;
+  if (o.image_size == 0) o.image_size = r.image_size;
+  if (o.shift < 0) o.shift = r.shift;
+  if (o.scales.empty()) o.scales = r.scales;
+  if (o.zero_init_residual < 0) o.zero_init_residual = r.zero_init_residual;
+  if (o.bits.empty()) o.bits = o.dataset == "fashion-mnist" ? "48" : "12,24,32,48";
+}
+
+// --resume: the run folder's options, after checking that those given on this command line agree.
+Options resumed_options(const Options& given, const CLI::App& app) {
+  const fs::path config_path = fs::path(given.resume) / "config.json";
+  MDFF_CHECK(fs::is_regular_file(config_path), "--resume: ", given.resume, " has no config.json; give the folder of "
+             "a run that train_mdff started (its --out)");
+  json stored;
+  try {
+    const std::vector<uint8_t> bytes = io::read_file(config_path.string());
+    stored = json::parse(bytes.begin(), bytes.end());
+  } catch (const json::exception& e) {
+    MDFF_FAIL("--resume: ", config_path.string(), " is not valid JSON (", e.what(), ")");
+  }
+  Options o = options_from_json(stored, config_path.string());
+  Options here = given;
+  resolve_defaults(here);
+  const json mine = options_json(here), theirs = options_json(o);
+  std::string differences;
+  for (const auto& [key, value] : mine.items()) {
+    std::string name = key == "dataset" ? key : "--" + key;
+    std::replace(name.begin(), name.end(), '_', '-');
+    const CLI::Option* option = app.get_option_no_throw(name);
+    if (option && option->count() > 0 && value != theirs.at(key))
+      differences += detail::concat(differences.empty() ? "" : "; ", name, " ", value.dump(), " here, ",
+                                    theirs.at(key).dump(), " in the run");
+  }
+  MDFF_CHECK(differences.empty(), "--resume: this command asks for different options than the run in ", given.resume,
+             " was started with: ", differences, ". Leave them out to continue the run as it was, or start a new run");
+  o.resume = given.resume;
+  o.out = given.resume;
+  o.device = given.device;
+  o.interrupt_after_steps = given.interrupt_after_steps;
+  return o;
 }
 
 data::Dataset load_dataset(const Options& o) {
@@ -169,7 +297,7 @@ std::string timestamp() {
   return text;
 }
 
-// What the options ask for, with the recipe's defaults filled in.
+// What the (resolved) options ask for.
 struct Plan {
   TrainSettings settings;
   std::vector<int> bits;
@@ -178,27 +306,163 @@ struct Plan {
 };
 
 Plan plan_from(const Options& o) {
-  MDFF_CHECK(o.pretrained.empty(), "--pretrained: loading ImageNet weights is not available yet (issue 6); "
-             "train from scratch without it");
-  const Recipe recipe = recipe_named(o.recipe.empty() ? (o.pretrained.empty() ? "scratch" : "paper") : o.recipe);
   Plan plan;
   TrainSettings& settings = plan.settings;
-  settings.epochs = o.epochs ? o.epochs : recipe.epochs;
+  settings.epochs = o.epochs;
   settings.batch_size = o.batch_size;
-  settings.optimizer = o.optimizer.empty() ? recipe.optimizer : o.optimizer;
-  settings.lr = o.lr > 0 ? o.lr : recipe.lr;
-  settings.schedule = o.schedule.empty() ? recipe.schedule : o.schedule;
-  settings.weight_decay = o.weight_decay >= 0 ? o.weight_decay : recipe.weight_decay;
-  settings.loss = {parse_pairs(o.pairs.empty() ? recipe.pairs : o.pairs), o.beta, o.gamma >= 0 ? o.gamma : recipe.gamma};
-  settings.batch.image_size = o.image_size ? o.image_size : recipe.image_size;
+  settings.optimizer = o.optimizer;
+  settings.lr = o.lr;
+  settings.schedule = o.schedule;
+  settings.warmup_epochs = o.warmup;
+  MDFF_CHECK(o.warmup <= o.epochs, "--warmup ", o.warmup, " is longer than the ", o.epochs, " epochs of training");
+  settings.weight_decay = o.weight_decay;
+  settings.loss = {parse_pairs(o.pairs), o.beta, o.gamma};
+  settings.batch.image_size = o.image_size;
   settings.batch.flip = !o.no_flip;
+  settings.batch.shift = o.shift;
+  MDFF_CHECK(o.shift < o.image_size, "--shift ", o.shift, " must be smaller than the image size ", o.image_size);
   settings.seed = o.seed;
-  plan.bits = cli::parse_list<int>(o.bits.empty() ? (o.dataset == "fashion-mnist" ? "48" : "12,24,32,48") : o.bits, "--bits");
+  plan.bits = cli::parse_list<int>(o.bits, "--bits");
   for (int b : plan.bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
   plan.scales = cli::parse_list<double>(o.scales, "--scales");
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
+  MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
+             " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
+  MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
   plan.device = choose_device(o.device);
   return plan;
+}
+
+// Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step; the run then writes its
+// checkpoint and exits with 130. A second signal exits at once: every file is written atomically, so the
+// previous checkpoint is intact.
+std::atomic<bool> stop_requested{false};
+extern "C" void request_stop(int) {
+  if (stop_requested.exchange(true)) std::_Exit(130);
+}
+
+void write_text_atomic(const std::string& path, const std::string& text) {
+  io::write_file_atomic(path, {{text.data(), text.size()}});
+}
+
+struct Interrupted {
+  std::string checkpoint;  // the checkpoint to resume from
+};
+
+// Everything a code length's training and evaluation share.
+struct Run {
+  const Options& options;
+  const Plan& plan;
+  fs::path out;
+  const data::Dataset& dataset;
+  const data::Split& split;
+  json config;
+  int64_t map_at;  // -1: mAP@ALL
+  std::vector<int> pn_at;
+  std::vector<uint8_t> query_labels, database_labels;
+  std::vector<int64_t> monitor_rows;  // the learning curve's database sample
+  std::vector<uint8_t> monitor_labels;
+};
+
+void save_checkpoint(const std::string& path, const MdffSh& model, const Trainer& trainer, const Run& run, int bits,
+                     const json& history) {
+  NamedTensors state = model_state(model);
+  std::map<std::string, std::string> metadata{{"config", run.config.dump()},
+                                              {"bits", std::to_string(bits)},
+                                              {"epoch", std::to_string(trainer.epochs_done())},
+                                              {"history", history.dump()}};
+  trainer.save_state(state, metadata);
+  io::save_safetensors(path, state, metadata);
+}
+
+// Trains the model for `bits` (continuing from its checkpoint when resuming), then returns its
+// continuous codes' signs for the queries and the database. Fills `history` (one entry per epoch).
+std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const Run& run, int bits, json& history) {
+  const Options& o = run.options;
+  const TrainSettings& settings = run.plan.settings;
+  MdffConfig model_config = mdff_config(o.model, bits, run.dataset.classes, o.taps, run.plan.scales);
+  model_config.backbone.zero_init_residual = o.zero_init_residual == 1;
+  Rng rng(o.seed);
+  MdffSh model(model_config, rng);
+  const std::string checkpoint = (run.out / ("checkpoint_" + std::to_string(bits) + "bits.safetensors")).string();
+  const bool resuming = !o.resume.empty() && fs::exists(checkpoint);
+  if (!o.pretrained.empty() && !resuming) {
+    const PretrainedReport report = load_pretrained_backbone(model.backbone(), o.pretrained);
+    std::printf("%d bits: ImageNet weights, %s\n", bits, report.summary().c_str());
+  }
+  model.to(run.plan.device);
+  Trainer trainer(model, run.dataset, run.split.train, settings);
+  if (resuming) {
+    const io::SafetensorsFile file = io::load_safetensors(checkpoint);
+    load_model_state(model, file, checkpoint);
+    trainer.restore_state(file);
+    const auto found = file.metadata.find("history");
+    history = found == file.metadata.end() ? json::array() : json::parse(found->second);
+    std::printf("%d bits: resuming from %s after %d of %d epochs\n", bits, checkpoint.c_str(), trainer.epochs_done(),
+                settings.epochs);
+  }
+
+  const fs::path codes_dir = run.out / "codes" / std::to_string(bits);
+  const bool encoded = resuming && trainer.epochs_done() == settings.epochs && fs::exists(codes_dir / "query.npy") &&
+                       fs::exists(codes_dir / "database.npy");
+  int64_t steps = 0;
+  while (trainer.epochs_done() < settings.epochs) {
+    const int epoch = trainer.epochs_done() + 1;
+    cli::Progress progress(detail::concat(bits, " bits, epoch ", epoch, "/", settings.epochs));
+    EpochReport report;
+    try {
+      report = trainer.train_epoch(
+          [&](int64_t done, int64_t total, double loss, double ips) {
+            char figures[96];
+            std::snprintf(figures, sizeof figures, "loss %.4f  %.0f img/s", loss, ips);
+            progress.update(done, total, figures);
+            if (++steps == o.interrupt_after_steps) std::raise(SIGINT);  // the tests' Ctrl-C
+          },
+          &stop_requested);
+    } catch (const TrainingDiverged& e) {
+      MDFF_FAIL(e.what(), ". The last good checkpoint is ",
+                fs::exists(checkpoint) ? checkpoint : std::string("(none: it failed in the first epoch)"));
+    }
+    if (!report.complete) {
+      save_checkpoint(checkpoint, model, trainer, run, bits, history);
+      throw Interrupted{checkpoint};
+    }
+    json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
+               {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
+    std::string curve;
+    if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {
+      const auto q = retrieval::pack_codes(retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256));
+      const auto d = retrieval::pack_codes(retrieval::encode(model, run.dataset, run.monitor_rows, settings.batch, 256));
+      const double m =
+          retrieval::evaluate(q, run.query_labels, d, run.monitor_labels, run.dataset.classes, run.map_at, {100}).map;
+      entry["monitor_map"] = m;
+      curve = detail::concat(", mAP against ", run.monitor_rows.size(), " database images ", std::fixed,
+                             std::setprecision(4), m);
+    }
+    std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)%s\n", epoch, report.loss, report.j1, report.j2,
+                report.j3, curve.c_str());
+    history.push_back(entry);
+    save_checkpoint(checkpoint, model, trainer, run, bits, history);
+  }
+
+  if (encoded) {
+    auto read_codes = [&](const char* name) {
+      const retrieval::NpyArray array = retrieval::read_npy((codes_dir / name).string());
+      const std::vector<int8_t> signs = array.int8_values();
+      MDFF_CHECK(array.shape.size() == 2 && array.shape[1] == bits, (codes_dir / name).string(), " holds codes of shape ",
+                 shape_str(array.shape), ", expected (n, ", bits, ")");
+      return retrieval::pack_codes(Tensor::from_vector(std::vector<float>(signs.begin(), signs.end()), array.shape));
+    };
+    return {read_codes("query.npy"), read_codes("database.npy")};
+  }
+  cli::Progress encoding(detail::concat(bits, " bits, encoding the database"));
+  auto check_stop = [&](int64_t done, int64_t total) {
+    if (stop_requested) throw Interrupted{checkpoint};
+    encoding.update(done, total, "images");
+  };
+  const Tensor uq = retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256, check_stop);
+  const Tensor ud = retrieval::encode(model, run.dataset, run.split.database, settings.batch, 256, check_stop);
+  return {retrieval::pack_codes(uq), retrieval::pack_codes(ud)};
 }
 
 }  // namespace
@@ -215,7 +479,8 @@ int main(int argc, char** argv) {
   app.add_option("--classes", o.classes, "number of labels per line of an image list")->check(CLI::Range(1, 10000));
   app.add_option("--list-root", o.list_root, "folder that image-list paths are relative to (default: the list's)");
   app.add_option("--recipe", o.recipe, "defaults for the options below: scratch (random initialisation, the default) "
-                 "or paper (the paper's RMSProp recipe, for ImageNet weights)")->check(CLI::IsMember({"paper", "scratch"}));
+                 "or paper (the paper's RMSProp recipe, the default with --pretrained)")
+      ->check(CLI::IsMember({"paper", "scratch"}));
   app.add_option("--bits", o.bits, "code lengths, one model each (default 48 for fashion-mnist, else 12,24,32,48)");
   app.add_option("--epochs", o.epochs, "passes over the training images (recipe's default)")->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", o.batch_size, "images per step")->capture_default_str()->check(CLI::Range(2, 100000));
@@ -223,6 +488,8 @@ int main(int argc, char** argv) {
   app.add_option("--lr", o.lr, "learning rate (recipe's default)")->check(CLI::PositiveNumber);
   app.add_option("--schedule", o.schedule, "learning rate schedule: constant or cosine (recipe's default)")
       ->check(CLI::IsMember({"constant", "cosine"}));
+  app.add_option("--warmup", o.warmup, "epochs (may be fractional) over which the learning rate rises linearly "
+                 "to --lr at the start (recipe's default)")->check(CLI::NonNegativeNumber);
   app.add_option("--weight-decay", o.weight_decay, "L2 weight decay added to the gradient (recipe's default)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--beta", o.beta, "weight of J2, the quantization loss")->capture_default_str()->check(CLI::NonNegativeNumber);
@@ -231,9 +498,15 @@ int main(int argc, char** argv) {
                  "(recipe's default)")->check(CLI::IsMember({"dataset", "batch"}));
   app.add_option("--taps", o.taps, "features fused: all, fc1 or convs (the paper's Table 4)")->capture_default_str()
       ->check(CLI::IsMember({"all", "fc1", "convs"}));
-  app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale) or 1")->capture_default_str();
+  app.add_option("--zero-init-residual", o.zero_init_residual, "1: every residual block starts as the identity "
+                 "(its last batch norm's gamma = 0), 0: torchvision's default initialisation (recipe's default)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale, the paper's) or 1 "
+                 "(recipe's default)");
   app.add_option("--image-size", o.image_size, "images are resized to this (recipe's default: 32)")->check(CLI::Range(16, 1024));
   app.add_flag("--no-flip", o.no_flip, "no random horizontal flips of training images");
+  app.add_option("--shift", o.shift, "random translation of training images by up to this many pixels each way, "
+                 "uncovered pixels black (recipe's default)")->check(CLI::Range(0, 1023));
   app.add_option("--protocol", o.protocol, "split: paper (training images stay in the database) or deephash54k")
       ->capture_default_str()->check(CLI::IsMember({"paper", "deephash54k"}));
   app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str();
@@ -251,62 +524,66 @@ int main(int argc, char** argv) {
                  "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
   app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME)");
-  app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights (safetensors)");
+  app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME); it must not hold another run");
+  app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights, safetensors with torchvision's names "
+                 "(scripts/download_resnet50.sh); the recipe then defaults to paper");
+  app.add_option("--resume", o.resume, "continue the run in this folder from its checkpoints, with its options "
+                 "(after Ctrl-C, a crash or a kill)");
+  app.add_option("--interrupt-after-steps", o.interrupt_after_steps, "testing: act as if Ctrl-C were pressed "
+                 "after this many training steps")->group("");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
 
   // Option values CLI11 cannot check alone: an error here is a usage error (exit 2), like CLI11's own.
   Plan plan;
   try {
+    if (!o.resume.empty()) {
+      o = resumed_options(o, app);
+    } else {
+      resolve_defaults(o);
+      MDFF_CHECK(o.out.empty() || !fs::exists(fs::path(o.out) / "config.json"), "--out: ", o.out, " already holds "
+                 "a run; continue it with --resume ", o.out, ", or choose another folder");
+    }
     plan = plan_from(o);
   } catch (const Error& e) {
     std::fprintf(stderr, "train_mdff: %s\nRun with --help for more information.\n", e.what());
     return 2;
   }
-  const TrainSettings& settings = plan.settings;
-  const std::vector<int>& bits = plan.bits;
-  const std::vector<double>& scales = plan.scales;
-  const Device device = plan.device;
+  std::signal(SIGINT, request_stop);
+  std::signal(SIGTERM, request_stop);
 
+  fs::path out;
   try {
     const std::string dataset_name = fs::path(o.dataset).stem().string();
-    const fs::path out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
+    out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
     fs::create_directories(out);
-    std::printf("train_mdff: %s on %s; results in %s\n", dataset_name.c_str(), device_name(device), out.c_str());
+    std::printf("train_mdff: %s on %s; results in %s\n", dataset_name.c_str(), device_name(plan.device), out.c_str());
 
     const data::Dataset dataset = load_dataset(o);
+    o.classes = dataset.classes;
     const data::Split split = data::make_split(dataset, o.protocol, o.seed, o.split);
     data::write_split((out / "split").string(), split);
     std::printf("%s: %lld images, %d classes; %zu queries, %zu training, %zu database (protocol %s, seed %llu)\n",
                 dataset.name.c_str(), static_cast<long long>(dataset.size()), dataset.classes, split.query.size(),
                 split.train.size(), split.database.size(), o.protocol.c_str(), static_cast<unsigned long long>(o.seed));
 
-    json config{{"dataset", o.dataset}, {"data_dir", o.data_dir}, {"classes", dataset.classes},
-                {"recipe", o.recipe.empty() ? "scratch" : o.recipe}, {"bits", bits}, {"epochs", settings.epochs},
-                {"batch_size", settings.batch_size}, {"optimizer", settings.optimizer}, {"lr", settings.lr},
-                {"schedule", settings.schedule}, {"weight_decay", settings.weight_decay}, {"beta", settings.loss.beta},
-                {"gamma", settings.loss.gamma}, {"pairs", pairs_name(settings.loss.pairs)}, {"taps", o.taps}, {"scales", scales},
-                {"image_size", settings.batch.image_size}, {"flip", settings.batch.flip}, {"protocol", o.protocol},
-                {"seed", o.seed}, {"device", device_name(device)}, {"monitor_every", o.monitor_every},
-                {"model", o.model}, {"queries_per_class", o.split.queries_per_class},
-                {"train_per_class", o.split.train_per_class}, {"queries", o.split.queries},
-                {"train_images", o.split.train},
-                {"out", out.string()}};
-    std::ofstream(out / "config.json") << config.dump(2) << "\n";
+    json config = options_json(o);
+    config["device"] = device_name(plan.device);
+    config["out"] = out.string();
+    write_text_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
-    const int64_t map_at = dataset.multi_label ? 5000 : -1;
-    const std::vector<int> pn_at = retrieval::default_pn_at(static_cast<int64_t>(split.database.size()));
-    const std::vector<uint8_t> query_labels = labels_of(dataset, split.query),
-                               database_labels = labels_of(dataset, split.database);
+    Run run{o, plan, out, dataset, split, config};
+    run.map_at = dataset.multi_label ? 5000 : -1;
+    run.pn_at = retrieval::default_pn_at(static_cast<int64_t>(split.database.size()));
+    run.query_labels = labels_of(dataset, split.query);
+    run.database_labels = labels_of(dataset, split.database);
     // The learning curve's database: a fixed 5,000-image sample (encoding all of it every epoch would
     // cost more than the training on a CPU).
-    std::vector<int64_t> monitor_rows = split.database;
-    {
-      Rng rng(o.seed + 1);
-      for (size_t i = monitor_rows.size(); i > 1; --i) std::swap(monitor_rows[i - 1], monitor_rows[rng.below(i)]);
-      monitor_rows.resize(std::min<size_t>(monitor_rows.size(), 5000));
-    }
-    const std::vector<uint8_t> monitor_labels = labels_of(dataset, monitor_rows);
+    run.monitor_rows = split.database;
+    Rng monitor_rng(o.seed + 1);
+    for (size_t i = run.monitor_rows.size(); i > 1; --i)
+      std::swap(run.monitor_rows[i - 1], run.monitor_rows[monitor_rng.below(i)]);
+    run.monitor_rows.resize(std::min<size_t>(run.monitor_rows.size(), 5000));
+    run.monitor_labels = labels_of(dataset, run.monitor_rows);
 
     json results = json::object();
     struct TableRow {
@@ -316,80 +593,34 @@ int main(int argc, char** argv) {
     std::vector<TableRow> table;
     std::vector<retrieval::PlotSeries> pr_series, pn_series;
     retrieval::PlotSeries ph2_series{"P@H<=2", {}, {}};
-    for (int b : bits) {
-      MdffConfig model_config;
-      model_config.bits = b;
-      model_config.classes = dataset.classes;
-      model_config.taps = parse_taps(o.taps);
-      model_config.scales = scales;
-      if (o.model == "tiny") model_config.backbone = ResNetConfig::tiny();
-      Rng rng(o.seed);
-      MdffSh model(model_config, rng);
-      model.to(device);
-      Trainer trainer(model, dataset, split.train, settings);
+    for (int b : plan.bits) {
       json history = json::array();
-      const auto start = std::chrono::steady_clock::now();
-      double images_per_second = 0;
-      const std::string checkpoint = (out / ("checkpoint_" + std::to_string(b) + "bits.safetensors")).string();
-      for (int epoch = 1; epoch <= settings.epochs; ++epoch) {
-        cli::Progress progress(detail::concat(b, " bits, epoch ", epoch, "/", settings.epochs));
-        EpochReport report;
-        try {
-          report = trainer.train_epoch([&](int64_t done, int64_t total, double loss, double ips) {
-            char figures[96];
-            std::snprintf(figures, sizeof figures, "loss %.4f  %.0f img/s", loss, ips);
-            progress.update(done, total, figures);
-          });
-        } catch (const TrainingDiverged& e) {
-          MDFF_FAIL(e.what(), ". The last good checkpoint is ",
-                    fs::exists(checkpoint) ? checkpoint : std::string("(none: it failed in the first epoch)"));
-        }
-        images_per_second = report.images_per_second;
-        json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
-                   {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
-        if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {
-          const auto q = retrieval::pack_codes(retrieval::encode(model, dataset, split.query, settings.batch, 256));
-          const auto d = retrieval::pack_codes(retrieval::encode(model, dataset, monitor_rows, settings.batch, 256));
-          const double m = retrieval::evaluate(q, query_labels, d, monitor_labels, dataset.classes, map_at, {100}).map;
-          entry["monitor_map"] = m;
-          std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f), mAP against %zu database images %.4f\n",
-                      epoch, report.loss, report.j1, report.j2, report.j3, monitor_rows.size(), m);
-        } else {
-          std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)\n", epoch, report.loss, report.j1, report.j2,
-                      report.j3);
-        }
-        history.push_back(entry);
-        NamedTensors state = model.named_parameters();
-        for (auto& named : model.named_buffers()) state.push_back(named);
-        io::save_safetensors(checkpoint, state, {{"config", config.dump()}, {"bits", std::to_string(b)},
-                                                 {"epoch", std::to_string(epoch)}});
-      }
-      const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-
-      cli::Progress encoding(detail::concat(b, " bits, encoding the database"));
-      const Tensor uq = retrieval::encode(model, dataset, split.query, settings.batch, 256);
-      const Tensor ud = retrieval::encode(model, dataset, split.database, settings.batch, 256,
-                                          [&](int64_t done, int64_t total) { encoding.update(done, total, "images"); });
-      const retrieval::PackedCodes queries = retrieval::pack_codes(uq), database = retrieval::pack_codes(ud);
-      const retrieval::RetrievalMetrics m =
-          retrieval::evaluate(queries, query_labels, database, database_labels, dataset.classes, map_at, pn_at);
+      const auto [queries, database] = train_and_encode(run, b, history);
+      const retrieval::RetrievalMetrics m = retrieval::evaluate(queries, run.query_labels, database,
+                                                                run.database_labels, dataset.classes, run.map_at, run.pn_at);
 
       const fs::path codes_dir = out / "codes" / std::to_string(b);
       fs::create_directories(codes_dir);
       retrieval::write_npy_codes((codes_dir / "query.npy").string(), queries);
       retrieval::write_npy_codes((codes_dir / "database.npy").string(), database);
       const int64_t nq = static_cast<int64_t>(split.query.size()), nd = static_cast<int64_t>(split.database.size());
-      retrieval::write_npy((codes_dir / "query_labels.npy").string(), query_labels, {nq, dataset.classes});
-      retrieval::write_npy((codes_dir / "database_labels.npy").string(), database_labels, {nd, dataset.classes});
+      retrieval::write_npy((codes_dir / "query_labels.npy").string(), run.query_labels, {nq, dataset.classes});
+      retrieval::write_npy((codes_dir / "database_labels.npy").string(), run.database_labels, {nd, dataset.classes});
       write_figure4((out / ("figure4_" + std::to_string(b) + "bits.png")).string(), dataset, split, queries, database);
 
       table.push_back({b, m.map, m.precision_h2, precision_at(m, 1000)});
       json entry = metrics_json(m);
+      double train_seconds = 0, train_images = 0;
+      for (const json& epoch : history) {
+        train_seconds += epoch.at("seconds").get<double>();
+        train_images += epoch.at("seconds").get<double>() * epoch.at("images_per_second").get<double>();
+      }
       entry["train_seconds"] = train_seconds;
-      entry["train_images_per_second"] = images_per_second;
+      entry["train_images_per_second"] = train_seconds > 0 ? train_images / train_seconds : 0;
       entry["history"] = history;
       results[std::to_string(b)] = entry;
-      std::ofstream(out / "metrics.json") << json{{"dataset", dataset.name}, {"code_lengths", results}}.dump(2) << "\n";
+      write_text_atomic((out / "metrics.json").string(),
+                        json{{"dataset", dataset.name}, {"code_lengths", results}}.dump(2) + "\n");
 
       pr_series.push_back({std::to_string(b) + " bits", m.pr_recall, m.pr_precision});
       pn_series.push_back({std::to_string(b) + " bits", std::vector<double>(m.pn_at.begin(), m.pn_at.end()),
@@ -411,7 +642,11 @@ int main(int argc, char** argv) {
                   std::isnan(row.precision_1000) ? "-" : detail::concat(row.precision_1000).substr(0, 6).c_str(),
                   std::isnan(paper) ? "-" : detail::concat(paper).c_str());
     }
-    std::printf("mAP is mAP@%s; results in %s\n", map_at < 0 ? "ALL" : "5000", out.c_str());
+    std::printf("mAP is mAP@%s; results in %s\n", run.map_at < 0 ? "ALL" : "5000", out.c_str());
+  } catch (const Interrupted& i) {
+    std::fprintf(stderr, "\ntrain_mdff: interrupted; the checkpoint %s holds the run so far. Continue it with:\n"
+                 "  train_mdff --resume %s\n", i.checkpoint.c_str(), out.c_str());
+    return 130;
   } catch (const Error& e) {
     std::fprintf(stderr, "train_mdff: error: %s\n", e.what());
     return 1;

@@ -17,6 +17,7 @@ namespace {
 struct Augmentation {
   bool flip = false;
   double crop_y = 0.5, crop_x = 0.5;  // where the crop window sits in [0,1) of its free range (0.5: centred)
+  int shift_y = 0, shift_x = 0;       // translation: output pixel (y,x) shows source pixel (y+shift_y, x+shift_x)
 };
 
 // Image `row` as a (1,3,h,w) float tensor with values in [0,1].
@@ -65,14 +66,18 @@ void prepare_image(const Tensor& x, const BatchOptions& options, const Augmentat
   } else {
     resized = resize_to(x, size, size);
   }
+  top += aug.shift_y;
+  left += aug.shift_x;
   const int64_t height = resized.size(2), width = resized.size(3);
   const float* src = resized.data<float>();
   for (int c = 0; c < 3; ++c) {
     for (int64_t y = 0; y < size; ++y) {
-      const float* line = src + (c * height + top + y) * width + left;
+      const int64_t y_in = top + y;
       float* dst = out + (c * size + y) * size;
       for (int64_t x_out = 0; x_out < size; ++x_out) {
-        const float v = line[aug.flip ? size - 1 - x_out : x_out];
+        const int64_t x_in = left + (aug.flip ? size - 1 - x_out : x_out);
+        const bool inside = y_in >= 0 && y_in < height && x_in >= 0 && x_in < width;
+        const float v = inside ? src[(c * height + y_in) * width + x_in] : 0.0f;
         dst[x_out] = (v - kImageNetMean[c]) / kImageNetStd[c];
       }
     }
@@ -86,6 +91,7 @@ int64_t count_batches(int64_t rows, const LoaderOptions& o) {
 
 void check_options(const BatchOptions& o) {
   MDFF_CHECK(o.image_size >= 1, "batch options: image_size must be positive, got ", o.image_size);
+  MDFF_CHECK(o.shift >= 0 && o.shift < o.image_size, "batch options: shift must be in [0, image_size), got ", o.shift);
   MDFF_CHECK(!o.crop_mode || (o.crop >= 1 && o.resize >= o.crop),
              "batch options: crop mode needs 1 <= crop <= resize, "
              "got crop ",
@@ -109,6 +115,10 @@ Batch make_batch(const Dataset& dataset, const std::vector<int64_t>& rows, const
     if (options.train && options.crop_mode) {
       aug.crop_y = rng.uniform();
       aug.crop_x = rng.uniform();
+    }
+    if (options.train && options.shift > 0 && !options.crop_mode) {
+      aug.shift_y = static_cast<int>(rng.below(2 * options.shift + 1)) - options.shift;
+      aug.shift_x = static_cast<int>(rng.below(2 * options.shift + 1)) - options.shift;
     }
   }
 
@@ -157,7 +167,9 @@ BatchLoader::~BatchLoader() {
   worker_.join();
 }
 
-void BatchLoader::start_epoch() {
+void BatchLoader::start_epoch(int64_t skip_batches) {
+  MDFF_CHECK(skip_batches >= 0 && skip_batches <= batches_per_epoch_, "BatchLoader: cannot skip ", skip_batches,
+             " of ", batches_per_epoch_, " batches");
   std::vector<int64_t> order(rows_.size());
   std::iota(order.begin(), order.end(), 0);
   if (options_.batch.train) {
@@ -173,7 +185,7 @@ void BatchLoader::start_epoch() {
   batch_seeds_ = std::move(seeds);
   ++epoch_;
   running_ = true;
-  batches_made_ = batches_taken_ = 0;
+  batches_made_ = batches_taken_ = skip_batches;
   slot_full_ = false;
   slot_ = Batch();
   error_ = nullptr;

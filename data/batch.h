@@ -22,6 +22,8 @@ inline constexpr float kImageNetStd[3] = {0.229f, 0.224f, 0.225f};
 struct BatchOptions {
   int image_size = 32;     // S: images of another size are resized (bilinear) to SxS
   bool flip = false;       // random horizontal flip with probability 1/2 (training only)
+  int shift = 0;           // random translation by up to `shift` pixels each way, uncovered pixels black
+                           //   (torchvision's RandomCrop(S, padding=shift); training only, not in crop mode)
   bool train = false;      // training: augmentations on, and BatchLoader shuffles every epoch
   bool crop_mode = false;  // instead of the resize to image_size (image lists, as DeepHash-pytorch does):
   int resize = 256;        //   resize the shorter side to `resize` (keeping the aspect ratio), then crop
@@ -65,12 +67,17 @@ class BatchLoader {
   BatchLoader(const BatchLoader&) = delete;
   BatchLoader& operator=(const BatchLoader&) = delete;
 
-  // Begins an epoch (abandoning the current one, if any) and starts preparing its first batch.
-  void start_epoch();
+  // Begins an epoch (abandoning the current one, if any) and starts preparing its first batch; with
+  // skip_batches > 0 the epoch continues after that many batches (resuming an interrupted run).
+  void start_epoch(int64_t skip_batches = 0);
   // The next batch of the epoch; false at its end. Rethrows an error raised while preparing the batch
   // (the epoch then ends).
   bool next(Batch& out);
   int64_t batches_per_epoch() const { return batches_per_epoch_; }
+  // The random state that the next start_epoch draws the order and the augmentations from: restoring
+  // it and calling start_epoch repeats that epoch exactly.
+  Rng::State rng_state() const { return rng_.state(); }
+  void set_rng_state(const Rng::State& state) { rng_.set_state(state); }
 
  private:
   void work();  // the background thread

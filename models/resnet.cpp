@@ -19,7 +19,7 @@ std::shared_ptr<Conv2d> kaiming_conv(int in, int out, int kernel, int stride, in
 }
 }  // namespace
 
-Bottleneck::Bottleneck(int in_channels, int width, int stride, Rng& rng) {
+Bottleneck::Bottleneck(int in_channels, int width, int stride, bool zero_init_residual, Rng& rng) {
   const int out = width * kExpansion;
   conv1_ = register_module("conv1", kaiming_conv(in_channels, width, 1, 1, 0, rng));
   bn1_ = register_module("bn1", std::make_shared<BatchNorm2d>(width));
@@ -27,6 +27,7 @@ Bottleneck::Bottleneck(int in_channels, int width, int stride, Rng& rng) {
   bn2_ = register_module("bn2", std::make_shared<BatchNorm2d>(width));
   conv3_ = register_module("conv3", kaiming_conv(width, out, 1, 1, 0, rng));
   bn3_ = register_module("bn3", std::make_shared<BatchNorm2d>(out));
+  if (zero_init_residual) bn3_->weight.fill_(0.0);
   if (stride != 1 || in_channels != out) {
     downsample_ = std::make_shared<Sequential>();
     downsample_->add(kaiming_conv(in_channels, out, 1, stride, 0, rng)).add(std::make_shared<BatchNorm2d>(out));
@@ -49,7 +50,7 @@ ResNet::ResNet(const ResNetConfig& config, Rng& rng) : config_(config) {
     layers_[stage] = std::make_shared<Sequential>();
     for (int b = 0; b < config.blocks[stage]; ++b) {
       const int stride = (stage > 0 && b == 0) ? 2 : 1;
-      layers_[stage]->add(std::make_shared<Bottleneck>(channels, config.widths[stage], stride, rng));
+      layers_[stage]->add(std::make_shared<Bottleneck>(channels, config.widths[stage], stride, config.zero_init_residual, rng));
       channels = config.out_channels(stage);
     }
     register_module("layer" + std::to_string(stage + 1), layers_[stage]);

@@ -16,15 +16,18 @@ struct ResNetConfig {
   std::array<int, 4> widths{64, 128, 256, 512};  // inner width per stage; outputs are 4x this
   int stem = 64;                                 // channels of conv1
   int num_classes = 0;                           // > 0 adds torchvision's `fc` classifier
+  // torchvision's zero_init_residual: each bottleneck's last BN starts with gamma = 0, so every residual
+  // block starts as the identity (Goyal et al. 2017); helps a deep network trained from scratch.
+  bool zero_init_residual = false;
   static ResNetConfig resnet50() { return {}; }
-  static ResNetConfig tiny() { return {{1, 1, 1, 1}, {4, 8, 8, 16}, 8, 0}; }
+  static ResNetConfig tiny() { return {{1, 1, 1, 1}, {4, 8, 8, 16}, 8, 0, false}; }
   int out_channels(int stage) const { return 4 * widths[stage]; }
 };
 
 class Bottleneck : public Layer {
  public:
   static constexpr int kExpansion = 4;
-  Bottleneck(int in_channels, int width, int stride, Rng& rng);
+  Bottleneck(int in_channels, int width, int stride, bool zero_init_residual, Rng& rng);
   Tensor forward(const Tensor& x) override;  // relu(bn3(conv3(...)) + shortcut(x))
 
  private:

@@ -36,7 +36,7 @@ RMSProp::RMSProp(ParameterBuffer& parameters, const RMSPropOptions& options)
   square_avg_ = Tensor::zeros({parameters.numel()}, parameters.values().dtype(), parameters.values().device());
 }
 
-void RMSProp::step() {
+void RMSProp::update() {
   backend_of(parameters_.values())
       .rmsprop_step(parameters_.values(), parameters_.grads(), square_avg_, lr, options_.alpha, options_.eps,
                     options_.weight_decay);
@@ -50,11 +50,10 @@ Sgd::Sgd(ParameterBuffer& parameters, const SgdOptions& options) : Optimizer(par
   momentum_buffer_ = Tensor::zeros({parameters.numel()}, parameters.values().dtype(), parameters.values().device());
 }
 
-void Sgd::step() {
+void Sgd::update() {
   backend_of(parameters_.values())
       .sgd_step(parameters_.values(), parameters_.grads(), momentum_buffer_, lr, options_.momentum,
-                options_.weight_decay, first_step_);
-  first_step_ = false;
+                options_.weight_decay, steps_ == 0);
 }
 
 }  // namespace mdff

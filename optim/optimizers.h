@@ -30,12 +30,23 @@ class Optimizer {
  public:
   explicit Optimizer(ParameterBuffer& parameters) : parameters_(parameters) {}
   virtual ~Optimizer() = default;
-  virtual void step() = 0;  // one update from the gradients in the buffer
+  // One update from the gradients in the buffer.
+  void step() {
+    update();
+    ++steps_;
+  }
   virtual const char* name() const = 0;
-  double lr = 0;            // the learning rate of the next step (schedules change it)
+  // What a checkpoint must keep to continue exactly: the state buffers by name (views, not copies:
+  // copy_ into them to restore) and the number of steps taken.
+  virtual NamedTensors state() = 0;
+  int64_t steps() const { return steps_; }
+  void set_steps(int64_t steps) { steps_ = steps; }
+  double lr = 0;  // the learning rate of the next step (schedules change it)
 
  protected:
+  virtual void update() = 0;
   ParameterBuffer& parameters_;
+  int64_t steps_ = 0;
 };
 
 struct RMSPropOptions {
@@ -46,11 +57,12 @@ struct RMSPropOptions {
 class RMSProp : public Optimizer {
  public:
   RMSProp(ParameterBuffer& parameters, const RMSPropOptions& options);
-  void step() override;
   const char* name() const override { return "rmsprop"; }
+  NamedTensors state() override { return {{"square_avg", square_avg_}}; }
   const Tensor& square_avg() const { return square_avg_; }  // (P) the running mean of g^2
 
  private:
+  void update() override;
   RMSPropOptions options_;
   Tensor square_avg_;
 };
@@ -63,13 +75,13 @@ struct SgdOptions {
 class Sgd : public Optimizer {
  public:
   Sgd(ParameterBuffer& parameters, const SgdOptions& options);
-  void step() override;
   const char* name() const override { return "sgd"; }
+  NamedTensors state() override { return {{"momentum_buffer", momentum_buffer_}}; }
 
  private:
+  void update() override;
   SgdOptions options_;
-  Tensor momentum_buffer_;
-  bool first_step_ = true;
+  Tensor momentum_buffer_;  // (P)
 };
 
 }  // namespace mdff

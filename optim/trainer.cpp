@@ -1,8 +1,12 @@
 // The training loop (see trainer.h).
 #include "optim/trainer.h"
 
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <cmath>
+#include <iomanip>
+#include <sstream>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -25,6 +29,8 @@ Trainer::Trainer(MdffSh& model, const data::Dataset& dataset, std::vector<int64_
   MDFF_CHECK(settings.epochs >= 1 && settings.batch_size >= 2, "training needs epochs >= 1 and a batch size >= 2");
   MDFF_CHECK(settings.optimizer == "rmsprop" || settings.optimizer == "sgd", "unknown optimizer '", settings.optimizer,
              "': use rmsprop or sgd");
+  MDFF_CHECK(settings.warmup_epochs >= 0 && settings.warmup_epochs <= settings.epochs, "warm-up of ",
+             settings.warmup_epochs, " epochs: it must be between 0 and the ", settings.epochs, " epochs of training");
   MDFF_CHECK(settings.schedule == "constant" || settings.schedule == "cosine", "unknown schedule '", settings.schedule,
              "': use constant or cosine");
   const Device device = model.parameters().front().device();
@@ -42,25 +48,36 @@ Trainer::Trainer(MdffSh& model, const data::Dataset& dataset, std::vector<int64_
   else
     optimizer_ = std::make_unique<Sgd>(*parameters_, SgdOptions{settings.lr, settings.momentum, settings.weight_decay});
   total_steps_ = static_cast<int64_t>(settings.epochs) * loader_->batches_per_epoch();
+  epoch_rng_state_ = loader_->rng_state();
 }
 
 double Trainer::scheduled_lr() const {
-  if (settings_.schedule == "constant" || total_steps_ == 0) return settings_.lr;
-  return 0.5 * settings_.lr * (1 + std::cos(M_PI * static_cast<double>(step_) / static_cast<double>(total_steps_)));
+  const auto step = static_cast<double>(optimizer_->steps());
+  const double warmup_steps = settings_.warmup_epochs * static_cast<double>(loader_->batches_per_epoch());
+  const double warmup = step < warmup_steps ? (step + 1) / warmup_steps : 1.0;
+  if (settings_.schedule == "constant" || total_steps_ == 0) return warmup * settings_.lr;
+  return warmup * 0.5 * settings_.lr * (1 + std::cos(M_PI * step / static_cast<double>(total_steps_)));
 }
 
-EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress) {
-  ++epoch_;
+EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress,
+                                 const std::atomic<bool>* stop) {
+  MDFF_CHECK(epochs_done_ < settings_.epochs, "train_epoch: all ", settings_.epochs, " epochs are done");
   model_.train();
-  loader_->start_epoch();
+  if (batches_done_ == 0) {
+    partial_ = EpochReport();
+    partial_.epoch = epochs_done_ + 1;
+    partial_.lr = scheduled_lr();
+  }
+  loader_->set_rng_state(epoch_rng_state_);  // an interrupted epoch repeats its order and augmentations
+  loader_->start_epoch(batches_done_);
   const Device device = model_.parameters().front().device();
-  EpochReport report;
-  report.epoch = epoch_;
-  report.lr = scheduled_lr();
+  const double seconds_before = partial_.seconds;
   const auto start = std::chrono::steady_clock::now();
-  int64_t batches = 0, images = 0;
+  auto seconds_so_far = [&] {
+    return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
   data::Batch batch;
-  while (loader_->next(batch)) {
+  while (!(stop && stop->load()) && loader_->next(batch)) {
     optimizer_->lr = scheduled_lr();
     parameters_->zero_grad();
     const MdffOutput out = model_.forward(batch.images.to(device));
@@ -68,29 +85,101 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
                                       memory_.get(), settings_.loss);
     const double loss = terms.total.item();
     if (!std::isfinite(loss))
-      throw TrainingDiverged(detail::concat("the loss became ", loss, " at epoch ", epoch_, ", step ", batches + 1,
-                                            " (J1 ", terms.j1.item(), ", J2 ", terms.j2.item(), ", J3 ",
-                                            terms.j3.item(), "); lower --lr"));
+      throw TrainingDiverged(detail::concat("the loss became ", loss, " at epoch ", partial_.epoch, ", step ",
+                                            batches_done_ + 1, " (J1 ", terms.j1.item(), ", J2 ", terms.j2.item(),
+                                            ", J3 ", terms.j3.item(), "); lower --lr"));
     terms.total.backward();
     optimizer_->step();
-    ++step_;
-    ++batches;
-    images += batch.images.size(0);
-    report.loss += loss;
-    report.j1 += terms.j1.item();
-    report.j2 += terms.j2.item();
-    report.j3 += terms.j3.item();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (progress) progress(batches, loader_->batches_per_epoch(), report.loss / batches, images / seconds);
+    ++batches_done_;
+    images_done_ += batch.images.size(0);
+    partial_.loss += loss;
+    partial_.j1 += terms.j1.item();
+    partial_.j2 += terms.j2.item();
+    partial_.j3 += terms.j3.item();
+    if (progress) progress(batches_done_, loader_->batches_per_epoch(), partial_.loss / batches_done_,
+                           images_done_ / seconds_so_far());
   }
-  MDFF_CHECK(batches > 0, "the training split has no full batch: use a smaller --batch-size");
-  report.loss /= batches;
-  report.j1 /= batches;
-  report.j2 /= batches;
-  report.j3 /= batches;
-  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  report.images_per_second = images / report.seconds;
+  partial_.seconds = seconds_so_far();
+  EpochReport report = partial_;
+  report.images_per_second = images_done_ / report.seconds;
+  if (batches_done_ < loader_->batches_per_epoch()) {
+    report.complete = false;
+    return report;
+  }
+  MDFF_CHECK(batches_done_ > 0, "the training split has no full batch: use a smaller --batch-size");
+  for (double* sum : {&report.loss, &report.j1, &report.j2, &report.j3}) *sum /= static_cast<double>(batches_done_);
+  ++epochs_done_;
+  batches_done_ = images_done_ = 0;
+  epoch_rng_state_ = loader_->rng_state();  // start_epoch drew this epoch's randomness: the next one's state
   return report;
+}
+
+namespace {
+constexpr const char* kOptimizerPrefix = "optimizer.";
+constexpr const char* kCodesName = "trainer.codes";
+
+std::string rng_state_text(const Rng::State& state) {
+  return detail::concat(state[0], " ", state[1], " ", state[2], " ", state[3]);
+}
+
+Rng::State rng_state_from(const std::string& text) {
+  Rng::State state{};
+  std::istringstream in(text);
+  for (uint64_t& word : state) MDFF_CHECK(static_cast<bool>(in >> word), "checkpoint: bad random state '", text, "'");
+  return state;
+}
+
+// Copies the checkpoint's tensor `name` into `target` (same shape), or fails naming it.
+void restore_tensor(const io::SafetensorsFile& checkpoint, const std::string& name, Tensor& target) {
+  const io::SafetensorsEntry* entry = checkpoint.find(name);
+  MDFF_CHECK(entry, "checkpoint: no tensor '", name, "' (it was not written by train_mdff's trainer, or by an "
+             "older version)");
+  MDFF_CHECK(entry->shape == target.shape(), "checkpoint: '", name, "' has shape ", shape_str(entry->shape),
+             ", expected ", shape_str(target.shape()), " (a different model or training set)");
+  target.copy_(io::to_tensor(*entry, target.dtype()).to(target.device()));
+}
+}  // namespace
+
+void Trainer::save_state(NamedTensors& tensors, std::map<std::string, std::string>& metadata) const {
+  for (const auto& [name, tensor] : optimizer_->state()) tensors.emplace_back(kOptimizerPrefix + name, tensor);
+  tensors.emplace_back(kCodesName, memory_->codes());
+  // Doubles as %.17g text round-trip exactly.
+  auto exact = [](double v) { return detail::concat(std::setprecision(17), v); };
+  metadata["trainer"] = detail::concat(
+      "{\"optimizer\": \"", optimizer_->name(), "\", \"steps\": ", optimizer_->steps(), ", \"epochs_done\": ",
+      epochs_done_, ", \"batches_done\": ", batches_done_, ", \"images_done\": ", images_done_,
+      ", \"epoch_rng_state\": \"", rng_state_text(epoch_rng_state_), "\", \"partial\": [", exact(partial_.loss), ", ",
+      exact(partial_.j1), ", ", exact(partial_.j2), ", ", exact(partial_.j3), ", ", exact(partial_.seconds), ", ",
+      exact(partial_.lr), "]}");
+}
+
+void Trainer::restore_state(const io::SafetensorsFile& checkpoint) {
+  const auto found = checkpoint.metadata.find("trainer");
+  MDFF_CHECK(found != checkpoint.metadata.end(), "checkpoint: no training state (metadata 'trainer')");
+  const nlohmann::json state = nlohmann::json::parse(found->second, nullptr, false);
+  MDFF_CHECK(state.is_object() && state.contains("partial") && state["partial"].size() == 6,
+             "checkpoint: the training state is damaged: ", found->second);
+  MDFF_CHECK(state.value("optimizer", "") == optimizer_->name(), "checkpoint: written by the ",
+             state.value("optimizer", "?"), " optimizer, this run uses ", optimizer_->name());
+  for (auto& [name, tensor] : optimizer_->state()) restore_tensor(checkpoint, kOptimizerPrefix + name, tensor);
+  restore_tensor(checkpoint, kCodesName, memory_->codes());
+  optimizer_->set_steps(state.at("steps").get<int64_t>());
+  epochs_done_ = state.at("epochs_done").get<int>();
+  batches_done_ = state.at("batches_done").get<int64_t>();
+  images_done_ = state.at("images_done").get<int64_t>();
+  MDFF_CHECK(epochs_done_ <= settings_.epochs && batches_done_ < loader_->batches_per_epoch(),
+             "checkpoint: epoch ", epochs_done_, ", batch ", batches_done_, " does not fit this run's ",
+             settings_.epochs, " epochs of ", loader_->batches_per_epoch(), " batches");
+  epoch_rng_state_ = rng_state_from(state.at("epoch_rng_state").get<std::string>());
+  const auto& partial = state["partial"];
+  partial_ = EpochReport();
+  partial_.epoch = epochs_done_ + 1;
+  partial_.loss = partial[0];
+  partial_.j1 = partial[1];
+  partial_.j2 = partial[2];
+  partial_.j3 = partial[3];
+  partial_.seconds = partial[4];
+  partial_.lr = partial[5];
 }
 
 }  // namespace mdff

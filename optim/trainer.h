@@ -2,12 +2,20 @@
 // J = J1 + beta J2 + gamma J3 (with the U matrix of the training images), backward, one optimizer step
 // over the flat parameter buffer, and the learning-rate schedule. It stops with a TrainingDiverged
 // error, naming the epoch and step, the moment the loss is not finite.
+//
+// Exact resume: save_state adds to a checkpoint everything beyond the model that the rest of the run
+// depends on (optimizer buffers and step count, the U matrix, the position in the current epoch, the
+// data order's random state, the running sums of the epoch's losses); restore_state puts it back, and
+// training continues as if it had never stopped (bit for bit on the CPU).
 #pragma once
+#include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
 #include "core/error.h"
+#include "core/safetensors.h"
 #include "data/batch.h"
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
@@ -23,6 +31,7 @@ struct TrainSettings {
   double weight_decay = 1e-5;
   double momentum = 0.9;              // SGD only
   std::string schedule = "constant";  // "constant" | "cosine" (to 0 over all steps)
+  double warmup_epochs = 0;           // the lr rises linearly from lr/steps to lr over these first epochs
   LossConfig loss;
   data::BatchOptions batch;           // augmentation and image size of the training batches
   uint64_t seed = 0;
@@ -36,16 +45,27 @@ struct EpochReport {
   int epoch = 0;               // 1-based
   double loss = 0, j1 = 0, j2 = 0, j3 = 0;  // means over the epoch's batches
   double seconds = 0, images_per_second = 0, lr = 0;
+  bool complete = true;        // false: stopped early on request; the epoch continues at the next call
 };
 
 class Trainer {
  public:
   // `train_rows`: the training images' rows in the dataset; their order is U's row order.
   Trainer(MdffSh& model, const data::Dataset& dataset, std::vector<int64_t> train_rows, const TrainSettings& settings);
-  // One pass over the training images. progress(done, total, running loss, images/s) after each batch.
-  EpochReport train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress = {});
-  int epochs_done() const { return epoch_; }
+  // One pass over the training images (or the rest of an interrupted one). progress(done, total,
+  // running loss, images/s) after each batch. When *stop becomes true, it returns after the current
+  // step with complete = false.
+  EpochReport train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress = {},
+                          const std::atomic<bool>* stop = nullptr);
+  int epochs_done() const { return epochs_done_; }
   const TrainSettings& settings() const { return settings_; }
+
+  // Adds the optimizer's buffers ("optimizer.<name>") and U ("trainer.codes") to `tensors` and the
+  // counters as JSON to metadata["trainer"].
+  void save_state(NamedTensors& tensors, std::map<std::string, std::string>& metadata) const;
+  // The inverse, from a checkpoint that save_state wrote for the same settings; a missing or
+  // mismatched entry is an Error naming it.
+  void restore_state(const io::SafetensorsFile& checkpoint);
 
  private:
   double scheduled_lr() const;
@@ -55,8 +75,14 @@ class Trainer {
   std::unique_ptr<ParameterBuffer> parameters_;
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<PairMemory> memory_;
-  int epoch_ = 0;
-  int64_t step_ = 0, total_steps_ = 0;
+  int epochs_done_ = 0;
+  int64_t total_steps_ = 0;
+  // The epoch in progress (or the next one, when batches_done_ is 0): batches done, the running sums
+  // of its report, and the loader's random state at its start (restored to repeat its order and
+  // augmentations after an interruption).
+  int64_t batches_done_ = 0, images_done_ = 0;
+  EpochReport partial_;
+  Rng::State epoch_rng_state_{};
 };
 
 }  // namespace mdff

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <sys/wait.h>
@@ -187,5 +188,71 @@ TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
   CHECK(checkpoint.find("hash.weight") != nullptr);
   CHECK(checkpoint.find("backbone.layer1.0.bn1.running_mean") != nullptr);
   CHECK(r.output.find("mAP@ALL") != std::string::npos);
+  fs::remove_all(root);
+}
+
+namespace {
+// Every tensor of a checkpoint as its raw bytes, by name.
+std::map<std::string, std::vector<uint8_t>> tensor_bytes(const fs::path& path) {
+  std::map<std::string, std::vector<uint8_t>> tensors;
+  for (const io::SafetensorsEntry& entry : io::load_safetensors(path.string()).entries) tensors[entry.name] = entry.bytes;
+  return tensors;
+}
+}  // namespace
+
+TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterrupted one") {
+  const fs::path root = fs::temp_directory_path() / ("mdff_train_resume_" + std::to_string(::getpid()));
+  const fs::path data = make_dataset(root / "data", 20);
+  // 100 training images in batches of 16: 6 steps an epoch. RMSProp, U (pairs = dataset), shifts and
+  // flips: every piece of state that resuming must restore matters here.
+  const std::string common = "fashion-mnist --data-dir " + data.string() +
+                             " --model tiny --bits 8 --batch-size 16 --scales 1 --queries-per-class 5"
+                             " --train-per-class 10 --epochs 3 --optimizer rmsprop --lr 0.001 --pairs dataset"
+                             " --shift 2 --schedule cosine ";
+  const Run whole = run(common + "--out " + (root / "whole").string());
+  INFO(whole.output);
+  REQUIRE(whole.exit_code == 0);
+
+  const fs::path parts = root / "parts";
+  // Stopped at the end of epoch 1, then in the middle of epoch 3 (6 + 1 steps later).
+  const Run first = run(common + "--out " + parts.string() + " --interrupt-after-steps 6");
+  INFO(first.output);
+  REQUIRE(first.exit_code == 130);
+  CHECK(first.output.find("--resume " + parts.string()) != std::string::npos);
+  const Run second = run("--resume " + parts.string() + " --interrupt-after-steps 7");
+  INFO(second.output);
+  REQUIRE(second.exit_code == 130);
+  CHECK(second.output.find("resuming") != std::string::npos);
+  const Run third = run("--resume " + parts.string());
+  INFO(third.output);
+  REQUIRE(third.exit_code == 0);
+
+  const auto expected = tensor_bytes(root / "whole" / "checkpoint_8bits.safetensors");
+  const auto resumed = tensor_bytes(parts / "checkpoint_8bits.safetensors");
+  CHECK(expected.count("optimizer.square_avg") == 1);
+  CHECK(expected.count("trainer.codes") == 1);
+  REQUIRE(expected.size() == resumed.size());
+  for (const auto& [name, bytes] : expected) {
+    CAPTURE(name);
+    REQUIRE(resumed.count(name) == 1);
+    CHECK(resumed.at(name) == bytes);
+  }
+  const auto metrics_whole = nlohmann::json::parse(std::ifstream(root / "whole" / "metrics.json"));
+  const auto metrics_parts = nlohmann::json::parse(std::ifstream(parts / "metrics.json"));
+  CHECK(metrics_parts["code_lengths"]["8"]["map"] == metrics_whole["code_lengths"]["8"]["map"]);
+  for (int epoch = 0; epoch < 3; ++epoch)
+    for (const char* key : {"loss", "j1", "j2", "j3", "monitor_map"})
+      CHECK(metrics_parts["code_lengths"]["8"]["history"][epoch][key] ==
+            metrics_whole["code_lengths"]["8"]["history"][epoch][key]);
+
+  // A resume that asks for other options is refused naming them; a new run cannot reuse a run's folder.
+  const Run refused = run("--resume " + parts.string() + " --lr 0.5 --epochs 3");
+  CHECK(refused.exit_code == 2);
+  CHECK(refused.output.find("--lr 0.5 here, 0.001 in the run") != std::string::npos);
+  CHECK(refused.output.find("--epochs") == std::string::npos);  // the same value is no difference
+  const Run reused = run(common + "--out " + parts.string());
+  CHECK(reused.exit_code == 2);
+  CHECK(reused.output.find("--resume") != std::string::npos);
+  CHECK(run("--resume " + (root / "nothing").string()).exit_code == 2);
   fs::remove_all(root);
 }
