@@ -45,6 +45,21 @@ std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
   return strides;
 }
 
+// When `in` (broadcast to `out`) is out's trailing dimensions, e.g. a bias (C) against (N,C) or a scalar,
+// its element for output flat index i is in[i % period]: returns that period, else 0.
+int64_t trailing_period(const Shape& in, const Shape& out) {
+  size_t lead = 0;
+  while (lead < in.size() && in[lead] == 1) ++lead;  // leading 1s repeat like missing dimensions
+  const size_t rank = in.size() - lead;
+  if (rank > out.size()) return 0;
+  int64_t period = 1;
+  for (size_t d = 0; d < rank; ++d) {
+    if (in[lead + d] != out[out.size() - rank + d]) return 0;
+    period *= in[lead + d];
+  }
+  return period;
+}
+
 // Offset into a broadcast input of the output element with flat index `flat`.
 int64_t broadcast_offset(int64_t flat, const Shape& out, const std::vector<int64_t>& strides) {
   int64_t offset = 0;
@@ -287,6 +302,28 @@ class CpuBackend final : public Backend {
         return;
       }
       const Shape& shape = out.shape();
+      // Fast paths: one input whole, the other repeating with a period (a scalar, a bias row).
+      const int64_t period_b = a.shape() == shape ? trailing_period(b.shape(), shape) : 0;
+      const int64_t period_a = b.shape() == shape ? trailing_period(a.shape(), shape) : 0;
+      if (period_b == 1 || period_a == 1) {  // a scalar
+        const T scalar = period_b == 1 ? bp[0] : ap[0];
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+        for (int64_t i = 0; i < n; ++i) op_[i] = period_b == 1 ? apply(op, ap[i], scalar) : apply(op, scalar, bp[i]);
+        return;
+      }
+      if (period_b > 0 || period_a > 0) {
+        const int64_t period = period_b > 0 ? period_b : period_a, rows = n / period;
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t base = r * period;
+          if (period_b > 0) {
+            for (int64_t j = 0; j < period; ++j) op_[base + j] = apply(op, ap[base + j], bp[j]);
+          } else {
+            for (int64_t j = 0; j < period; ++j) op_[base + j] = apply(op, ap[j], bp[base + j]);
+          }
+        }
+        return;
+      }
       const auto sa = broadcast_strides(a.shape(), shape), sb = broadcast_strides(b.shape(), shape);
 #pragma omp parallel for schedule(static) if (n > kParallelGrain)
       for (int64_t i = 0; i < n; ++i)

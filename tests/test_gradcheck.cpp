@@ -17,7 +17,9 @@ constexpr double kF32Tolerance = 1e-5;  // relative to the largest output value
 TEST_CASE("elementwise ops with broadcasting") {
   Rng rng(1);
   const std::vector<std::pair<Shape, Shape>> shapes = {
-      {{4, 3, 5, 5}, {1, 3, 1, 1}}, {{8, 16}, {16}}, {{2, 3}, {2, 3}}, {{3, 1}, {1, 4}}};
+      {{4, 3, 5, 5}, {1, 3, 1, 1}}, {{8, 16}, {16}}, {{2, 3}, {2, 3}}, {{3, 1}, {1, 4}},
+      // the CPU backend's fast paths: a scalar on either side, a repeating row on the left
+      {{5, 4}, {}}, {{}, {5, 4}}, {{1, 16}, {8, 16}}};
   for (const auto& [sa, sb] : shapes) {
     CAPTURE(shape_str(sa));
     CAPTURE(shape_str(sb));
