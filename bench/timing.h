@@ -1,4 +1,4 @@
-// Timing and this machine's roofline, shared by the benchmarks: the median time of a call, the SGEMM
+// Timing and this machine's roofline, shared by the benchmarks: medians, the median time of a call, the SGEMM
 // peak (OpenBLAS through core/blas.h) and the memory bandwidth (a STREAM-like triad on every OpenMP
 // thread).
 #pragma once
@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "core/blas.h"
@@ -13,6 +14,12 @@
 #include "core/tensor.h"
 
 namespace mdff::bench {
+
+// The median of `values` (of an even count, the upper of the middle two); values must not be empty.
+inline double median(std::vector<double> values) {
+  std::nth_element(values.begin(), values.begin() + values.size() / 2, values.end());
+  return values[values.size() / 2];
+}
 
 // Median seconds of fn, after one warm-up call, over at least `min_runs` calls and, while fewer than
 // 50, until `budget` seconds have passed.
@@ -27,8 +34,7 @@ inline double median_seconds(const std::function<void()>& fn, int min_runs = 3, 
     fn();
     times.push_back(std::chrono::duration<double>(clock::now() - t0).count());
   }
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
+  return median(std::move(times));
 }
 
 // The best single-precision GEMM rate in GFLOP/s over square products of 512, 1024 and 2048.
