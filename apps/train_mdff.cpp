@@ -2,7 +2,8 @@
 //
 //   train_mdff                      the embedded default: Fashion-MNIST (Debian's dataset-fashion-mnist)
 //   train_mdff cifar10              CIFAR-10 binary from --data-dir (scripts/download_cifar10.sh)
-//   train_mdff LIST.txt --classes K an image list ("path l1 ... lK" per line; NUS-WIDE, MS-COCO)
+//   train_mdff LIST.txt --classes K an image list ("path l1 ... lK" per line; NUS-WIDE, MS-COCO), with
+//                                   --resize 256 --crop 224 for DeepHash-pytorch's resize and crops
 //   train_mdff --resume RUN_DIR     continues an interrupted run exactly where its checkpoint left it
 //
 // Everything goes into the run folder (--out): config.json, the split, a checkpoint per code length
@@ -51,6 +52,7 @@ struct Options {
   std::string optimizer, schedule, device = "auto", model = "resnet50";
   data::SplitSizes split;
   int classes = 0, epochs = 0, image_size = 0, shift = -1, zero_init_residual = -1, monitor_every = 1;
+  int resize = 0, crop = 0;  // crop mode (both > 0) or not (both 0)
   int64_t batch_size = 32, interrupt_after_steps = 0;
   double lr = 0, weight_decay = -1, beta = 0.1, gamma = -1, warmup = -1;
   uint64_t seed = 0;
@@ -85,6 +87,8 @@ void for_each_option(O& o, Visit&& visit) {
   visit("gamma", o.gamma);
   visit("pairs", o.pairs);
   visit("image_size", o.image_size);
+  visit("resize", o.resize);
+  visit("crop", o.crop);
   visit("no_flip", o.no_flip);
   visit("shift", o.shift);
   visit("protocol", o.protocol);
@@ -140,7 +144,8 @@ Recipe recipe_named(const std::string& name) {
   MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
 }
 
-// Fills every option left unset with the recipe's (or the dataset's) default.
+// Fills every option left unset with the recipe's (or the dataset's) default. In crop mode the image size
+// is the crop's (--crop replaces --image-size) and there is no --shift (the random crop moves the image).
 void resolve_defaults(Options& o) {
   if (o.recipe.empty()) o.recipe = o.pretrained.empty() ? "scratch" : "paper";
   const Recipe r = recipe_named(o.recipe);
@@ -152,8 +157,10 @@ void resolve_defaults(Options& o) {
   if (o.weight_decay < 0) o.weight_decay = r.weight_decay;
   if (o.pairs.empty()) o.pairs = r.pairs;
   if (o.gamma < 0) o.gamma = r.gamma;
-  if (o.image_size == 0) o.image_size = r.image_size;
-  if (o.shift < 0) o.shift = r.shift;
+  MDFF_CHECK(o.crop == 0 || o.image_size == 0, "--crop replaces --image-size (the model sees the crop): give one "
+             "of them");
+  if (o.image_size == 0) o.image_size = o.crop > 0 ? o.crop : r.image_size;
+  if (o.shift < 0) o.shift = o.crop > 0 ? 0 : r.shift;
   if (o.scales.empty()) o.scales = r.scales;
   if (o.zero_init_residual < 0) o.zero_init_residual = r.zero_init_residual;
   if (o.bits.empty()) o.bits = o.dataset == "fashion-mnist" ? "48" : "12,24,32,48";
@@ -321,6 +328,15 @@ Plan plan_from(const Options& o) {
   settings.batch.flip = !o.no_flip;
   settings.batch.shift = o.shift;
   MDFF_CHECK(o.shift < o.image_size, "--shift ", o.shift, " must be smaller than the image size ", o.image_size);
+  settings.batch.crop_mode = o.crop > 0;
+  settings.batch.resize = o.resize;
+  settings.batch.crop = o.crop;
+  MDFF_CHECK((o.resize > 0) == (o.crop > 0), "--resize and --crop go together (crop mode: the shorter side resized "
+             "to --resize, then a --crop square cut out): give both or neither");
+  MDFF_CHECK(o.crop <= o.resize, "--crop ", o.crop, " is larger than --resize ", o.resize,
+             ": the crop is cut from the image resized to --resize");
+  MDFF_CHECK(o.crop == 0 || o.shift == 0, "--shift translates --image-size images; crop mode (--resize, --crop) "
+             "takes random crops instead: leave --shift out");
   settings.seed = o.seed;
   plan.bits = cli::parse_list<int>(o.bits, "--bits");
   for (int b : plan.bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
@@ -503,7 +519,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1));
   app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale, the paper's) or 1 "
                  "(recipe's default)");
-  app.add_option("--image-size", o.image_size, "images are resized to this (recipe's default: 32)")->check(CLI::Range(16, 1024));
+  app.add_option("--image-size", o.image_size, "images are resized to this square (recipe's default: 32); --crop "
+                 "replaces it")->check(CLI::Range(16, 1024));
+  app.add_option("--resize", o.resize, "crop mode, with --crop (DeepHash-pytorch's 256 for NUS-WIDE and MS-COCO): "
+                 "the shorter side of each image is resized to this, keeping the aspect ratio")->check(CLI::Range(16, 1024));
+  app.add_option("--crop", o.crop, "crop mode, with --resize (DeepHash-pytorch's 224): the model sees a random "
+                 "square of this size of the resized image in training, the centre one in evaluation; replaces "
+                 "--image-size")->check(CLI::Range(16, 1024));
   app.add_flag("--no-flip", o.no_flip, "no random horizontal flips of training images");
   app.add_option("--shift", o.shift, "random translation of training images by up to this many pixels each way, "
                  "uncovered pixels black (recipe's default)")->check(CLI::Range(0, 1023));
@@ -572,7 +594,8 @@ int main(int argc, char** argv) {
     write_text_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
     Run run{o, plan, out, dataset, split, config};
-    run.map_at = dataset.multi_label ? 5000 : -1;
+    // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
+    run.map_at = dataset.multi_label ? std::min<int64_t>(5000, static_cast<int64_t>(split.database.size())) : -1;
     run.pn_at = retrieval::default_pn_at(static_cast<int64_t>(split.database.size()));
     run.query_labels = labels_of(dataset, split.query);
     run.database_labels = labels_of(dataset, split.database);

@@ -37,11 +37,12 @@ const json& config_value(const json& config, const char* key, bool (json::*is_ki
   return value;
 }
 
-int positive_int(const json& config, const char* key, const std::string& path) {
+// config[key] as an int >= lowest.
+int int_at_least(const json& config, const char* key, int lowest, const std::string& path) {
   const json& value = config_value(config, key, &json::is_number_integer, "a whole number", path);
   const int64_t number = value.get<int64_t>();
-  MDFF_CHECK(number >= 1 && number <= std::numeric_limits<int>::max(), path, ": \"", key,
-             "\" in the checkpoint's \"config\" metadata is ", number, ", not a positive int");
+  MDFF_CHECK(number >= lowest && number <= std::numeric_limits<int>::max(), path, ": \"", key,
+             "\" in the checkpoint's \"config\" metadata is ", number, ", not an int >= ", lowest);
   return static_cast<int>(number);
 }
 
@@ -110,8 +111,16 @@ LoadedCheckpoint load_model_checkpoint(const std::string& path) {
 
   LoadedCheckpoint loaded;
   loaded.backbone = config_value(config, "model", &json::is_string, "a string", path).get<std::string>();
-  loaded.classes = positive_int(config, "classes", path);
-  loaded.batch.image_size = positive_int(config, "image_size", path);
+  loaded.classes = int_at_least(config, "classes", 1, path);
+  loaded.batch.image_size = int_at_least(config, "image_size", 1, path);
+  // Crop mode (train_mdff --resize R --crop C); both 0, or absent in runs from before these options, for
+  // the plain resize to image_size.
+  loaded.batch.resize = config.contains("resize") ? int_at_least(config, "resize", 0, path) : 0;
+  loaded.batch.crop = config.contains("crop") ? int_at_least(config, "crop", 0, path) : 0;
+  loaded.batch.crop_mode = loaded.batch.crop > 0;
+  MDFF_CHECK((loaded.batch.resize > 0) == loaded.batch.crop_mode && loaded.batch.crop <= loaded.batch.resize, path,
+             ": the checkpoint's \"config\" metadata has \"resize\" ", loaded.batch.resize, " and \"crop\" ",
+             loaded.batch.crop, "; crop mode needs 1 <= crop <= resize, and both are 0 without it");
   const std::string taps = config_value(config, "taps", &json::is_string, "a string", path).get<std::string>();
   std::vector<double> scales;
   for (const json& s : config_value(config, "scales", &json::is_array, "an array of numbers", path)) {

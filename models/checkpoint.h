@@ -32,15 +32,17 @@ void load_model_state(Module& model, const io::SafetensorsFile& file, const std:
 
 struct LoadedCheckpoint {
   std::unique_ptr<MdffSh> model;  // on the CPU, in evaluation mode
-  data::BatchOptions batch;       // how to prepare its input: the run's image size, no augmentation
+  data::BatchOptions batch;       // how to prepare its input: the run's image size or crop mode (the centre
+                                  //   crop), no augmentation
   int classes = 0;                // K, the classifier's outputs (the training dataset's labels)
   std::string backbone;           // "resnet50" or "tiny"
 };
 
 // Reads a checkpoint written by train_mdff and returns its model. The metadata must hold "bits" and
-// "config" with "model", "classes", "taps", "scales" and "image_size"; every parameter and buffer of that
-// model must be in the file with its shape (load_model_state). Each error names the file and the tensor
-// or metadata key.
+// "config" with "model", "classes", "taps", "scales" and "image_size", and may hold "resize" and "crop"
+// (crop mode when both are positive; absent from runs before train_mdff had them); every parameter and
+// buffer of that model must be in the file with its shape (load_model_state). Each error names the file
+// and the tensor or metadata key.
 LoadedCheckpoint load_model_checkpoint(const std::string& path);
 
 }  // namespace mdff

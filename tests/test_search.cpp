@@ -1,7 +1,8 @@
 // Image search (mdff_search and what it is built from): the code database file's round trip and its
 // refusal of damaged files, load_model_checkpoint on a checkpoint saved the way train_mdff saves one
-// (the same outputs, exactly; clear errors for what is missing), the top-k and radius searches on
-// hand-made codes, and the built program run as a user runs it on generated PNG images.
+// (the same outputs, exactly; its input options, crop mode included; clear errors for what is missing or
+// wrong), the top-k and radius searches on hand-made codes, and the built program run as a user runs it
+// on generated PNG images.
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 #include <sys/wait.h>
@@ -326,6 +327,7 @@ TEST_CASE("load_model_checkpoint rebuilds the model train_mdff saved and reprodu
     CHECK(loaded.classes == 3);
     CHECK(loaded.backbone == "tiny");
     CHECK(loaded.batch.image_size == 32);
+    CHECK_FALSE(loaded.batch.crop_mode);  // a config without "resize" and "crop" (a run from before them)
     CHECK_FALSE(loaded.batch.train);
     CHECK_FALSE(loaded.model->is_training());
     CHECK(loaded.model->config().bits == 12);
@@ -344,6 +346,17 @@ TEST_CASE("load_model_checkpoint rebuilds the model train_mdff saved and reprodu
     fresh.eval();
     CHECK(fresh.forward(images).u.to_vector() != expected.u.to_vector());
   }
+  // crop mode (train_mdff --resize 40 --crop 32): the loaded options give the centre crop
+  json cropped = tiny_config(3, "all", {1});
+  cropped["resize"] = 40;
+  cropped["crop"] = 32;
+  const std::string path = temp_path("tiny_crop.safetensors").string();
+  save_tiny_checkpoint(path, cropped, 8, 7);
+  const LoadedCheckpoint loaded = load_model_checkpoint(path);
+  CHECK(loaded.batch.crop_mode);
+  CHECK(loaded.batch.resize == 40);
+  CHECK(loaded.batch.crop == 32);
+  CHECK_FALSE(loaded.batch.train);
 }
 
 TEST_CASE("load_model_checkpoint names what is missing or does not match") {
@@ -377,6 +390,12 @@ TEST_CASE("load_model_checkpoint names what is missing or does not match") {
   refused("bad_scales", set_config("scales", json::array({1, "half"})), "\"scales\" in the checkpoint's \"config\" "
           "metadata holds \"half\"");
   refused("classes", set_config("classes", 0), "\"classes\" in the checkpoint's \"config\" metadata is 0");
+  refused("crop_kind", set_config("crop", "224"), "\"crop\" in the checkpoint's \"config\" metadata is \"224\"");
+  refused("crop_alone", set_config("crop", 32), "has \"resize\" 0 and \"crop\" 32; crop mode needs 1 <= crop <= resize");
+  refused("crop_too_big", [&](Entries& e, Metadata& m) {
+    set_config("resize", 24)(e, m);
+    set_config("crop", 32)(e, m);
+  }, "has \"resize\" 24 and \"crop\" 32");
   refused("missing", [](Entries& e, Metadata&) {
     e.erase(std::find_if(e.begin(), e.end(), [](const auto& x) { return x.name == "hash.weight"; }));
   }, "the checkpoint has no tensor 'hash.weight', which a tiny MDFF-SH (8 bits, 3 classes, taps all) needs");
