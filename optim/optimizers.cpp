@@ -1,6 +1,8 @@
 // Flat parameter buffers and the optimizers' updates (see optimizers.h).
 #include "optim/optimizers.h"
 
+#include <malloc.h>
+
 #include "core/backend.h"
 #include "core/error.h"
 
@@ -25,6 +27,9 @@ ParameterBuffer::ParameterBuffer(const NamedTensors& parameters) : named_(parame
     p.set_grad(grads_.view_range(offset, p.shape()));
     offset += p.numel();
   }
+  // The parameters' former storage was just freed: hand it back to the system rather than keep it
+  // resident next to its copy (ResNet50's 114 MB and the allocator's slack; measured by bench_model).
+  malloc_trim(0);
 }
 
 RMSProp::RMSProp(ParameterBuffer& parameters, const RMSPropOptions& options)
