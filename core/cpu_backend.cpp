@@ -94,10 +94,14 @@ T stable_sigmoid(T x) {
 // ---- im2col / col2im over a group of samples ----
 // cols (C*kh*kw, g*Ho*Wo): row (c,ki,kj), column (sample j, oh, ow) holds x[n0+j, c, oh*s-p+ki, ow*s-p+kj]
 // (0 outside the image).
+// kh, kw and the padding describe the kernel taps that can reach the input (see geometry()); the
+// weight has full_kh x full_kw taps, of which those start at (tap_row, tap_col).
 struct ConvGeometry {
-  int64_t n, c, h, w, cout, kh, kw, ho, wo, stride, pad;
+  int64_t n, c, h, w, cout, kh, kw, ho, wo, stride, pad_h, pad_w;
+  int64_t full_kh, full_kw, tap_row, tap_col;
   int64_t k() const { return c * kh * kw; }
   int64_t p() const { return ho * wo; }
+  bool cropped() const { return kh != full_kh || kw != full_kw; }
 };
 
 template <class T>
@@ -110,14 +114,14 @@ void im2col(const T* x, const ConvGeometry& g, int64_t n0, int64_t count, T* col
     for (int64_t j = 0; j < count; ++j) {
       const T* src = x + ((n0 + j) * g.c + c) * g.h * g.w;
       for (int64_t oh = 0; oh < g.ho; ++oh) {
-        const int64_t ih = oh * g.stride - g.pad + ki;
+        const int64_t ih = oh * g.stride - g.pad_h + ki;
         T* out = row + j * plane + oh * g.wo;
         if (ih < 0 || ih >= g.h) {
           std::fill(out, out + g.wo, T(0));
           continue;
         }
         for (int64_t ow = 0; ow < g.wo; ++ow) {
-          const int64_t iw = ow * g.stride - g.pad + kj;
+          const int64_t iw = ow * g.stride - g.pad_w + kj;
           out[ow] = (iw >= 0 && iw < g.w) ? src[ih * g.w + iw] : T(0);
         }
       }
@@ -138,11 +142,11 @@ void col2im_add(const T* cols, const ConvGeometry& g, int64_t n0, int64_t count,
         for (int64_t j = 0; j < count; ++j) {
           T* dst = grad_x + ((n0 + j) * g.c + c) * g.h * g.w;
           for (int64_t oh = 0; oh < g.ho; ++oh) {
-            const int64_t ih = oh * g.stride - g.pad + ki;
+            const int64_t ih = oh * g.stride - g.pad_h + ki;
             if (ih < 0 || ih >= g.h) continue;
             const T* in = row + j * plane + oh * g.wo;
             for (int64_t ow = 0; ow < g.wo; ++ow) {
-              const int64_t iw = ow * g.stride - g.pad + kj;
+              const int64_t iw = ow * g.stride - g.pad_w + kj;
               if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] += in[ow];
             }
           }
@@ -181,12 +185,65 @@ void matrix_to_samples(const T* src, int64_t count, int64_t channels, int64_t pl
   }
 }
 
+// The taps [first, last) of a kernel of size k that read the input (size in) for some output position
+// (out positions); the others only ever meet padding.
+std::pair<int64_t, int64_t> useful_taps(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad) {
+  int64_t first = k, last = 0;
+  for (int64_t t = 0; t < k; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t i = o * stride - pad + t;
+      if (i >= 0 && i < in) {
+        first = std::min(first, t);
+        last = std::max(last, t + 1);
+      }
+    }
+  return first < last ? std::pair{first, last} : std::pair{int64_t{0}, k};
+}
+
+// The convolution as computed: taps that only ever meet padding are dropped (with the padding reduced
+// to match), because they multiply zeros. At 32x32 input, ResNet50's 3x3 convolutions on 1x1 maps keep
+// only the centre tap (a ninth of the work) and those on 2x2 maps with stride 2 keep 2x2 taps.
 ConvGeometry geometry(const Tensor& x, const Tensor& weight, const Conv2dParams& p) {
   ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                 0, 0, p.stride, p.padding};
-  g.ho = (g.h + 2 * g.pad - g.kh) / g.stride + 1;
-  g.wo = (g.w + 2 * g.pad - g.kw) / g.stride + 1;
+                 0, 0, p.stride, p.padding, p.padding, weight.size(2), weight.size(3), 0, 0};
+  g.ho = (g.h + 2 * p.padding - g.full_kh) / g.stride + 1;
+  g.wo = (g.w + 2 * p.padding - g.full_kw) / g.stride + 1;
+  const auto [row0, row1] = useful_taps(g.h, g.ho, g.full_kh, g.stride, p.padding);
+  const auto [col0, col1] = useful_taps(g.w, g.wo, g.full_kw, g.stride, p.padding);
+  g.kh = row1 - row0;
+  g.kw = col1 - col0;
+  g.tap_row = row0;
+  g.tap_col = col0;
+  g.pad_h = p.padding - row0;
+  g.pad_w = p.padding - col0;
   return g;
+}
+
+// Copies between the full weight (Cout, C, full_kh, full_kw) and its useful taps (Cout, C, kh, kw):
+// to_taps gathers them, !to_taps writes them back and zeroes the others.
+template <class T>
+void copy_taps(const ConvGeometry& g, T* full, T* taps, bool to_taps) {
+  const int64_t planes = g.cout * g.c;
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    T* f = full + pl * g.full_kh * g.full_kw;
+    T* t = taps + pl * g.kh * g.kw;
+    if (!to_taps) std::fill(f, f + g.full_kh * g.full_kw, T(0));
+    for (int64_t r = 0; r < g.kh; ++r)
+      for (int64_t q = 0; q < g.kw; ++q) {
+        T& full_tap = f[(g.tap_row + r) * g.full_kw + g.tap_col + q];
+        if (to_taps) t[r * g.kw + q] = full_tap;
+        else full_tap = t[r * g.kw + q];
+      }
+  }
+}
+
+// The weight's useful taps, contiguous: the weight itself when nothing was dropped.
+template <class T>
+const T* useful_weight(const ConvGeometry& g, const T* weight, std::vector<T>& storage) {
+  if (!g.cropped()) return weight;
+  storage.resize(static_cast<size_t>(g.cout * g.k()));
+  copy_taps(g, const_cast<T*>(weight), storage.data(), true);
+  return storage.data();
 }
 
 template <class T>
@@ -194,7 +251,8 @@ void conv2d_forward_impl(const Tensor& x, const Tensor& weight, const Tensor& bi
                          const Tensor& y) {
   const ConvGeometry g = geometry(x, weight, p);
   const T* xp = ptr<T>(x);
-  const T* wp = ptr<T>(weight);
+  std::vector<T> taps;
+  const T* wp = useful_weight(g, ptr<T>(weight), taps);
   const T* bp = bias.defined() ? ptr<T>(bias) : nullptr;
   T* yp = ptr<T>(y);
   const int64_t group = samples_per_group(g, sizeof(T));
@@ -214,8 +272,14 @@ void conv2d_backward_impl(const Tensor& x, const Tensor& weight, const Tensor& g
                           const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) {
   const ConvGeometry g = geometry(x, weight, p);
   const T* xp = ptr<T>(x);
-  const T* wp = ptr<T>(weight);
+  std::vector<T> taps, grad_taps;
+  const T* wp = useful_weight(g, ptr<T>(weight), taps);
   const T* gyp = ptr<T>(grad_y);
+  T* gw = nullptr;  // the gradient of the useful taps: grad_weight itself unless taps were dropped
+  if (grad_weight.defined()) {
+    if (g.cropped()) grad_taps.resize(static_cast<size_t>(g.cout * g.k()));
+    gw = g.cropped() ? grad_taps.data() : ptr<T>(grad_weight);
+  }
   const int64_t group = samples_per_group(g, sizeof(T));
   std::vector<T> cols(static_cast<size_t>(g.k() * group * g.p()));
   std::vector<T> gy_matrix(static_cast<size_t>(g.cout * group * g.p()));
@@ -227,7 +291,7 @@ void conv2d_backward_impl(const Tensor& x, const Tensor& weight, const Tensor& g
       im2col(xp, g, n0, count, cols.data());
       // dW (Cout, K) (+)= dY (Cout, count*P) x cols^T (count*P, K)
       blas::gemm(false, true, g.cout, g.k(), width, T(1), gy_matrix.data(), width, cols.data(), width,
-                n0 == 0 ? T(0) : T(1), ptr<T>(grad_weight), g.k());
+                n0 == 0 ? T(0) : T(1), gw, g.k());
     }
     if (grad_x.defined()) {
       // dcols (K, count*P) = W^T (K, Cout) x dY (Cout, count*P), then scattered back onto the pixels
@@ -236,6 +300,7 @@ void conv2d_backward_impl(const Tensor& x, const Tensor& weight, const Tensor& g
       col2im_add(cols.data(), g, n0, count, ptr<T>(grad_x));
     }
   }
+  if (grad_weight.defined() && g.cropped()) copy_taps(g, ptr<T>(grad_weight), gw, false);  // dropped taps: 0
   if (grad_bias.defined()) {
     T* gb = ptr<T>(grad_bias);
     for (int64_t co = 0; co < g.cout; ++co) {

@@ -99,6 +99,10 @@ TEST_CASE("conv2d in ResNet50's configurations") {
       {"1x1 stride 1 with bias (lateral)", {2, 6, 4, 3}, {5, 6, 1, 1}, 1, 0, true},
       {"1x1 stride 2 (shortcut)", {2, 4, 7, 6}, {6, 4, 1, 1}, 2, 0, false},
       {"3x3 on a 1x1 map", {4, 3, 1, 1}, {2, 3, 3, 3}, 1, 1, true},
+      // taps that only meet padding are dropped by the CPU backend: these keep 2x2, 1x1 and 3x1 of 3x3
+      {"3x3 stride 2 on a 2x2 map", {2, 3, 2, 2}, {4, 3, 3, 3}, 2, 1, false},
+      {"3x3 stride 2 on a 1x1 map", {2, 3, 1, 1}, {4, 3, 3, 3}, 2, 1, false},
+      {"3x3 on a 2x1 map", {2, 3, 2, 1}, {4, 3, 3, 3}, 1, 1, true},
   };
   Rng rng(7);
   for (const Case& c : cases) {

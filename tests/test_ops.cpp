@@ -34,6 +34,41 @@ TEST_CASE("conv2d values") {
   check_close(ops::conv2d(x, Tensor::full({1, 1, 1, 1}, 2.0, DType::F64), Tensor(), 2, 0), {2, 6, 14, 18});
 }
 
+TEST_CASE("conv2d equals a direct convolution, also where some taps meet only padding") {
+  // The CPU backend drops the taps that only ever read padding (3x3 on 1x1 and 2x1 maps, stride 2 on
+  // 2x2): the result must still be the convolution by its definition.
+  struct Case {
+    Shape x, w;
+    int stride, padding;
+  };
+  Rng rng(11);
+  for (const Case& c : {Case{{2, 3, 1, 1}, {4, 3, 3, 3}, 1, 1}, Case{{2, 3, 2, 2}, {4, 3, 3, 3}, 2, 1},
+                        Case{{2, 3, 2, 1}, {4, 3, 3, 3}, 1, 1}, Case{{1, 2, 5, 4}, {3, 2, 3, 3}, 2, 1}}) {
+    CAPTURE(shape_str(c.x));
+    const Tensor x = Tensor::randn(c.x, rng).to(DType::F64), w = Tensor::randn(c.w, rng).to(DType::F64);
+    const Tensor y = ops::conv2d(x, w, Tensor(), c.stride, c.padding);
+    const std::vector<double> xv = x.to_vector(), wv = w.to_vector();
+    const int64_t n = c.x[0], ci = c.x[1], h = c.x[2], wd = c.x[3], co = c.w[0], k = c.w[2];
+    const int64_t ho = y.size(2), wo = y.size(3);
+    std::vector<double> expected;
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t o = 0; o < co; ++o)
+        for (int64_t oh = 0; oh < ho; ++oh)
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            double sum = 0;
+            for (int64_t i = 0; i < ci; ++i)
+              for (int64_t ki = 0; ki < k; ++ki)
+                for (int64_t kj = 0; kj < k; ++kj) {
+                  const int64_t ih = oh * c.stride - c.padding + ki, iw = ow * c.stride - c.padding + kj;
+                  if (ih >= 0 && ih < h && iw >= 0 && iw < wd)
+                    sum += xv[((b * ci + i) * h + ih) * wd + iw] * wv[((o * ci + i) * k + ki) * k + kj];
+                }
+            expected.push_back(sum);
+          }
+    check_close(y, expected);
+  }
+}
+
 TEST_CASE("batch_norm2d: batch statistics, PyTorch's running-statistics update, evaluation") {
   // channel 0 holds 1..4, channel 1 holds 10, 10, 30, 30 (N=2, H=1, W=2)
   const Tensor x = t64({1, 2, 10, 10, 3, 4, 30, 30}, {2, 2, 1, 2});
