@@ -90,16 +90,19 @@ bool reset_peak_rss() {
 }
 
 // The FLOPs of one call of fn, as the profiler counts them (2 x multiply-adds of convolutions and
-// matrix products).
+// matrix products). A profile the user asked for (MDFF_PROFILE=1) keeps running and keeps its records.
 double count_flops(const std::function<void()>& fn) {
-  profiler::reset();
+  auto recorded = [] {
+    double flops = 0;
+    for (const profiler::Entry& e : profiler::entries()) flops += e.flops;
+    return flops;
+  };
+  const bool was_enabled = profiler::enabled();
+  const double before = recorded();
   profiler::enable(true);
   fn();
-  profiler::enable(false);
-  double flops = 0;
-  for (const profiler::Entry& e : profiler::entries()) flops += e.flops;
-  profiler::reset();
-  return flops;
+  profiler::enable(was_enabled);
+  return recorded() - before;
 }
 
 // tools/torch_model_bench.py as a child process: one JSON line each way per command.

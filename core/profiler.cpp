@@ -406,7 +406,7 @@ nlohmann::json to_json() {
 namespace {
 
 // MDFF_PROFILE set (to anything but "" or "0"): profiling from start-up, and at exit the table, with
-// each kernel's share of the process's wall time, on stderr.
+// each kernel's share of the process's wall time, on stderr: 40 rows, or N rows for MDFF_PROFILE=N > 1.
 struct ProfileFromEnvironment {
   const bool requested = [] {
     const char* value = std::getenv("MDFF_PROFILE");
@@ -420,8 +420,9 @@ struct ProfileFromEnvironment {
   ~ProfileFromEnvironment() {
     if (!requested) return;
     const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+    const long rows = std::strtol(std::getenv("MDFF_PROFILE"), nullptr, 10);
     std::fprintf(stderr, "\nmdff profiler (MDFF_PROFILE), share of the process's %.3f s:\n%s", wall,
-                 profiler::table(wall).c_str());
+                 profiler::table(wall, rows > 1 ? static_cast<size_t>(rows) : 40).c_str());
   }
 };
 const ProfileFromEnvironment profile_from_environment;
