@@ -50,8 +50,9 @@ constexpr double kGradientTolerance = 1e-8;    // every parameter gradient
 // of one 1e-13 perturbation is a single sample of that chaotic amplification: when the CPU convolution
 // started dropping the taps that only meet padding (a different summation order), the engine's drift
 // went from under 10x to 10.5x that sample at the third step (4.2e-3 vs 4.0e-4), while the step-0
-// forward and gradients still agree to 1e-8. The factor is 30.
-constexpr double kTrajectoryTolerance = 1e-8, kTrajectoryFactor = 30;
+// forward and gradients still agree to 1e-8. The factor is 20: about twice the measured need, for
+// another machine's summation order.
+constexpr double kTrajectoryTolerance = 1e-8, kTrajectoryFactor = 20;
 // float32: error(engine32, torch64) <= kFloat32Factor * error(torch32, torch64) + kFloat32Floor
 constexpr double kFloat32Factor = 4, kFloat32Floor = 1e-5;
 
