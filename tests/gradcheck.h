@@ -32,8 +32,10 @@ struct CheckOptions {
 
 // Whole networks have thousands of ReLU and max-pool kinks, and a step of 1e-4 crosses some of them
 // (errors up to 0.1 measured on the tiny MDFF-SH); at 1e-6 none are crossed and the error is
-// round-off bound (5e-5 measured, growing 100x at 1e-8). A 1% error in a backward still shows as 1e-2.
-constexpr CheckOptions kNetworkCheck{1e-6, 1e-4, 6};
+// round-off bound: 5e-5 measured, 1.3e-4 once the CPU convolution dropped the taps that only meet
+// padding (another summation order; its analytic gradients equal the full computation's to 3e-12),
+// growing 100x at 1e-8. The tolerance is 3e-4; a 1% error in a backward still shows as 1e-2.
+constexpr CheckOptions kNetworkCheck{1e-6, 3e-4, 6};
 
 // Largest error over all checked elements, each relative to the larger of |analytic|, |numeric| and
 // 1e-3 x the largest numeric gradient of that input (so tiny gradients are not judged by noise).

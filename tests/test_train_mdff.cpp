@@ -415,10 +415,18 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   const auto metrics_whole = nlohmann::json::parse(std::ifstream(root / "whole" / "metrics.json"));
   const auto metrics_parts = nlohmann::json::parse(std::ifstream(parts / "metrics.json"));
   CHECK(metrics_parts["code_lengths"]["8"]["map"] == metrics_whole["code_lengths"]["8"]["map"]);
+  const auto& history_whole = metrics_whole["code_lengths"]["8"]["history"];
+  const auto& history_parts = metrics_parts["code_lengths"]["8"]["history"];
+  REQUIRE(history_whole.size() == 3);
+  REQUIRE(history_parts.size() == 3);
+  CHECK(history_whole[1].contains("monitor_map"));  // the learning curve: every 2 epochs and at the end
+  CHECK(history_whole[2].contains("monitor_map"));
   for (int epoch = 0; epoch < 3; ++epoch)
-    for (const char* key : {"loss", "j1", "j2", "j3", "monitor_map"})
-      CHECK(metrics_parts["code_lengths"]["8"]["history"][epoch][key] ==
-            metrics_whole["code_lengths"]["8"]["history"][epoch][key]);
+    for (const char* key : {"loss", "j1", "j2", "j3", "monitor_map"}) {
+      CAPTURE(epoch);
+      CAPTURE(key);
+      CHECK(history_parts[epoch].value(key, nlohmann::json()) == history_whole[epoch].value(key, nlohmann::json()));
+    }
 
   // A resume that asks for other options is refused naming them; a new run cannot reuse a run's folder.
   const Run refused = run("--resume " + parts.string() + " --lr 0.5 --epochs 3");
