@@ -5,7 +5,6 @@
 // on generated PNG images.
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -22,18 +21,12 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "core/safetensors.h"
+#include "tests/run_program.h"
 #include "models/checkpoint.h"
 #include "retrieval/code_db.h"
 #include "tests/temp_folder.h"
 
-// The tests write their images with stb_image_write; static, so it cannot clash with the library's copy.
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STB_IMAGE_WRITE_STATIC
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include <stb/stb_image_write.h>
-#pragma GCC diagnostic pop
+#include "tests/stb_image_write_static.h"
 
 using namespace mdff;
 using namespace mdff::retrieval;
@@ -125,21 +118,9 @@ std::unique_ptr<MdffSh> save_tiny_checkpoint(const std::string& path, const json
   return model;
 }
 
-struct Run {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
+using test::Run;
 
-Run run(const std::string& arguments) {
-  const std::string command = std::string(MDFF_SEARCH_BINARY) + " " + arguments + " 2>&1";
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
-  REQUIRE(pipe);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe.get())) output.append(buffer, n);
-  const int status = pclose(pipe.release());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
+Run run(const std::string& arguments) { return test::run_program(MDFF_SEARCH_BINARY, arguments); }
 
 // A 24x24 picture of its own for each i: a coloured background and a bright square placed by i.
 std::vector<uint8_t> picture(int i) {

@@ -15,9 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <memory>
 #include <numeric>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <string>
 #include <vector>
@@ -25,6 +23,7 @@
 #include "core/autograd.h"
 #include "core/ops.h"
 #include "core/safetensors.h"
+#include "tests/run_program.h"
 #include "data/batch.h"
 #include "data/protocol.h"
 #include "models/checkpoint.h"
@@ -32,35 +31,16 @@
 #include "retrieval/npy.h"
 #include "tests/temp_folder.h"
 
-// The tests write their images with stb_image_write; static, so it cannot clash with the library's copy.
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STB_IMAGE_WRITE_STATIC
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include <stb/stb_image_write.h>
-#pragma GCC diagnostic pop
+#include "tests/stb_image_write_static.h"
 
 using namespace mdff;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Run {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
+using test::Run;
 
-Run run(const std::string& arguments) {
-  const std::string command = std::string(TRAIN_MDFF_BINARY) + " " + arguments + " 2>&1";
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
-  REQUIRE(pipe);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe.get())) output.append(buffer, n);
-  const int status = pclose(pipe.release());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
+Run run(const std::string& arguments) { return test::run_program(TRAIN_MDFF_BINARY, arguments); }
 
 void write_idx_gz(const fs::path& path, const std::vector<uint32_t>& dims, const std::vector<uint8_t>& values) {
   std::vector<uint8_t> bytes{0, 0, 0x08, static_cast<uint8_t>(dims.size())};
