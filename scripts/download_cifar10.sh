@@ -12,6 +12,7 @@ folder="${1:-$repo_root/data}"
 archive="$folder/cifar-10-binary.tar.gz"
 
 fail() { echo "download_cifar10: $*" >&2; rm -f "$archive.part"; exit 1; }
+source "$(dirname "$0")/fetch.sh"
 md5_of() { md5sum "$1" | cut -d' ' -f1; }
 
 command -v md5sum >/dev/null || fail "md5sum is missing (Debian package coreutils)"
@@ -23,15 +24,7 @@ if [[ -f "$archive" && "$(md5_of "$archive")" == "$md5_expected" ]]; then
 else
   echo "download_cifar10: downloading $url (about 163 MB) into $folder"
   partial="$archive.part"
-  if command -v curl >/dev/null; then
-    curl --fail --location --retry 3 --output "$partial" "$url" ||
-      fail "the download failed (no internet access?); you can fetch $url by other means and put it in $folder"
-  elif command -v wget >/dev/null; then
-    wget --tries=3 --output-document="$partial" "$url" ||
-      fail "the download failed (no internet access?); you can fetch $url by other means and put it in $folder"
-  else
-    fail "neither curl nor wget is installed (Debian: apt-get install curl)"
-  fi
+  fetch_url "$url" "$partial" "you can fetch $url by other means and put it in $folder"
   md5_actual="$(md5_of "$partial")"
   if [[ "$md5_actual" != "$md5_expected" ]]; then
     rm -f "$partial"

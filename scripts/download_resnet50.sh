@@ -13,6 +13,7 @@ file="$(realpath -m "${1:-$repo_root/data/resnet50.tv_in1k.safetensors}")"
 partial="$file.part"
 
 fail() { echo "download_resnet50: $*" >&2; rm -f "$partial"; exit 1; }
+source "$(dirname "$0")/fetch.sh"
 
 command -v sha256sum >/dev/null || fail "sha256sum is missing (Debian package coreutils)"
 mkdir -p "$(dirname "$file")" || fail "cannot create the folder $(dirname "$file")"
@@ -21,16 +22,7 @@ if [[ -f "$file" ]]; then
   echo "download_resnet50: $file is already here (delete it to download it again)"
 else
   echo "download_resnet50: downloading $url (about 102 MB)"
-  by_other_means="you can fetch $url by other means and save it as $file"
-  if command -v curl >/dev/null; then
-    curl --fail --location --retry 3 --output "$partial" "$url" ||
-      fail "the download failed (no internet access?); $by_other_means"
-  elif command -v wget >/dev/null; then
-    wget --tries=3 --output-document="$partial" "$url" ||
-      fail "the download failed (no internet access?); $by_other_means"
-  else
-    fail "neither curl nor wget is installed (Debian: apt-get install curl); $by_other_means"
-  fi
+  fetch_url "$url" "$partial" "you can fetch $url by other means and save it as $file"
   mv "$partial" "$file"
 fi
 
