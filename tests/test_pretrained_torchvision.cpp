@@ -15,17 +15,16 @@
 // executable is skipped with the reason (exit 77), except in CI, which installs them.
 #include <doctest/doctest.h>
 
-#include <algorithm>
 #include <array>
 #include <utility>
 #include <vector>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
 #include "core/autograd.h"
 #include "core/safetensors.h"
+#include "tests/reference_tensors.h"
 #include "models/mdff.h"
 #include "models/pretrained.h"
 #include "tests/temp_folder.h"
@@ -37,22 +36,8 @@ namespace {
 constexpr double kFloat64Tolerance = 1e-10;  // max |engine - torchvision| / max |torchvision|, float64
 constexpr double kFloat32Tolerance = 2e-4;   // the same in float32 (see above)
 
-Tensor reference(const io::SafetensorsFile& file, const std::string& name, DType dtype) {
-  const io::SafetensorsEntry* entry = file.find(name);
-  REQUIRE_MESSAGE(entry, "the reference file has no tensor ", name);
-  return io::to_tensor(*entry, dtype);
-}
-
-double relative_error(const Tensor& engine, const Tensor& expected) {
-  REQUIRE_MESSAGE(engine.shape() == expected.shape(), shape_str(engine.shape()), " vs ", shape_str(expected.shape()));
-  const std::vector<double> a = engine.to_vector(), b = expected.to_vector();
-  double diff = 0, scale = 1e-30;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(a[i] - b[i]));
-    scale = std::max(scale, std::abs(b[i]));
-  }
-  return diff / scale;
-}
+using test::reference_tensor;
+using test::relative_error;
 
 }  // namespace
 
@@ -91,14 +76,14 @@ TEST_CASE("torchvision's ResNet50 weights give torchvision's C3, C4 and C5 in MD
 
     model.eval();
     NoGradGuard no_grad;
-    const ResNetTaps taps = model.backbone().forward_taps(reference(expected, "input", dtype));
+    const ResNetTaps taps = model.backbone().forward_taps(reference_tensor(expected, "input", dtype));
     const double tolerance = dtype == DType::F64 ? kFloat64Tolerance : kFloat32Tolerance;
     const std::vector<std::pair<std::string, Tensor>> outputs_of{{"c3", taps.c3}, {"c4", taps.c4}, {"c5", taps.c5}};
     for (const auto& [name, engine] : outputs_of) {
-      const Tensor torchvision = reference(expected, name, DType::F64);
+      const Tensor torchvision = reference_tensor(expected, name, DType::F64);
       const double error = relative_error(engine, torchvision);
       MESSAGE(type, " ", name, ": max relative error ", error, " (PyTorch's own float32: ",
-              relative_error(reference(expected, name + "_f32", DType::F64), torchvision), ")");
+              relative_error(reference_tensor(expected, name + "_f32", DType::F64), torchvision), ")");
       CHECK_MESSAGE(error < tolerance, type, " ", name);
     }
   }

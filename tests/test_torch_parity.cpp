@@ -29,6 +29,7 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "tests/reference_tensors.h"
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
 #include "optim/optimizers.h"
@@ -105,23 +106,7 @@ json to_json(const Case& k, const std::string& backbone_name) {
           {"float32_check", k.float32_check}, {"trajectory_sensitivity", k.trajectory_sensitivity}};
 }
 
-Tensor entry(const io::SafetensorsFile& file, const std::string& name, DType dtype = DType::F32) {
-  const io::SafetensorsEntry* e = file.find(name);
-  REQUIRE_MESSAGE(e, "the case file has no tensor ", name);
-  return io::to_tensor(*e, dtype);
-}
-
-double relative_error(const Tensor& engine, const Tensor& reference) {
-  REQUIRE_MESSAGE(engine.shape() == reference.shape(), "shape ", shape_str(engine.shape()), " vs ",
-                  shape_str(reference.shape()));
-  const std::vector<double> a = engine.to_vector(), b = reference.to_vector();
-  double diff = 0, scale = 1e-30;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(a[i] - b[i]));
-    scale = std::max(scale, std::abs(b[i]));
-  }
-  return diff / scale;
-}
+using test::relative_error;
 
 // A model of the case's configuration in `dtype` holding the case's initial weights.
 std::unique_ptr<MdffSh> model_from(const io::SafetensorsFile& file, const Case& k, DType dtype) {
@@ -129,7 +114,7 @@ std::unique_ptr<MdffSh> model_from(const io::SafetensorsFile& file, const Case& 
   auto model = std::make_unique<MdffSh>(k.model, rng);
   model->to(dtype);
   for (const NamedTensors& named : {model->named_parameters(), model->named_buffers()})
-    for (auto [name, t] : named) t.copy_(entry(file, "init/" + name, dtype));
+    for (auto [name, t] : named) t.copy_(test::reference_tensor(file, "init/" + name, dtype));
   return model;
 }
 
@@ -138,7 +123,7 @@ std::pair<double, std::string> worst_gradient(const MdffSh& model, const io::Saf
                                               const std::string& prefix) {
   std::pair<double, std::string> worst{0.0, ""};
   for (const auto& [name, p] : model.named_parameters()) {
-    const double e = relative_error(p.grad(), entry(file, prefix + name, DType::F64));
+    const double e = relative_error(p.grad(), test::reference_tensor(file, prefix + name, DType::F64));
     if (e > worst.first) worst = {e, name};
   }
   return worst;
@@ -152,15 +137,15 @@ std::pair<double, std::string> worst_gradient(const MdffSh& model, const io::Saf
 void check_float32(const io::SafetensorsFile& file, const Case& k) {
   const std::unique_ptr<MdffSh> model = model_from(file, k, DType::F32);
   ParameterBuffer parameters(model->named_parameters());
-  PairMemory memory(entry(file, "input/train_labels"), k.model.bits);
-  memory.codes().copy_(entry(file, "input/U"));
-  const MdffOutput out = model->forward(entry(file, "input/images"));
+  PairMemory memory(test::reference_tensor(file, "input/train_labels"), k.model.bits);
+  memory.codes().copy_(test::reference_tensor(file, "input/U"));
+  const MdffOutput out = model->forward(test::reference_tensor(file, "input/images"));
   const LossTerms terms =
-      mdff_loss(out.u, out.logits, entry(file, "input/labels"), entry(file, "input/index", DType::I32), &memory, k.loss);
+      mdff_loss(out.u, out.logits, test::reference_tensor(file, "input/labels"), test::reference_tensor(file, "input/index", DType::I32), &memory, k.loss);
   terms.total.backward();
   auto errors = [&](const Tensor& engine, const std::string& name, const std::string& prefix32) {
-    const Tensor reference = entry(file, name, DType::F64);
-    return std::pair<double, double>{relative_error(engine, reference), relative_error(entry(file, prefix32), reference)};
+    const Tensor reference = test::reference_tensor(file, name, DType::F64);
+    return std::pair<double, double>{relative_error(engine, reference), relative_error(test::reference_tensor(file, prefix32), reference)};
   };
   std::string report = "float32 error against float64 (engine / PyTorch):";
   for (auto [name, t] : std::vector<std::pair<std::string, Tensor>>{
@@ -194,10 +179,10 @@ void check_case(const io::SafetensorsFile& file, const std::string& what) {
   const std::unique_ptr<MdffSh> model = model_from(file, k, DType::F64);
   ParameterBuffer parameters(model->named_parameters());
   RMSProp optimizer(parameters, k.optimizer);
-  const Tensor images = entry(file, "input/images", DType::F64), labels = entry(file, "input/labels", DType::F64);
-  const Tensor index = entry(file, "input/index", DType::I32);
-  PairMemory memory(entry(file, "input/train_labels", DType::F64), k.model.bits);
-  memory.codes().copy_(entry(file, "input/U", DType::F64));
+  const Tensor images = test::reference_tensor(file, "input/images", DType::F64), labels = test::reference_tensor(file, "input/labels", DType::F64);
+  const Tensor index = test::reference_tensor(file, "input/index", DType::I32);
+  PairMemory memory(test::reference_tensor(file, "input/train_labels", DType::F64), k.model.bits);
+  memory.codes().copy_(test::reference_tensor(file, "input/U", DType::F64));
 
   std::vector<double> totals;
   for (int step = 0; step <= k.steps; ++step) {
@@ -208,25 +193,25 @@ void check_case(const io::SafetensorsFile& file, const std::string& what) {
     if (step == k.steps) break;
     terms.total.backward();
     if (step == 0) {
-      CHECK(relative_error(out.u, entry(file, "ref/u", DType::F64)) < kForwardTolerance);
-      CHECK(relative_error(out.logits, entry(file, "ref/logits", DType::F64)) < kForwardTolerance);
+      CHECK(relative_error(out.u, test::reference_tensor(file, "ref/u", DType::F64)) < kForwardTolerance);
+      CHECK(relative_error(out.logits, test::reference_tensor(file, "ref/logits", DType::F64)) < kForwardTolerance);
       for (auto [name, t] : std::vector<std::pair<const char*, Tensor>>{
                {"j1", terms.j1}, {"j2", terms.j2}, {"j3", terms.j3}, {"total", terms.total}}) {
         CAPTURE(name);
-        CHECK(relative_error(t, entry(file, std::string("ref/") + name, DType::F64)) < kForwardTolerance);
+        CHECK(relative_error(t, test::reference_tensor(file, std::string("ref/") + name, DType::F64)) < kForwardTolerance);
       }
       const auto [worst, where] = worst_gradient(*model, file, "grad/");
       CHECK_MESSAGE(worst < kGradientTolerance, "largest gradient error ", worst, " in ", where);
       for (const auto& [name, b] : model->named_buffers()) {
         CAPTURE(name);
-        CHECK(relative_error(b, entry(file, "running/" + name, DType::F64)) < kForwardTolerance);
+        CHECK(relative_error(b, test::reference_tensor(file, "running/" + name, DType::F64)) < kForwardTolerance);
       }
     }
     optimizer.step();
   }
-  const std::vector<double> reference = entry(file, "ref/losses", DType::F64).to_vector();
+  const std::vector<double> reference = test::reference_tensor(file, "ref/losses", DType::F64).to_vector();
   const std::vector<double> perturbed =
-      k.trajectory_sensitivity ? entry(file, "ref/losses_perturbed", DType::F64).to_vector() : reference;
+      k.trajectory_sensitivity ? test::reference_tensor(file, "ref/losses_perturbed", DType::F64).to_vector() : reference;
   REQUIRE(reference.size() == totals.size());
   for (size_t s = 0; s < totals.size(); ++s) {
     CAPTURE(s);
@@ -238,7 +223,7 @@ void check_case(const io::SafetensorsFile& file, const std::string& what) {
   if (k.record_final)
     for (const auto& [name, p] : model->named_parameters()) {
       CAPTURE(name);
-      CHECK(relative_error(p, entry(file, "final/" + name, DType::F64)) < kForwardTolerance);
+      CHECK(relative_error(p, test::reference_tensor(file, "final/" + name, DType::F64)) < kForwardTolerance);
     }
   if (k.float32_check) check_float32(file, k);
 }
