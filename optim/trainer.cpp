@@ -3,10 +3,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <chrono>
 #include <cmath>
-#include <iomanip>
-#include <sstream>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -118,17 +117,6 @@ namespace {
 constexpr const char* kOptimizerPrefix = "optimizer.";
 constexpr const char* kCodesName = "trainer.codes";
 
-std::string rng_state_text(const Rng::State& state) {
-  return detail::concat(state[0], " ", state[1], " ", state[2], " ", state[3]);
-}
-
-Rng::State rng_state_from(const std::string& text) {
-  Rng::State state{};
-  std::istringstream in(text);
-  for (uint64_t& word : state) MDFF_CHECK(static_cast<bool>(in >> word), "checkpoint: bad random state '", text, "'");
-  return state;
-}
-
 // Copies the checkpoint's tensor `name` into `target` (same shape), or fails naming it.
 void restore_tensor(const io::SafetensorsFile& checkpoint, const std::string& name, Tensor& target) {
   const io::SafetensorsEntry* entry = checkpoint.find(name);
@@ -143,43 +131,46 @@ void restore_tensor(const io::SafetensorsFile& checkpoint, const std::string& na
 void Trainer::save_state(NamedTensors& tensors, std::map<std::string, std::string>& metadata) const {
   for (const auto& [name, tensor] : optimizer_->state()) tensors.emplace_back(kOptimizerPrefix + name, tensor);
   tensors.emplace_back(kCodesName, memory_->codes());
-  // Doubles as %.17g text round-trip exactly.
-  auto exact = [](double v) { return detail::concat(std::setprecision(17), v); };
-  metadata["trainer"] = detail::concat(
-      "{\"optimizer\": \"", optimizer_->name(), "\", \"steps\": ", optimizer_->steps(), ", \"epochs_done\": ",
-      epochs_done_, ", \"batches_done\": ", batches_done_, ", \"images_done\": ", images_done_,
-      ", \"epoch_rng_state\": \"", rng_state_text(epoch_rng_state_), "\", \"partial\": [", exact(partial_.loss), ", ",
-      exact(partial_.j1), ", ", exact(partial_.j2), ", ", exact(partial_.j3), ", ", exact(partial_.seconds), ", ",
-      exact(partial_.lr), "]}");
+  // nlohmann::json writes doubles with 17 significant digits and 64-bit integers whole: both round-trip.
+  metadata["trainer"] = nlohmann::json{
+      {"optimizer", optimizer_->name()},
+      {"steps", optimizer_->steps()},
+      {"epochs_done", epochs_done_},
+      {"batches_done", batches_done_},
+      {"images_done", images_done_},
+      {"epoch_rng_state", epoch_rng_state_},
+      {"partial", {partial_.loss, partial_.j1, partial_.j2, partial_.j3, partial_.seconds, partial_.lr}}}.dump();
 }
 
 void Trainer::restore_state(const io::SafetensorsFile& checkpoint) {
   const auto found = checkpoint.metadata.find("trainer");
   MDFF_CHECK(found != checkpoint.metadata.end(), "checkpoint: no training state (metadata 'trainer')");
-  const nlohmann::json state = nlohmann::json::parse(found->second, nullptr, false);
-  MDFF_CHECK(state.is_object() && state.contains("partial") && state["partial"].size() == 6,
-             "checkpoint: the training state is damaged: ", found->second);
-  MDFF_CHECK(state.value("optimizer", "") == optimizer_->name(), "checkpoint: written by the ",
-             state.value("optimizer", "?"), " optimizer, this run uses ", optimizer_->name());
-  for (auto& [name, tensor] : optimizer_->state()) restore_tensor(checkpoint, kOptimizerPrefix + name, tensor);
-  restore_tensor(checkpoint, kCodesName, memory_->codes());
-  optimizer_->set_steps(state.at("steps").get<int64_t>());
-  epochs_done_ = state.at("epochs_done").get<int>();
-  batches_done_ = state.at("batches_done").get<int64_t>();
-  images_done_ = state.at("images_done").get<int64_t>();
-  MDFF_CHECK(epochs_done_ <= settings_.epochs && batches_done_ < loader_->batches_per_epoch(),
-             "checkpoint: epoch ", epochs_done_, ", batch ", batches_done_, " does not fit this run's ",
-             settings_.epochs, " epochs of ", loader_->batches_per_epoch(), " batches");
-  epoch_rng_state_ = rng_state_from(state.at("epoch_rng_state").get<std::string>());
-  const auto& partial = state["partial"];
-  partial_ = EpochReport();
-  partial_.epoch = epochs_done_ + 1;
-  partial_.loss = partial[0];
-  partial_.j1 = partial[1];
-  partial_.j2 = partial[2];
-  partial_.j3 = partial[3];
-  partial_.seconds = partial[4];
-  partial_.lr = partial[5];
+  try {
+    const nlohmann::json state = nlohmann::json::parse(found->second);
+    MDFF_CHECK(state.value("optimizer", "") == optimizer_->name(), "checkpoint: written by the ",
+               state.value("optimizer", "?"), " optimizer, this run uses ", optimizer_->name());
+    for (auto& [name, tensor] : optimizer_->state()) restore_tensor(checkpoint, kOptimizerPrefix + name, tensor);
+    restore_tensor(checkpoint, kCodesName, memory_->codes());
+    optimizer_->set_steps(state.at("steps").get<int64_t>());
+    epochs_done_ = state.at("epochs_done").get<int>();
+    batches_done_ = state.at("batches_done").get<int64_t>();
+    images_done_ = state.at("images_done").get<int64_t>();
+    MDFF_CHECK(epochs_done_ <= settings_.epochs && batches_done_ < loader_->batches_per_epoch(),
+               "checkpoint: epoch ", epochs_done_, ", batch ", batches_done_, " does not fit this run's ",
+               settings_.epochs, " epochs of ", loader_->batches_per_epoch(), " batches");
+    epoch_rng_state_ = state.at("epoch_rng_state").get<Rng::State>();
+    const std::array<double, 6> partial = state.at("partial").get<std::array<double, 6>>();
+    partial_ = EpochReport();
+    partial_.epoch = epochs_done_ + 1;
+    partial_.loss = partial[0];
+    partial_.j1 = partial[1];
+    partial_.j2 = partial[2];
+    partial_.j3 = partial[3];
+    partial_.seconds = partial[4];
+    partial_.lr = partial[5];
+  } catch (const nlohmann::json::exception& e) {
+    MDFF_FAIL("checkpoint: the training state (metadata 'trainer') is damaged: ", e.what());
+  }
 }
 
 }  // namespace mdff

@@ -417,5 +417,13 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   CHECK(reused.exit_code == 2);
   CHECK(reused.output.find("--resume") != std::string::npos);
   CHECK(run("--resume " + (root / "nothing").string()).exit_code == 2);
+  // A checkpoint whose training state is damaged is an error naming it, not a crash.
+  const fs::path checkpoint = parts / "checkpoint_8bits.safetensors";
+  io::SafetensorsFile file = io::load_safetensors(checkpoint.string());
+  file.metadata["trainer"] = "{\"optimizer\": \"rmsprop\", \"steps\": \"many\"}";
+  io::save_safetensors_entries(checkpoint.string(), file.entries, file.metadata);
+  const Run damaged = run("--resume " + parts.string());
+  CHECK(damaged.exit_code == 1);
+  CHECK(damaged.output.find("training state (metadata 'trainer') is damaged") != std::string::npos);
   fs::remove_all(root);
 }
