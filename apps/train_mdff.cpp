@@ -419,7 +419,8 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const
     load_model_state(model, file, checkpoint);
     trainer.restore_state(file);
     const auto found = file.metadata.find("history");
-    history = found == file.metadata.end() ? json::array() : json::parse(found->second);
+    history = found == file.metadata.end() ? json::array() : json::parse(found->second, nullptr, false);
+    MDFF_CHECK(history.is_array(), checkpoint, ": the learning history (metadata 'history') is damaged");
     std::printf("%d bits: resuming from %s after %d of %d epochs\n", bits, checkpoint.c_str(), trainer.epochs_done(),
                 settings.epochs);
   }
@@ -677,7 +678,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "\ntrain_mdff: interrupted; the checkpoint %s holds the run so far. Continue it with:\n"
                  "  train_mdff --resume %s\n", i.checkpoint.c_str(), out.c_str());
     return 130;
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // mdff::Error, and the file system's errors (a folder it cannot create)
     std::fprintf(stderr, "train_mdff: error: %s\n", e.what());
     return 1;
   }

@@ -191,6 +191,10 @@ TEST_CASE("a missing dataset exits 1 naming where it looked") {
   CHECK(r.exit_code == 1);
   CHECK(r.output.find(dir.string()) != std::string::npos);
   CHECK(r.output.find("download_cifar10.sh") != std::string::npos);
+  // an output folder that cannot be made is an error naming it, not an uncaught exception
+  const Run no_folder = run("--out /proc/mdff_cannot_exist/run");
+  CHECK(no_folder.exit_code == 1);
+  CHECK(no_folder.output.find("/proc/mdff_cannot_exist/run") != std::string::npos);
 }
 
 TEST_CASE("a diverging run stops naming the step and the last good checkpoint; --config is read") {
