@@ -70,10 +70,6 @@ std::string absolute_path(const std::string& path) { return fs::absolute(path).l
 // JSON text for a person or a program; file names that are not valid UTF-8 get U+FFFD instead of an error.
 std::string json_text(const json& value) { return value.dump(2, ' ', false, json::error_handler_t::replace) + "\n"; }
 
-void write_text(const std::string& path, const std::string& text) {
-  io::write_file_atomic(path, {{text.data(), text.size()}});
-}
-
 // ---- index and query ----
 
 // The image files under `folder` (recursively) with a .png, .jpg, .jpeg or .bmp name, any case, sorted.
@@ -234,7 +230,7 @@ int run_query(const QueryOptions& o) {
       grid.push_back(std::move(row));
     }
   }
-  if (!o.json.empty()) write_text(o.json, json_text(report));
+  if (!o.json.empty()) io::write_file_atomic(o.json, json_text(report));
   if (!o.grid.empty()) retrieval::write_retrieval_grid_png(o.grid, grid);
   return 0;
 }
@@ -396,7 +392,7 @@ json bench_numpy(const BenchOptions& o, const retrieval::PackedCodes& database, 
   const TempFolder folder;
   const fs::path script = folder.path / "bench.py", db_npy = folder.path / "database.npy",
                  queries_npy = folder.path / "queries.npy", out = folder.path / "numpy.json";
-  write_text(script.string(), kNumpyScript);
+  io::write_file_atomic(script.string(), kNumpyScript);
   write_codes_npy(db_npy.string(), database);
   write_codes_npy(queries_npy.string(), queries);
   const std::string command = detail::concat(shell_quote(o.python), " ", shell_quote(script.string()), " ",
@@ -468,7 +464,7 @@ int run_bench(const BenchOptions& o) {
       return 1;
     }
   }
-  if (!o.json.empty()) write_text(o.json, json_text(report));
+  if (!o.json.empty()) io::write_file_atomic(o.json, json_text(report));
   return 0;
 }
 

@@ -363,10 +363,6 @@ extern "C" void request_stop(int) {
   if (stop_requested.exchange(true)) std::_Exit(130);
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  io::write_file_atomic(path, {{text.data(), text.size()}});
-}
-
 struct Interrupted {
   std::string checkpoint;  // the checkpoint to resume from
 };
@@ -599,7 +595,7 @@ int main(int argc, char** argv) {
     json config = options_json(o);
     config["device"] = device_name(plan.device);
     config["out"] = out.string();
-    write_text_atomic((out / "config.json").string(), config.dump(2) + "\n");
+    io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
     Run run{o, plan, out, dataset, split, config};
     // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
@@ -650,7 +646,7 @@ int main(int argc, char** argv) {
       entry["train_images_per_second"] = train_seconds > 0 ? train_images / train_seconds : 0;
       entry["history"] = history;
       results[std::to_string(b)] = entry;
-      write_text_atomic((out / "metrics.json").string(),
+      io::write_file_atomic((out / "metrics.json").string(),
                         json{{"dataset", dataset.name}, {"code_lengths", results}}.dump(2) + "\n");
 
       pr_series.push_back({std::to_string(b) + " bits", m.pr_recall, m.pr_precision});

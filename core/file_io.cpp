@@ -54,6 +54,10 @@ void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& pie
   file.commit();
 }
 
+void write_file_atomic(const std::string& path, const std::string& text) {
+  write_file_atomic(path, {{text.data(), text.size()}});
+}
+
 std::vector<uint8_t> read_file(const std::string& path) {
   FileDescriptor file;
   file.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

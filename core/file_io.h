@@ -49,6 +49,8 @@ struct ByteSpan {
 };
 
 void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& pieces);
+// The same for one piece of text (JSON, SVG, a script).
+void write_file_atomic(const std::string& path, const std::string& text);
 
 // The whole contents of the file at `path`.
 std::vector<uint8_t> read_file(const std::string& path);

@@ -117,7 +117,7 @@ void write_retrieval_grid_png(const std::string& path, const std::vector<GridRow
   };
   MDFF_CHECK(stbi_write_png_to_func(append, &png, canvas.width, canvas.height, 3, canvas.rgb.data(), canvas.width * 3),
              "cannot write ", path, ": PNG encoding of the ", canvas.height, " x ", canvas.width, " grid failed");
-  io::write_file_atomic(path, {{png.data(), png.size()}});
+  io::write_file_atomic(path, png);
 }
 
 }  // namespace mdff::retrieval

@@ -165,7 +165,7 @@ std::string line_plot_svg(const std::string& title, const std::string& x_label, 
 void write_line_plot_svg(const std::string& path, const std::string& title, const std::string& x_label,
                          const std::string& y_label, const std::vector<PlotSeries>& series) {
   const std::string svg = line_plot_svg(title, x_label, y_label, series);
-  io::write_file_atomic(path, {{svg.data(), svg.size()}});
+  io::write_file_atomic(path, svg);
 }
 
 }  // namespace mdff::retrieval
