@@ -1,0 +1,192 @@
+// train_mdff's options (apps/train_options.h): config.json both ways, the recipes, the command line.
+#include "apps/train_options.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/file_io.h"
+
+namespace mdff::train {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A recipe's defaults; options given on the command line win.
+struct Recipe {
+  std::string optimizer, schedule, pairs, scales;
+  double lr, beta, gamma, weight_decay, warmup;
+  int epochs, batch_size, image_size, shift, zero_init_residual;
+};
+
+Recipe recipe_named(const std::string& name) {
+  // paper: the paper's recipe, tuned for an ImageNet-pretrained backbone (method.md §4).
+  if (name == "paper") return {"rmsprop", "constant", "dataset", "1,0.5", 1e-5, 0.1, 0.01, 1e-5, 0, 30, 32, 32, 0, 0};
+  // scratch: for a randomly initialised backbone (see README.md, "Recipes", for how it was chosen).
+  // Measured on the 2-core machine (README.md, "Recipes"): SGD with momentum, batch 64, lr 0.04 after a
+  // one-epoch warm-up, cosine decay, weight decay 5e-4, a small quantization weight (beta 0.01: a
+  // larger one saturates tanh and stalls learning), gamma 1, residual blocks starting as the identity,
+  // one scale (more epochs in the budget), 16 epochs.
+  if (name == "scratch") return {"sgd", "cosine", "batch", "1", 0.04, 0.01, 1.0, 5e-4, 1, 16, 64, 32, 0, 1};
+  MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
+}
+
+}  // namespace
+
+json options_json(const Options& o) {
+  json j;
+  for_each_option(o, [&](const char* key, const auto& value) { j[key] = value; });
+  j["bits"] = cli::parse_list<int>(o.bits, "--bits");
+  j["scales"] = cli::parse_list<double>(o.scales, "--scales");
+  return j;
+}
+
+Options options_from_json(const json& j, const std::string& source) {
+  Options o;
+  for_each_option(o, [&](const char* key, auto& value) {
+    MDFF_CHECK(j.contains(key), source, " has no option '", key, "' (written by another version of train_mdff?)");
+    try {
+      if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::string>) {
+        if (j.at(key).is_array()) {  // a list option: "1,0.5"
+          value.clear();
+          for (const json& item : j.at(key)) value += (value.empty() ? "" : ",") + item.dump();
+          return;
+        }
+      }
+      j.at(key).get_to(value);
+    } catch (const json::exception&) {
+      MDFF_FAIL(source, ": option '", key, "' has the wrong type: ", j.at(key).dump());
+    }
+  });
+  return o;
+}
+
+// In crop mode the image size
+// is the crop's (--crop replaces --image-size) and there is no --shift (the random crop moves the image).
+void resolve_defaults(Options& o) {
+  if (o.recipe.empty()) o.recipe = o.pretrained.empty() ? "scratch" : "paper";
+  const Recipe r = recipe_named(o.recipe);
+  if (o.epochs == 0) o.epochs = r.epochs;
+  if (o.batch_size == 0) o.batch_size = r.batch_size;
+  if (o.beta < 0) o.beta = r.beta;
+  if (o.optimizer.empty()) o.optimizer = r.optimizer;
+  if (o.lr <= 0) o.lr = r.lr;
+  if (o.schedule.empty()) o.schedule = r.schedule;
+  if (o.warmup < 0) o.warmup = r.warmup;
+  if (o.weight_decay < 0) o.weight_decay = r.weight_decay;
+  if (o.pairs.empty()) o.pairs = r.pairs;
+  if (o.gamma < 0) o.gamma = r.gamma;
+  MDFF_CHECK(o.crop == 0 || o.image_size == 0, "--crop replaces --image-size (the model sees the crop): give one "
+             "of them");
+  if (o.image_size == 0) o.image_size = o.crop > 0 ? o.crop : r.image_size;
+  if (o.shift < 0) o.shift = o.crop > 0 ? 0 : r.shift;
+  if (o.scales.empty()) o.scales = r.scales;
+  if (o.zero_init_residual < 0) o.zero_init_residual = r.zero_init_residual;
+  if (o.bits.empty()) o.bits = o.dataset == "fashion-mnist" ? "48" : "12,24,32,48";
+}
+
+Options resumed_options(const Options& given, const CLI::App& app) {
+  const fs::path config_path = fs::path(given.resume) / "config.json";
+  MDFF_CHECK(fs::is_regular_file(config_path), "--resume: ", given.resume, " has no config.json; give the folder of "
+             "a run that train_mdff started (its --out)");
+  json stored;
+  try {
+    const std::vector<uint8_t> bytes = io::read_file(config_path.string());
+    stored = json::parse(bytes.begin(), bytes.end());
+  } catch (const json::exception& e) {
+    MDFF_FAIL("--resume: ", config_path.string(), " is not valid JSON (", e.what(), ")");
+  }
+  Options o = options_from_json(stored, config_path.string());
+  Options here = given;
+  resolve_defaults(here);
+  const json mine = options_json(here), theirs = options_json(o);
+  std::string differences;
+  for (const auto& [key, value] : mine.items()) {
+    std::string name = key == "dataset" ? key : "--" + key;
+    std::replace(name.begin(), name.end(), '_', '-');
+    const CLI::Option* option = app.get_option_no_throw(name);
+    if (option && option->count() > 0 && value != theirs.at(key))
+      differences += detail::concat(differences.empty() ? "" : "; ", name, " ", value.dump(), " here, ",
+                                    theirs.at(key).dump(), " in the run");
+  }
+  MDFF_CHECK(differences.empty(), "--resume: this command asks for different options than the run in ", given.resume,
+             " was started with: ", differences, ". Leave them out to continue the run as it was, or start a new run");
+  o.resume = given.resume;
+  o.out = given.resume;
+  o.device = given.device;
+  o.interrupt_after_steps = given.interrupt_after_steps;
+  return o;
+}
+
+void add_options(CLI::App& app, Options& o) {
+  app.set_config("--config", "", "read options from a file of `option = value` lines (TOML), e.g. epochs = 10");
+  app.add_option("dataset", o.dataset, "fashion-mnist (default), cifar10, or the path of an image list")
+      ->capture_default_str();
+  app.add_option("--data-dir", o.data_dir, "where the dataset's files are (default: /usr/share/datasets/"
+                 "fashion-mnist, data/cifar-10-batches-bin)");
+  app.add_option("--classes", o.classes, "number of labels per line of an image list")->check(CLI::Range(1, 10000));
+  app.add_option("--list-root", o.list_root, "folder that image-list paths are relative to (default: the list's)");
+  app.add_option("--recipe", o.recipe, "defaults for the options below: scratch (random initialisation, the default) "
+                 "or paper (the paper's RMSProp recipe, the default with --pretrained)")
+      ->check(CLI::IsMember({"paper", "scratch"}));
+  app.add_option("--bits", o.bits, "code lengths, one model each (default 48 for fashion-mnist, else 12,24,32,48)");
+  app.add_option("--epochs", o.epochs, "passes over the training images (recipe's default)")->check(CLI::Range(1, 100000));
+  app.add_option("--batch-size", o.batch_size, "images per step (recipe's default)")->check(CLI::Range(2, 100000));
+  app.add_option("--optimizer", o.optimizer, "rmsprop or sgd (recipe's default)")->check(CLI::IsMember({"rmsprop", "sgd"}));
+  app.add_option("--lr", o.lr, "learning rate (recipe's default)")->check(CLI::PositiveNumber);
+  app.add_option("--schedule", o.schedule, "learning rate schedule: constant or cosine (recipe's default)")
+      ->check(CLI::IsMember({"constant", "cosine"}));
+  app.add_option("--warmup", o.warmup, "epochs (may be fractional) over which the learning rate rises linearly "
+                 "to --lr at the start (recipe's default)")->check(CLI::NonNegativeNumber);
+  app.add_option("--weight-decay", o.weight_decay, "L2 weight decay added to the gradient (recipe's default)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--beta", o.beta, "weight of J2, the quantization loss (recipe's default)")->check(CLI::NonNegativeNumber);
+  app.add_option("--gamma", o.gamma, "weight of J3, the classification loss (recipe's default)")->check(CLI::NonNegativeNumber);
+  app.add_option("--pairs", o.pairs, "J1's pairs: dataset (batch x all training images, the U matrix) or batch "
+                 "(recipe's default)")->check(CLI::IsMember({"dataset", "batch"}));
+  app.add_option("--taps", o.taps, "features fused: all, fc1 or convs (the paper's Table 4)")->capture_default_str()
+      ->check(CLI::IsMember({"all", "fc1", "convs"}));
+  app.add_option("--zero-init-residual", o.zero_init_residual, "1: every residual block starts as the identity "
+                 "(its last batch norm's gamma = 0), 0: torchvision's default initialisation (recipe's default)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale, the paper's) or 1 "
+                 "(recipe's default)");
+  app.add_option("--image-size", o.image_size, "images are resized to this square (recipe's default: 32); --crop "
+                 "replaces it")->check(CLI::Range(16, 1024));
+  app.add_option("--resize", o.resize, "crop mode, with --crop (DeepHash-pytorch's 256 for NUS-WIDE and MS-COCO): "
+                 "the shorter side of each image is resized to this, keeping the aspect ratio")->check(CLI::Range(16, 1024));
+  app.add_option("--crop", o.crop, "crop mode, with --resize (DeepHash-pytorch's 224): the model sees a random "
+                 "square of this size of the resized image in training, the centre one in evaluation; replaces "
+                 "--image-size")->check(CLI::Range(16, 1024));
+  app.add_flag("--no-flip", o.no_flip, "no random horizontal flips of training images");
+  app.add_option("--shift", o.shift, "random translation of training images by up to this many pixels each way, "
+                 "uncovered pixels black (recipe's default)")->check(CLI::Range(0, 1023));
+  app.add_option("--protocol", o.protocol, "split: paper (training images stay in the database) or deephash54k")
+      ->capture_default_str()->check(CLI::IsMember({"paper", "deephash54k"}));
+  app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str();
+  app.add_option("--queries-per-class", o.split.queries_per_class, "single-label split: queries drawn per class")
+      ->capture_default_str()->check(CLI::Range(1, 1000000));
+  app.add_option("--train-per-class", o.split.train_per_class, "single-label split: training images per class")
+      ->capture_default_str()->check(CLI::Range(1, 1000000));
+  app.add_option("--queries", o.split.queries, "multi-label split: queries")->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  app.add_option("--train-images", o.split.train, "multi-label split: training images")->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  app.add_option("--model", o.model, "backbone: resnet50 (the paper's) or tiny (the tests' small ResNet, for quick "
+                 "trials)")->capture_default_str()->check(CLI::IsMember({"resnet50", "tiny"}));
+  app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 5,000-image "
+                 "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
+  app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME); it must not hold another run");
+  app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights, safetensors with torchvision's names "
+                 "(scripts/download_resnet50.sh); the recipe then defaults to paper");
+  app.add_option("--resume", o.resume, "continue the run in this folder from its checkpoints, with its options "
+                 "(after Ctrl-C, a crash or a kill)");
+  app.add_option("--interrupt-after-steps", o.interrupt_after_steps, "testing: act as if Ctrl-C were pressed "
+                 "after this many training steps")->group("");
+}
+
+}  // namespace mdff::train
