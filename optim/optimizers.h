@@ -1,14 +1,28 @@
 // Optimizers over flat buffers. ParameterBuffer moves a model's parameters into one contiguous
 // buffer (each parameter becomes a named view of it) and gives them gradient views into a second
-// one, so an update is one kernel over all parameters and a checkpoint is one write. RMSProp and SGD
-// follow PyTorch's torch.optim semantics exactly.
+// one, so an update is one kernel over all parameters, a checkpoint is one write, and finding a NaN
+// or an infinity among all gradients is one pass. RMSProp and SGD follow PyTorch's torch.optim
+// semantics exactly.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "layers/module.h"
 
 namespace mdff {
+
+// A NaN or an infinity in a parameter or its gradient: the parameter's name, the element's index in it
+// (row-major) and its value.
+struct NonFinite {
+  std::string name;
+  int64_t index = 0;
+  double value = 0;
+};
+
+// The first element, in order, of `tensors` (floating point) that is NaN or infinite; nullopt when all
+// are finite. For the batch-norm statistics and other tensors outside a ParameterBuffer.
+std::optional<NonFinite> first_non_finite(const NamedTensors& tensors);
 
 class ParameterBuffer {
  public:
@@ -20,8 +34,14 @@ class ParameterBuffer {
   void zero_grad() { grads_.fill_(0.0); }
   const NamedTensors& named() const { return named_; }
   int64_t numel() const { return values_.numel(); }
+  // The first element (in the model's order) of the gradients, or of the values, that is NaN or
+  // infinite; nullopt when every one is finite. One pass over the flat buffer; names are looked up
+  // only when one is found.
+  std::optional<NonFinite> first_non_finite_grad() const { return locate(grads_); }
+  std::optional<NonFinite> first_non_finite_value() const { return locate(values_); }
 
  private:
+  std::optional<NonFinite> locate(const Tensor& flat) const;
   NamedTensors named_;
   Tensor values_, grads_;
 };

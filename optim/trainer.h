@@ -1,7 +1,9 @@
 // The MDFF-SH training loop: batches from a data::BatchLoader, the model's forward pass, the loss
 // J = J1 + beta J2 + gamma J3 (with the U matrix of the training images), backward, one optimizer step
 // over the flat parameter buffer, and the learning-rate schedule. It stops with a TrainingDiverged
-// error, naming the epoch and step, the moment the loss is not finite.
+// error, naming the epoch and step, the moment the loss, a gradient or (after the update) a batch-norm
+// statistic is not finite, and when a parameter is not finite at the end of an epoch or an interrupted
+// one (before any checkpoint of it); the first such tensor in the model's order is named.
 //
 // Exact resume: save_state adds to a checkpoint everything beyond the model that the rest of the run
 // depends on (optimizer buffers and step count, the U matrix, the position in the current epoch, the
@@ -58,6 +60,9 @@ class Trainer {
   EpochReport train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress = {},
                           const std::atomic<bool>* stop = nullptr);
   int epochs_done() const { return epochs_done_; }
+  // Where training stands, for messages: "2 of 3 epochs done", or "epoch 3: 4 of 6 steps done" when a
+  // checkpoint was written inside an epoch.
+  std::string progress() const;
   const TrainSettings& settings() const { return settings_; }
 
   // Adds the optimizer's buffers ("optimizer.<name>") and U ("trainer.codes") to `tensors` and the
@@ -73,6 +78,7 @@ class Trainer {
   TrainSettings settings_;
   std::unique_ptr<data::BatchLoader> loader_;
   std::unique_ptr<ParameterBuffer> parameters_;
+  NamedTensors buffers_;  // the model's batch-norm statistics, checked for NaN after every step
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<PairMemory> memory_;
   int epochs_done_ = 0;

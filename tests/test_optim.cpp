@@ -1,8 +1,10 @@
 // Optimizers: flat parameter buffers, and one RMSProp / SGD step against hand-computed updates with
-// PyTorch's formulas (weight decay added to the gradient; eps outside the square root).
+// PyTorch's formulas (weight decay added to the gradient; eps outside the square root); a NaN or an
+// infinity among the gradients or values is found and named by parameter.
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "core/error.h"
 #include "core/ops.h"
@@ -73,4 +75,37 @@ TEST_CASE("impossible optimizer settings are clear errors") {
   CHECK_THROWS_WITH_AS(RMSProp(f.buffer, {-1.0, 0.99, 1e-8, 0}), doctest::Contains("out of range"), Error);
   CHECK_THROWS_WITH_AS(RMSProp(f.buffer, {1e-3, 1.0, 1e-8, 0}), doctest::Contains("alpha"), Error);
   CHECK_THROWS_WITH_AS(Sgd(f.buffer, {0.1, -0.5, 0}), doctest::Contains("momentum"), Error);
+}
+
+TEST_CASE("the first NaN or infinity among the gradients or values is named by parameter and element") {
+  Rng rng{2};
+  Linear first{3, 2, true, rng}, second{2, 2, true, rng};
+  NamedTensors named = first.named_parameters();
+  for (auto& [name, p] : second.named_parameters()) named.emplace_back("second." + name, p);
+  ParameterBuffer buffer(named);  // weight (2,3), bias (2), second.weight (2,2), second.bias (2)
+  CHECK_FALSE(buffer.first_non_finite_grad());
+  CHECK_FALSE(buffer.first_non_finite_value());
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  second.weight.grad().data<float>()[3] = static_cast<float>(inf);
+  second.bias.grad().data<float>()[1] = static_cast<float>(nan);  // later in the model's order
+  std::optional<NonFinite> bad = buffer.first_non_finite_grad();
+  REQUIRE(bad);
+  CHECK(bad->name == "second.weight");
+  CHECK(bad->index == 3);
+  CHECK(bad->value == inf);
+  first.bias.data<float>()[1] = static_cast<float>(-inf);
+  bad = buffer.first_non_finite_value();
+  REQUIRE(bad);
+  CHECK(bad->name == "bias");
+  CHECK(bad->index == 1);
+  CHECK(bad->value == -inf);
+  // tensors outside a buffer, float64 too
+  Tensor stats = Tensor::zeros({4}, DType::F64);
+  CHECK_FALSE(first_non_finite({{"bn.running_var", stats}}));
+  stats.data<double>()[2] = nan;
+  bad = first_non_finite({{"bn.running_mean", Tensor::zeros({3})}, {"bn.running_var", stats}});
+  REQUIRE(bad);
+  CHECK(bad->name == "bn.running_var");
+  CHECK(bad->index == 2);
+  CHECK(std::isnan(bad->value));
 }

@@ -1,0 +1,110 @@
+// The trainer's numerical guards: a NaN that the forward pass hides (ReLU maps it to 0, so the loss stays
+// finite) still makes gradients NaN, and training stops at that step naming the first parameter, in the
+// model's order, whose gradient is not finite; an update that overflows parameters from finite
+// gradients stops it at the end of the epoch (before any checkpoint), naming the first one.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "models/checkpoint.h"
+#include "optim/trainer.h"
+
+using namespace mdff;
+
+namespace {
+// 32 random 32x32 RGB images in 4 classes, in memory.
+data::Dataset random_dataset() {
+  data::Dataset d;
+  d.name = "random";
+  d.classes = 4;
+  d.channels = 3;
+  d.height = d.width = 32;
+  Rng rng(3);
+  for (int i = 0; i < 32 * 3 * 32 * 32; ++i) d.pixels.push_back(static_cast<uint8_t>(rng.below(256)));
+  for (int i = 0; i < 32; ++i)
+    for (int k = 0; k < 4; ++k) d.labels.push_back(k == i % 4);
+  return d;
+}
+
+struct Setup {
+  data::Dataset dataset = random_dataset();
+  Rng rng{1};
+  MdffSh model{mdff_config("tiny", 8, 4, "all", {1.0}), rng};
+  std::unique_ptr<Trainer> trainer;
+  explicit Setup(const std::string& optimizer = "sgd", double lr = 0.01, int64_t batch_size = 8) {
+    TrainSettings settings;
+    settings.epochs = 1;
+    settings.batch_size = batch_size;
+    settings.optimizer = optimizer;
+    settings.lr = lr;
+    std::vector<int64_t> rows(32);
+    for (int64_t i = 0; i < 32; ++i) rows[i] = i;
+    trainer = std::make_unique<Trainer>(model, dataset, rows, settings);
+  }
+  Tensor parameter(const std::string& name) {
+    for (auto& [n, p] : model.named_parameters())
+      if (n == name) return p;
+    FAIL("no parameter ", name);
+    return {};
+  }
+};
+
+// `named` is the first parameter of `model`, in order, for which part(parameter) (its value or its
+// gradient) holds a NaN or an infinity.
+void check_first_non_finite(MdffSh& model, const std::string& named, const std::function<Tensor(const Tensor&)>& part) {
+  bool reached = false;
+  for (const auto& [name, p] : model.named_parameters()) {
+    bool finite = true;
+    for (double v : part(p).to_vector()) finite = finite && std::isfinite(v);
+    CAPTURE(name);
+    if (name == named) {
+      CHECK_FALSE(finite);
+      reached = true;
+      break;
+    }
+    CHECK(finite);
+  }
+  CHECK(reached);
+}
+}  // namespace
+
+TEST_CASE("a NaN gradient under a finite loss stops training naming the first parameter whose gradient is NaN") {
+  Setup s;
+  // One weight of the fusion layer NaN: its output column is NaN before the ReLU, 0 after it, so the
+  // loss is finite; backward multiplies that weight into the gradient of the fusion's inputs.
+  s.parameter("fusion.weight").data<float>()[5] = std::nanf("");
+  std::string message;
+  try {
+    s.trainer->train_epoch();
+  } catch (const TrainingDiverged& e) {
+    message = e.what();
+  }
+  INFO(message);
+  const std::string prefix = "the gradient of ";
+  REQUIRE(message.rfind(prefix, 0) == 0);
+  const std::string named = message.substr(prefix.size(), message.find(' ', prefix.size()) - prefix.size());
+  CHECK(message.find(" became nan (element ") != std::string::npos);
+  CHECK(message.find("at epoch 1, step 1, with the loss still finite") != std::string::npos);
+  check_first_non_finite(s.model, named, [](const Tensor& p) { return p.grad(); });
+}
+
+TEST_CASE("an update that overflows a parameter stops training at the end of the epoch, naming the first one") {
+  // RMSProp's first step moves every weight with a gradient by about 10 lr: past float's largest value.
+  // One batch of 32: the epoch ends after that step, where the parameters are checked.
+  Setup s("rmsprop", 1e38, 32);
+  std::string message;
+  try {
+    s.trainer->train_epoch();
+  } catch (const TrainingDiverged& e) {
+    message = e.what();
+  }
+  INFO(message);
+  const std::string prefix = "after epoch 1, step 1, parameter ";
+  REQUIRE(message.rfind(prefix, 0) == 0);
+  const std::string named = message.substr(prefix.size(), message.find(' ', prefix.size()) - prefix.size());
+  CHECK(message.find("although every gradient was finite: an update overflowed it, the learning rate (1e+38 at "
+                     "that step) is far too high") != std::string::npos);
+  check_first_non_finite(s.model, named, [](const Tensor& p) { return p; });
+}
