@@ -10,6 +10,12 @@
 // (model, optimizer state, U, counters and random state: written atomically after every epoch and on
 // Ctrl-C), metrics.json, the codes as .npy, SVG plots and the paper's Figure 4 as PNG. `--help` explains
 // each option; docs in README.md.
+//
+// Crash safety: a run holds its folder's lock (.lock) while it lives, so a second run there is refused;
+// a run killed at any moment (SIGKILL, a power cut) leaves its last checkpoint whole, and --resume
+// continues from it; a full disk is an error that names the file and keeps what was written. A loss, a
+// gradient, a parameter or an output that stops being finite, or codes that are all the same, stop the
+// run with what happened, where, and the last good checkpoint.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -23,6 +29,7 @@
 #include <fstream>
 #include <iomanip>
 #include <map>
+#include <optional>
 
 #include "apps/cli.h"
 #include "apps/progress.h"
@@ -209,6 +216,12 @@ struct Interrupted {
   std::string checkpoint;  // the checkpoint to resume from
 };
 
+// A new run needs a folder without a run in it.
+void check_new_folder(const fs::path& out) {
+  MDFF_CHECK(!fs::exists(out / "config.json"), "--out: ", out.string(), " already holds a run; continue it with "
+             "--resume ", out.string(), ", or choose another folder");
+}
+
 // Everything a code length's training and evaluation share.
 struct Run {
   const Options& options;
@@ -217,12 +230,45 @@ struct Run {
   const data::Dataset& dataset;
   const data::Split& split;
   json config;
+  // The newest checkpoint of the code length in training and what it holds, for messages; empty before
+  // its first.
+  std::string& last_checkpoint;
   int64_t map_at;  // -1: mAP@ALL
   std::vector<int> pn_at;
   std::vector<uint8_t> query_labels, database_labels;
   std::vector<int64_t> monitor_rows;  // the learning curve's database sample
   std::vector<uint8_t> monitor_labels;
 };
+
+// The signs of `u`, the continuous codes of `what` ("the queries"), or an error when the model's
+// outputs are not finite: its weights diverged, although every loss, gradient and parameter of the
+// training steps stayed finite (the outputs of evaluation mode overflow first).
+retrieval::PackedCodes codes_from(const Tensor& u, const std::string& what, const Run& run) {
+  if (const std::optional<NonFinite> bad = first_non_finite({{what, u}}))
+    throw TrainingDiverged(detail::concat(
+        "the model's output for ", what, " is ", bad->value, " (image ", bad->index / u.size(1) + 1, " of ", u.size(0),
+        "): its weights diverged in training (--lr ", run.options.lr, "); lower --lr and start a new run"));
+  return retrieval::pack_codes(u);
+}
+
+// Codes that are all the same rank nothing: the model collapsed, as a learning rate far too high makes
+// it do (on the tiny model, SGD from lr 10 and RMSProp from lr 0.1 give one code to every image while
+// the loss grows 10 to 10^5 times; every rate that learns gives 6 or more). Fails with that, unless the
+// database has a single image or the dataset a single class.
+void check_not_collapsed(const retrieval::PackedCodes& database, int bits, const json& history, const Run& run) {
+  bool same = database.count >= 2 && run.dataset.classes >= 2;
+  for (int64_t i = 1; same && i < database.count; ++i)
+    same = std::equal(database.code(i), database.code(i) + database.words, database.code(0));
+  if (!same) return;
+  std::string losses;
+  if (!history.empty())
+    losses = detail::concat(", the loss went from ", history.front().at("loss").get<double>(), " in epoch 1 to ",
+                            history.back().at("loss").get<double>(), " in epoch ", history.size());
+  throw TrainingDiverged(detail::concat(
+      "every one of the ", database.count, " database images has the same ", bits, "-bit code: the model collapsed, "
+      "and its codes cannot rank anything. A learning rate far too high does this (with --lr ", run.options.lr, losses,
+      "): lower --lr, or raise --gamma, and start a new run"));
+}
 
 void save_checkpoint(const std::string& path, const MdffSh& model, const Trainer& trainer, const Run& run, int bits,
                      const json& history) {
@@ -237,7 +283,7 @@ void save_checkpoint(const std::string& path, const MdffSh& model, const Trainer
 
 // Trains the model for `bits` (continuing from its checkpoint when resuming), then returns its
 // continuous codes' signs for the queries and the database. Fills `history` (one entry per epoch).
-std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const Run& run, int bits, json& history) {
+std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& run, int bits, json& history) {
   const Options& o = run.options;
   const TrainSettings& settings = run.plan.settings;
   MdffConfig model_config = mdff_config(o.model, bits, run.dataset.classes, o.taps, run.plan.scales);
@@ -252,6 +298,11 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const
   }
   model.to(run.plan.device);
   Trainer trainer(model, run.dataset, run.split.train, settings);
+  run.last_checkpoint.clear();
+  auto save = [&] {
+    save_checkpoint(checkpoint, model, trainer, run, bits, history);
+    run.last_checkpoint = detail::concat(checkpoint, " (", trainer.progress(), ")");
+  };
   if (resuming) {
     const io::SafetensorsFile file = io::load_safetensors(checkpoint);
     load_model_state(model, file, checkpoint);
@@ -259,20 +310,20 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const
     const auto found = file.metadata.find("history");
     history = found == file.metadata.end() ? json::array() : json::parse(found->second, nullptr, false);
     MDFF_CHECK(history.is_array(), checkpoint, ": the learning history (metadata 'history') is damaged");
-    std::printf("%d bits: resuming from %s after %d of %d epochs\n", bits, checkpoint.c_str(), trainer.epochs_done(),
-                settings.epochs);
+    run.last_checkpoint = detail::concat(checkpoint, " (", trainer.progress(), ")");
+    std::printf("%d bits: resuming from %s\n", bits, run.last_checkpoint.c_str());
   }
 
   const fs::path codes_dir = run.out / "codes" / std::to_string(bits);
   const bool encoded = resuming && trainer.epochs_done() == settings.epochs && fs::exists(codes_dir / "query.npy") &&
                        fs::exists(codes_dir / "database.npy");
   int64_t steps = 0;
-  while (trainer.epochs_done() < settings.epochs) {
-    const int epoch = trainer.epochs_done() + 1;
-    cli::Progress progress(detail::concat(bits, " bits, epoch ", epoch, "/", settings.epochs));
-    EpochReport report;
-    try {
-      report = trainer.train_epoch(
+  // A divergence in training (in a step, or in the learning curve's codes) names the last good checkpoint.
+  try {
+    while (trainer.epochs_done() < settings.epochs) {
+      const int epoch = trainer.epochs_done() + 1;
+      cli::Progress progress(detail::concat(bits, " bits, epoch ", epoch, "/", settings.epochs));
+      const EpochReport report = trainer.train_epoch(
           [&](int64_t done, int64_t total, double loss, double ips) {
             char figures[96];
             std::snprintf(figures, sizeof figures, "loss %.4f  %.0f img/s", loss, ips);
@@ -280,31 +331,35 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const
             if (++steps == o.interrupt_after_steps) std::raise(SIGINT);  // the tests' Ctrl-C
           },
           &stop_requested);
-    } catch (const TrainingDiverged& e) {
-      MDFF_FAIL(e.what(), ". The last good checkpoint is ",
-                fs::exists(checkpoint) ? checkpoint : std::string("(none: it failed in the first epoch)"));
+      if (!report.complete) {
+        save();
+        throw Interrupted{checkpoint};
+      }
+      json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
+                 {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
+      std::string curve;
+      if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {
+        const auto q = codes_from(retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256),
+                                  "the queries", run);
+        const auto d = codes_from(retrieval::encode(model, run.dataset, run.monitor_rows, settings.batch, 256),
+                                  "the learning curve's database sample", run);
+        // Only the mAP is kept: P@1 is asked for because it fits any database sample.
+        const double m =
+            retrieval::evaluate(q, run.query_labels, d, run.monitor_labels, run.dataset.classes, run.map_at, {1}).map;
+        entry["monitor_map"] = m;
+        curve = detail::concat(", mAP against ", run.monitor_rows.size(), " database images ", std::fixed,
+                               std::setprecision(4), m);
+      }
+      std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)%s\n", epoch, report.loss, report.j1, report.j2,
+                  report.j3, curve.c_str());
+      history.push_back(entry);
+      save();
     }
-    if (!report.complete) {
-      save_checkpoint(checkpoint, model, trainer, run, bits, history);
-      throw Interrupted{checkpoint};
-    }
-    json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
-               {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
-    std::string curve;
-    if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {
-      const auto q = retrieval::pack_codes(retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256));
-      const auto d = retrieval::pack_codes(retrieval::encode(model, run.dataset, run.monitor_rows, settings.batch, 256));
-      // Only the mAP is kept: P@1 is asked for because it fits any database sample.
-      const double m =
-          retrieval::evaluate(q, run.query_labels, d, run.monitor_labels, run.dataset.classes, run.map_at, {1}).map;
-      entry["monitor_map"] = m;
-      curve = detail::concat(", mAP against ", run.monitor_rows.size(), " database images ", std::fixed,
-                             std::setprecision(4), m);
-    }
-    std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)%s\n", epoch, report.loss, report.j1, report.j2,
-                report.j3, curve.c_str());
-    history.push_back(entry);
-    save_checkpoint(checkpoint, model, trainer, run, bits, history);
+  } catch (const TrainingDiverged& e) {
+    throw TrainingDiverged(detail::concat(e.what(), ". The last good checkpoint is ",
+                                          run.last_checkpoint.empty()
+                                              ? "none: the " + std::to_string(bits) + "-bit model had none yet"
+                                              : run.last_checkpoint));
   }
 
   if (encoded) {
@@ -324,7 +379,10 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(const
   };
   const Tensor uq = retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256, check_stop);
   const Tensor ud = retrieval::encode(model, run.dataset, run.split.database, settings.batch, 256, check_stop);
-  return {retrieval::pack_codes(uq), retrieval::pack_codes(ud)};
+  std::pair<retrieval::PackedCodes, retrieval::PackedCodes> codes{codes_from(uq, "the queries", run),
+                                                                  codes_from(ud, "the database", run)};
+  check_not_collapsed(codes.second, bits, history, run);
+  return codes;
 }
 
 }  // namespace
@@ -343,8 +401,7 @@ int main(int argc, char** argv) {
       o = train::resumed_options(o, app);
     } else {
       train::resolve_defaults(o);
-      MDFF_CHECK(o.out.empty() || !fs::exists(fs::path(o.out) / "config.json"), "--out: ", o.out, " already holds "
-                 "a run; continue it with --resume ", o.out, ", or choose another folder");
+      if (!o.out.empty()) check_new_folder(o.out);
     }
     plan = plan_from(o);
   } catch (const Error& e) {
@@ -353,12 +410,19 @@ int main(int argc, char** argv) {
   }
   std::signal(SIGINT, request_stop);
   std::signal(SIGTERM, request_stop);
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit (ulimit -f), a write fails with EFBIG: a clear error
 
   fs::path out;
+  std::string last_checkpoint;
+  std::optional<io::FolderLock> lock;
   try {
     const std::string dataset_name = fs::path(o.dataset).stem().string();
     out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
     fs::create_directories(out);
+    lock.emplace(out.string());  // held until the process ends: a second run here is refused
+    if (o.resume.empty()) check_new_folder(out);  // again under the lock: another run may have just started here
+    for (const std::string& file : io::remove_stale_temporaries(out.string()))
+      std::printf("train_mdff: removed %s, left by a run killed while writing it\n", file.c_str());
     std::printf("train_mdff: %s on %s; results in %s\n", dataset_name.c_str(), device_name(plan.device), out.c_str());
 
     const data::Dataset dataset = load_dataset(o);
@@ -374,7 +438,7 @@ int main(int argc, char** argv) {
     config["out"] = out.string();
     io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
-    Run run{o, plan, out, dataset, split, config};
+    Run run{o, plan, out, dataset, split, config, last_checkpoint};
     // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
     run.map_at = dataset.multi_label ? std::min<int64_t>(5000, static_cast<int64_t>(split.database.size())) : -1;
     run.pn_at = retrieval::default_pn_at(static_cast<int64_t>(split.database.size()));
@@ -451,6 +515,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "\ntrain_mdff: interrupted; the checkpoint %s holds the run so far. Continue it with:\n"
                  "  train_mdff --resume %s\n", i.checkpoint.c_str(), out.c_str());
     return 130;
+  } catch (const io::WriteError& e) {  // a full disk, a file-size limit, ...
+    const bool started = fs::exists(out / "config.json");
+    std::fprintf(stderr, "train_mdff: error: %s\nEvery file written before is intact (each is written whole or not "
+                 "at all)%s. Free some space (or raise the file-size limit), then %s\n", e.what(),
+                 last_checkpoint.empty() ? "" : ("; the last checkpoint is " + last_checkpoint).c_str(),
+                 started ? ("continue the run with: train_mdff --resume " + out.string()).c_str()
+                         : "run the same command again");
+    return 1;
   } catch (const std::exception& e) {  // mdff::Error, and the file system's errors (a folder it cannot create)
     std::fprintf(stderr, "train_mdff: error: %s\n", e.what());
     return 1;

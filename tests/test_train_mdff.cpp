@@ -4,10 +4,10 @@
 // .npy codes, by a plain sort. The same (mAP@5000) for a generated NUS-WIDE-style multi-label image list
 // (PNG files of two shapes) in crop mode (--resize, --crop), where the codes are also those of
 // centre crops made here by hand, and of the checkpoint as load_model_checkpoint reads it; that list
-// without crop mode; and a corrupt image in a list exits 1 naming it.
+// without crop mode; and a corrupt image in a list exits 1 naming it. A learning rate that diverges stops
+// the run with what happened and where, whether the loss becomes NaN or the codes collapse.
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
-#include <zlib.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +30,7 @@
 #include "retrieval/encode.h"
 #include "retrieval/npy.h"
 #include "tests/temp_folder.h"
+#include "tests/tiny_dataset.h"
 
 #include "tests/stb_image_write_static.h"
 
@@ -38,44 +39,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using test::make_dataset;
 using test::Run;
+using test::tensor_bytes;
 
 Run run(const std::string& arguments) { return test::run_program(TRAIN_MDFF_BINARY, arguments); }
-
-void write_idx_gz(const fs::path& path, const std::vector<uint32_t>& dims, const std::vector<uint8_t>& values) {
-  std::vector<uint8_t> bytes{0, 0, 0x08, static_cast<uint8_t>(dims.size())};
-  for (uint32_t d : dims)
-    for (int shift : {24, 16, 8, 0}) bytes.push_back(static_cast<uint8_t>(d >> shift));
-  bytes.insert(bytes.end(), values.begin(), values.end());
-  gzFile f = gzopen(path.c_str(), "wb");
-  REQUIRE(f);
-  gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
-  gzclose(f);
-}
-
-// A Fashion-MNIST-format dataset: `per_class` training and half as many test images per class, each
-// class a bright square at its own place on a noisy background (learnable in one epoch).
-fs::path make_dataset(const fs::path& dir, int train_per_class) {
-  fs::create_directories(dir);
-  uint32_t state = 12345;
-  auto noise = [&] { return static_cast<uint8_t>((state = state * 1664525 + 1013904223) >> 27); };
-  for (auto [prefix, per_class] : {std::pair<const char*, int>{"train", train_per_class}, {"t10k", train_per_class / 2}}) {
-    std::vector<uint8_t> images, labels;
-    for (int i = 0; i < 10 * per_class; ++i) {
-      const int c = i % 10;
-      labels.push_back(static_cast<uint8_t>(c));
-      for (int y = 0; y < 28; ++y)
-        for (int x = 0; x < 28; ++x) {
-          const bool square = y / 7 == c / 4 && x / 7 == c % 4;
-          images.push_back(square ? 255 : noise());
-        }
-    }
-    const uint32_t n = static_cast<uint32_t>(labels.size());
-    write_idx_gz(dir / (std::string(prefix) + "-images-idx3-ubyte.gz"), {n, 28, 28}, images);
-    write_idx_gz(dir / (std::string(prefix) + "-labels-idx1-ubyte.gz"), {n}, labels);
-  }
-  return dir;
-}
 
 // A NUS-WIDE / MS-COCO-style image list, dir/list.txt: `count` PNG images in dir/images, alternately
 // 60x50 and 50x70 (width x height), each showing 1 to 3 of 5 concepts on a noisy background (a coloured
@@ -197,7 +165,8 @@ TEST_CASE("a missing dataset exits 1 naming where it looked") {
   CHECK(no_folder.output.find("/proc/mdff_cannot_exist/run") != std::string::npos);
 }
 
-TEST_CASE("a diverging run stops naming the step and the last good checkpoint; --config is read") {
+TEST_CASE("a diverging run stops naming the step and the last good checkpoint, a collapsed one writes no codes; "
+          "--config is read") {
   const fs::path root = fs::temp_directory_path() / ("mdff_train_diverge_" + std::to_string(::getpid()));
   const fs::path data = make_dataset(root / "data", 20);
   const std::string common = "fashion-mnist --data-dir " + data.string() +
@@ -205,9 +174,17 @@ TEST_CASE("a diverging run stops naming the step and the last good checkpoint; -
                              " --train-per-class 10 --monitor-every 0 ";
   const Run diverged = run(common + "--epochs 3 --optimizer sgd --lr 1e12 --out " + (root / "diverged").string());
   CHECK(diverged.exit_code == 1);
-  CHECK(diverged.output.find("the loss became") != std::string::npos);
-  CHECK(diverged.output.find("at epoch") != std::string::npos);
-  CHECK(diverged.output.find("checkpoint") != std::string::npos);
+  CHECK(diverged.output.find("the loss became -nan at epoch 1, step 2") != std::string::npos);
+  CHECK(diverged.output.find("The last good checkpoint is none") != std::string::npos);
+  // lr 10 diverges with every loss finite: the model gives every image the same code
+  const fs::path collapsed = root / "collapsed";
+  const Run garbage = run(common + "--epochs 3 --optimizer sgd --lr 10 --out " + collapsed.string());
+  CHECK(garbage.exit_code == 1);
+  CHECK(garbage.output.find("every one of the 250 database images has the same 8-bit code: the model collapsed") !=
+        std::string::npos);
+  CHECK(garbage.output.find("with --lr 10, the loss went from") != std::string::npos);
+  CHECK_FALSE(fs::exists(collapsed / "codes"));
+  CHECK_FALSE(fs::exists(collapsed / "metrics.json"));
   // options from a file; a bad value there is a usage error like on the command line
   std::ofstream(root / "good.toml") << "epochs = 1\nlr = 0.01\n";
   const Run configured = run(common + "--config " + (root / "good.toml").string() + " --out " + (root / "cfg").string());
@@ -349,15 +326,6 @@ TEST_CASE("a corrupt image in a list exits 1 naming the file") {
   CHECK(r.exit_code == 1);
   CHECK(r.output.find(broken.string() + ": cannot decode the image") != std::string::npos);
 }
-
-namespace {
-// Every tensor of a checkpoint as its raw bytes, by name.
-std::map<std::string, std::vector<uint8_t>> tensor_bytes(const fs::path& path) {
-  std::map<std::string, std::vector<uint8_t>> tensors;
-  for (const io::SafetensorsEntry& entry : io::load_safetensors(path.string()).entries) tensors[entry.name] = entry.bytes;
-  return tensors;
-}
-}  // namespace
 
 TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterrupted one") {
   const fs::path root = fs::temp_directory_path() / ("mdff_train_resume_" + std::to_string(::getpid()));
