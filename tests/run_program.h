@@ -1,8 +1,9 @@
 // Running a program as a user does, for the tests of train_mdff and mdff_search: its exit status and
-// everything it printed (stdout and stderr).
+// everything it printed (stdout and stderr); or in the background, for tests that stop or kill it.
 #pragma once
 #include <doctest/doctest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <memory>
@@ -24,6 +25,26 @@ inline Run run_program(const std::string& binary, const std::string& arguments) 
   while (size_t n = fread(buffer, 1, sizeof buffer, pipe.get())) output.append(buffer, n);
   const int status = pclose(pipe.release());
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+// Starts `binary arguments` (through the shell, which execs it: the pid is the program's), with its
+// stdout and stderr going to the file `log`.
+inline pid_t start_program(const std::string& binary, const std::string& arguments, const std::string& log) {
+  const std::string command = "exec " + binary + " " + arguments + " >" + log + " 2>&1";
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Waits for a program start_program started: its exit status, or minus the signal that ended it.
+inline int wait_program(pid_t pid) {
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
 }
 
 }  // namespace mdff::test
