@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Fuzzing: builds the libFuzzer targets of tests/fuzz in build-fuzz/ (clang; AddressSanitizer and
+# UndefinedBehaviorSanitizer on, CUDA off) and runs each one for SECONDS from its seed corpus.
+#   scripts/fuzz.sh [SECONDS] [TARGET...]     default: 60 seconds, every target (fuzz_idx, fuzz_npy, ...)
+# FUZZ_JOBS targets run at once (default 2). Under build-fuzz/fuzz-out/: each target's log, the inputs it
+# found (corpus/TARGET, kept between runs) and anything that failed (crashes/TARGET/crash-*, leak-*,
+# timeout-*, oom-*; rerun one with build-fuzz/tests/fuzz/TARGET FILE). One summary line per target; the
+# exit status is 1 when any target crashed, leaked, hung (-timeout) or used too much memory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-60}
+shift $(($# > 0 ? 1 : 0))
+[[ "$seconds" =~ ^[0-9]+$ && "$seconds" -gt 0 ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
+jobs=${FUZZ_JOBS:-2}
+build=build-fuzz
+out=$build/fuzz-out
+
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+  for source in tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$source" .cpp)"); done
+fi
+
+command -v clang++ > /dev/null || { echo "fuzz: clang++ not found; run scripts/setup.sh --test" >&2; exit 1; }
+mkdir -p "$build"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMDFF_CUDA=OFF -DMDFF_FUZZ=ON -DBUILD_TESTING=OFF \
+  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ > "$build/configure.log" 2>&1 ||
+  { cat "$build/configure.log"; exit 1; }
+cmake --build "$build" --target "${targets[@]}" --parallel 2
+
+# One target: runs it, then writes its summary line to $out/TARGET.summary and its status to TARGET.status.
+fuzz_one() {
+  local target=$1 log=$out/$1.log
+  mkdir -p "$out/corpus/$target" "$out/crashes/$target"
+  local rc=0
+  # -timeout: one input may take at most 10 s; -rss_limit_mb / -malloc_limit_mb: a parser must refuse an
+  # absurd size from a header before allocating it. The seeds are read from tests/fuzz/corpus and new
+  # inputs written to $out/corpus only.
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 OMP_NUM_THREADS=1 \
+    "$build/tests/fuzz/$target" -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 \
+    -print_final_stats=1 -artifact_prefix="$out/crashes/$target/" "$out/corpus/$target" "tests/fuzz/corpus/$target" \
+    > "$log" 2>&1 || rc=$?
+  local done_line runs rate new rss artifact
+  done_line=$(grep -E '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1 || true)
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  new=$(grep -o 'stat::new_units_added: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  rss=$(grep -o 'stat::peak_rss_mb: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  artifact=$(grep -o 'Test unit written to [^ ]*' "$log" | tail -n 1 | cut -d' ' -f5 || true)
+  if [[ $rc == 0 && -n "$done_line" ]]; then
+    echo PASS > "$out/$target.status"
+    printf '%-18s PASS  %s (%s exec/s, %s new inputs, peak RSS %s MB)\n' "$target" "$done_line" "${rate:-?}" \
+      "${new:-?}" "${rss:-?}" > "$out/$target.summary"
+  else
+    echo FAIL > "$out/$target.status"
+    printf '%-18s FAIL  rc=%s after %s runs: %s (input %s, log %s)\n' "$target" "$rc" "${runs:-?}" \
+      "$(grep -m 1 -E 'ERROR: |runtime error|==[0-9]+== ' "$log" | cut -c1-160)" "${artifact:-none}" "$log" \
+      > "$out/$target.summary"
+  fi
+  cat "$out/$target.summary"
+}
+
+mkdir -p "$out"
+echo "fuzz: ${#targets[@]} targets, ${seconds}s each, $jobs at once"
+for target in "${targets[@]}"; do
+  while (($(jobs -rp | wc -l) >= jobs)); do wait -n || true; done
+  fuzz_one "$target" &
+done
+wait
+
+echo "fuzz summary (${seconds}s per target):"
+status=0
+for target in "${targets[@]}"; do
+  cat "$out/$target.summary"
+  [[ "$(cat "$out/$target.status")" == PASS ]] || status=1
+done
+exit $status
