@@ -74,6 +74,19 @@ void Backend::gemm(bool, bool, double, const Tensor&, const Tensor&, double, con
 void Backend::conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&) {
   missing("conv2d_forward");
 }
+// The separate kernels, in the order the ops call them.
+void Backend::conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p, const BatchNormEval& bn,
+                                const Tensor& residual, bool relu, const Tensor& y) {
+  const Tensor conv = Tensor::empty(y.shape(), y.dtype(), y.device());
+  conv2d_forward(x, weight, Tensor(), p, conv);
+  const Shape channels{y.size(1)};
+  const Tensor mean = Tensor::empty(channels, y.dtype(), y.device()), invstd = Tensor::empty(channels, y.dtype(), y.device());
+  const Tensor normalised = residual.defined() ? Tensor::empty(y.shape(), y.dtype(), y.device()) : y;
+  batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, normalised, mean,
+                     invstd);
+  if (residual.defined()) binary(BinaryOp::Add, normalised, residual, y);
+  if (relu) unary(UnaryOp::Relu, y, y);
+}
 void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&,
                               const Tensor&, const Tensor&) {
   missing("conv2d_backward");

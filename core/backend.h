@@ -25,6 +25,12 @@ struct Pool2dParams {
   int padding = 1;
 };
 
+// A batch norm in evaluation mode (running statistics), as conv2d_bn_forward applies it.
+struct BatchNormEval {
+  Tensor gamma, beta, running_mean, running_var;  // (C) each
+  double eps = 1e-5;
+};
+
 enum class BinaryOp { Add, Sub, Mul, Div };
 enum class UnaryOp { Relu, Tanh, Sign, Softplus };
 
@@ -65,6 +71,12 @@ class Backend {
   // ---- convolution (NCHW, weight (Cout,Cin,kh,kw), bias (Cout) or undefined) ----
   virtual void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
                               const Tensor& y);
+  // Inference: convolution (no bias), batch norm in evaluation mode, the residual added when defined,
+  // ReLU when asked, in one call: y = relu?(bn(conv(x)) + residual). Equal bit for bit to the separate
+  // kernels, which the default calls; the CPU backend applies the rest while it writes the convolution's
+  // output, saving three passes over the activations. Forward only.
+  virtual void conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p, const BatchNormEval& bn,
+                                 const Tensor& residual, bool relu, const Tensor& y);
   // Writes each defined gradient (grad_x, grad_weight, grad_bias).
   virtual void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
                                const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias);

@@ -189,23 +189,44 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   });
 }
 
-Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride, int padding) {
-  check_compatible("conv2d", {{"input", &x}, {"weight", &weight}, {"bias", &bias}});
-  check_rank(x, 4, "conv2d", "input (N,C,H,W)");
-  check_rank(weight, 4, "conv2d", "weight (Cout,Cin,kh,kw)");
-  MDFF_CHECK(x.size(1) == weight.size(1), "conv2d: input has ", x.size(1), " channels but the weight ",
+namespace {
+// The output shape of conv2d, after checking its operands.
+Shape conv2d_output_shape(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias, int stride,
+                          int padding) {
+  check_compatible(op, {{"input", &x}, {"weight", &weight}, {"bias", &bias}});
+  check_rank(x, 4, op, "input (N,C,H,W)");
+  check_rank(weight, 4, op, "weight (Cout,Cin,kh,kw)");
+  MDFF_CHECK(x.size(1) == weight.size(1), op, ": input has ", x.size(1), " channels but the weight ",
              shape_str(weight.shape()), " expects ", weight.size(1));
-  MDFF_CHECK(!bias.defined() || bias.shape() == Shape{weight.size(0)}, "conv2d: bias of shape ",
+  MDFF_CHECK(!bias.defined() || bias.shape() == Shape{weight.size(0)}, op, ": bias of shape ",
              shape_str(bias.shape()), " for ", weight.size(0), " output channels");
-  MDFF_CHECK(stride >= 1 && padding >= 0, "conv2d: stride ", stride, " and padding ", padding,
+  MDFF_CHECK(stride >= 1 && padding >= 0, op, ": stride ", stride, " and padding ", padding,
              " must be >= 1 and >= 0");
+  MDFF_CHECK(x.size(2) + 2 * padding >= weight.size(2) && x.size(3) + 2 * padding >= weight.size(3),
+             op, ": a ", weight.size(2), "x", weight.size(3), " kernel does not fit the padded input ",
+             shape_str(x.shape()), " (padding ", padding, ")");
   const int64_t ho = (x.size(2) + 2 * padding - weight.size(2)) / stride + 1;
   const int64_t wo = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
-  MDFF_CHECK(x.size(2) + 2 * padding >= weight.size(2) && x.size(3) + 2 * padding >= weight.size(3),
-             "conv2d: a ", weight.size(2), "x", weight.size(3), " kernel does not fit the padded input ",
-             shape_str(x.shape()), " (padding ", padding, ")");
+  return {x.size(0), weight.size(0), ho, wo};
+}
+
+// Checks batch norm's parameters and running statistics against an input of `channels` channels.
+void check_batch_norm(const char* op, const Tensor& x, int64_t channels, const Tensor& gamma, const Tensor& beta,
+                      const Tensor& running_mean, const Tensor& running_var) {
+  check_compatible(op, {{"input", &x}, {"weight", &gamma}, {"bias", &beta}, {"running_mean", &running_mean},
+                        {"running_var", &running_var}});
+  for (const Tensor* t : {&gamma, &beta, &running_mean, &running_var})
+    MDFF_CHECK(t->shape() == Shape{channels}, op, ": parameters and running statistics must have shape ",
+               shape_str({channels}), " for ", channels, " channels, got ", shape_str(t->shape()));
+  MDFF_CHECK(!running_mean.requires_grad() && !running_var.requires_grad(),
+             op, ": running statistics are buffers and must not require grad");
+}
+}  // namespace
+
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride, int padding) {
+  const Shape y_shape = conv2d_output_shape("conv2d", x, weight, bias, stride, padding);
   const Conv2dParams params{stride, padding};
-  Tensor y = empty_as(x, {x.size(0), weight.size(0), ho, wo});
+  Tensor y = empty_as(x, y_shape);
   backend_of(x).conv2d_forward(x, weight, bias, params, y);
   const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();
   const bool b_needs = bias.defined() && bias.requires_grad();
@@ -219,19 +240,29 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int str
   });
 }
 
+Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval& bn, int stride, int padding,
+                      const Tensor& residual, bool relu) {
+  MDFF_CHECK(!grad_enabled(), "conv2d_bn_eval: records no graph, so it runs only without gradients (NoGradGuard); "
+             "use conv2d and batch_norm2d when gradients are needed");
+  const Shape y_shape = conv2d_output_shape("conv2d_bn_eval", x, weight, Tensor(), stride, padding);
+  check_batch_norm("conv2d_bn_eval", x, weight.size(0), bn.gamma, bn.beta, bn.running_mean, bn.running_var);
+  if (residual.defined()) {
+    check_compatible("conv2d_bn_eval", {{"input", &x}, {"residual", &residual}});
+    MDFF_CHECK(residual.shape() == y_shape, "conv2d_bn_eval: residual of shape ", shape_str(residual.shape()),
+               " for an output of shape ", shape_str(y_shape));
+  }
+  Tensor y = empty_as(x, y_shape);
+  backend_of(x).conv2d_bn_forward(x, weight, Conv2dParams{stride, padding}, bn, residual, relu, y);
+  return y;
+}
+
 Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                     const Tensor& running_var, bool training, double momentum, double eps) {
-  check_compatible("batch_norm2d", {{"input", &x}, {"weight", &gamma}, {"bias", &beta},
-                                    {"running_mean", &running_mean}, {"running_var", &running_var}});
   check_rank(x, 4, "batch_norm2d", "input (N,C,H,W)");
-  const Shape channels{x.size(1)};
-  for (const Tensor* t : {&gamma, &beta, &running_mean, &running_var})
-    MDFF_CHECK(t->shape() == channels, "batch_norm2d: parameters and running statistics must have shape ",
-               shape_str(channels), " for an input of shape ", shape_str(x.shape()), ", got ", shape_str(t->shape()));
+  check_batch_norm("batch_norm2d", x, x.size(1), gamma, beta, running_mean, running_var);
   MDFF_CHECK(!training || x.numel() / x.size(1) > 1, "batch_norm2d: training needs more than one value per channel, "
              "got input shape ", shape_str(x.shape()), " (use a batch of at least 2, or evaluation mode)");
-  MDFF_CHECK(!running_mean.requires_grad() && !running_var.requires_grad(),
-             "batch_norm2d: running statistics are buffers and must not require grad");
+  const Shape channels{x.size(1)};
   Tensor y = empty_like(x), save_mean = empty_as(x, channels), save_invstd = empty_as(x, channels);
   backend_of(x).batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
                                    save_invstd);

@@ -5,6 +5,7 @@
 #pragma once
 #include <vector>
 
+#include "core/backend.h"
 #include "core/tensor.h"
 
 namespace mdff::ops {
@@ -33,6 +34,11 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
 // ---- images (N,C,H,W) ----
 // weight (Cout,Cin,kh,kw), bias (Cout) or undefined -> (N,Cout,Ho,Wo), Ho = (H + 2 padding - kh) / stride + 1.
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride = 1, int padding = 0);
+// Inference: relu?(batch_norm2d(conv2d(x, weight), bn in evaluation mode) + residual) in one kernel, equal
+// bit for bit to those ops. Forward only: an Error while gradients are being recorded (grad_enabled()).
+// residual (N,Cout,Ho,Wo) or undefined.
+Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval& bn, int stride, int padding,
+                      const Tensor& residual, bool relu);
 // Per-channel normalisation. training: batch statistics, and running_mean / running_var (C) updated in
 // place (momentum 0.1, unbiased variance, as PyTorch); evaluation: running statistics.
 Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,

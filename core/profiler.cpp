@@ -191,6 +191,17 @@ void ProfilingBackend::conv2d_forward(const Tensor& x, const Tensor& weight, con
         [&] { wrapped_.conv2d_forward(x, weight, bias, p, y); });
 }
 
+void ProfilingBackend::conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p,
+                                         const BatchNormEval& bn, const Tensor& residual, bool relu, const Tensor& y) {
+  timed(wrapped_, "conv2d_bn_forward", &x,
+        [&] {
+          return Cost{conv_signature(x, weight, p) + " bn" + (residual.defined() ? " +residual" : "") +
+                          (relu ? " relu" : ""),
+                      conv_flops(weight, y), 0};
+        },
+        [&] { wrapped_.conv2d_bn_forward(x, weight, p, bn, residual, relu, y); });
+}
+
 void ProfilingBackend::conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y,
                                        const Conv2dParams& p, const Tensor& grad_x, const Tensor& grad_weight,
                                        const Tensor& grad_bias) {

@@ -60,6 +60,8 @@ class ProfilingBackend final : public Backend {
             const Tensor& c) override;
   void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
                       const Tensor& y) override;
+  void conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p, const BatchNormEval& bn,
+                         const Tensor& residual, bool relu, const Tensor& y) override;
   void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
                        const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) override;
   void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "core/autograd.h"
 #include "core/ops.h"
 
 namespace mdff {
@@ -35,6 +36,15 @@ BatchNorm2d::BatchNorm2d(int channels, double momentum_, double eps_) : momentum
 
 Tensor BatchNorm2d::forward(const Tensor& x) {
   return ops::batch_norm2d(x, weight, bias, running_mean, running_var, is_training(), momentum, eps);
+}
+
+Tensor conv_bn(Conv2d& conv, BatchNorm2d& bn, const Tensor& x, bool relu, const Tensor& residual) {
+  if (!bn.is_training() && !grad_enabled() && !conv.bias.defined())
+    return ops::conv2d_bn_eval(x, conv.weight, {bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps},
+                               conv.stride, conv.padding, residual, relu);
+  Tensor h = bn.forward(conv.forward(x));
+  if (residual.defined()) h = ops::add(h, residual);
+  return relu ? ops::relu(h) : h;
 }
 
 Linear::Linear(int in_features, int out_features, bool with_bias, Rng& rng) {

@@ -26,6 +26,11 @@ class BatchNorm2d : public Layer {
   double momentum, eps;
 };
 
+// conv, then bn, then + residual when defined, then ReLU when asked: how ResNet chains them. Evaluation
+// without gradients (encoding) runs one fused kernel (ops::conv2d_bn_eval), anything else the separate
+// ops; the results are equal.
+Tensor conv_bn(Conv2d& conv, BatchNorm2d& bn, const Tensor& x, bool relu, const Tensor& residual = Tensor());
+
 class Linear : public Layer {
  public:
   Linear(int in_features, int out_features, bool bias, Rng& rng);

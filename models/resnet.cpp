@@ -29,17 +29,19 @@ Bottleneck::Bottleneck(int in_channels, int width, int stride, bool zero_init_re
   bn3_ = register_module("bn3", std::make_shared<BatchNorm2d>(out));
   if (zero_init_residual) bn3_->weight.fill_(0.0);
   if (stride != 1 || in_channels != out) {
+    downsample_conv_ = kaiming_conv(in_channels, out, 1, stride, 0, rng);
+    downsample_bn_ = std::make_shared<BatchNorm2d>(out);
     downsample_ = std::make_shared<Sequential>();
-    downsample_->add(kaiming_conv(in_channels, out, 1, stride, 0, rng)).add(std::make_shared<BatchNorm2d>(out));
+    downsample_->add(downsample_conv_).add(downsample_bn_);
     register_module("downsample", downsample_);
   }
 }
 
 Tensor Bottleneck::forward(const Tensor& x) {
-  Tensor h = ops::relu(bn1_->forward(conv1_->forward(x)));
-  h = ops::relu(bn2_->forward(conv2_->forward(h)));
-  h = bn3_->forward(conv3_->forward(h));
-  return ops::relu(ops::add(h, downsample_ ? downsample_->forward(x) : x));
+  Tensor h = conv_bn(*conv1_, *bn1_, x, true);
+  h = conv_bn(*conv2_, *bn2_, h, true);
+  const Tensor shortcut = downsample_ ? conv_bn(*downsample_conv_, *downsample_bn_, x, false) : x;
+  return conv_bn(*conv3_, *bn3_, h, true, shortcut);
 }
 
 ResNet::ResNet(const ResNetConfig& config, Rng& rng) : config_(config) {
@@ -59,7 +61,7 @@ ResNet::ResNet(const ResNetConfig& config, Rng& rng) : config_(config) {
 }
 
 ResNetTaps ResNet::forward_taps(const Tensor& images) {
-  Tensor h = ops::max_pool2d(ops::relu(bn1_->forward(conv1_->forward(images))), 3, 2, 1);
+  Tensor h = ops::max_pool2d(conv_bn(*conv1_, *bn1_, images, true), 3, 2, 1);
   h = layers_[0]->forward(h);
   ResNetTaps taps;
   taps.c3 = layers_[1]->forward(h);

@@ -33,7 +33,9 @@ class Bottleneck : public Layer {
  private:
   std::shared_ptr<Conv2d> conv1_, conv2_, conv3_;
   std::shared_ptr<BatchNorm2d> bn1_, bn2_, bn3_;
-  std::shared_ptr<Sequential> downsample_;  // null when the shortcut is the identity
+  std::shared_ptr<Sequential> downsample_;  // null when the shortcut is the identity; else these two:
+  std::shared_ptr<Conv2d> downsample_conv_;
+  std::shared_ptr<BatchNorm2d> downsample_bn_;
 };
 
 // The feature maps MDFF-SH taps (method.md §2).

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <map>
 
+#include "core/autograd.h"
 #include "core/error.h"
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
@@ -149,6 +150,18 @@ TEST_CASE("train and eval modes reach every batch norm") {
   model.train();
   model.forward(x);
   CHECK(model.named_buffers().front().second.to_vector() != before);
+}
+
+TEST_CASE("evaluation without gradients (the fused convolution + batch norm) gives the same codes") {
+  Rng rng(8);
+  MdffSh model(tiny_config(Taps::All, {1.0, 0.5}), rng);
+  const Tensor x = Tensor::randn({5, 3, 16, 16}, rng);
+  model.train();
+  model.forward(x);  // running statistics away from their initial 0 and 1
+  model.eval();
+  const std::vector<double> recorded = model.forward(x).u.to_vector();  // gradients recorded: separate ops
+  NoGradGuard no_grad;
+  CHECK(model.forward(x).u.to_vector() == recorded);
 }
 
 TEST_CASE("a whole tiny MDFF-SH forward and backward, gradient-checked in float64") {

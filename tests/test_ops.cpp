@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "core/autograd.h"
 #include "core/error.h"
 #include "core/ops.h"
 #include "core/rng.h"
@@ -83,6 +84,59 @@ TEST_CASE("batch_norm2d: batch statistics, PyTorch's running-statistics update, 
   const std::vector<double> ev = e.to_vector(), m = rm.to_vector(), v = rv.to_vector();
   CHECK(ev[0] == doctest::Approx((1 - m[0]) / std::sqrt(v[0] + 1e-5)));
   CHECK(rm.to_vector() == m);  // evaluation leaves the running statistics alone
+}
+
+TEST_CASE("conv2d_bn_eval equals conv2d, batch_norm2d (evaluation), add and relu bit for bit") {
+  // Geometries of ResNet at 32x32: 7x7/2, 3x3 on 1x1 and 2x2 maps (taps dropped), 1x1/2, 1x1.
+  struct Case {
+    Shape x, w;
+    int stride, padding;
+  };
+  const Case cases[] = {{{3, 3, 12, 12}, {5, 3, 7, 7}, 2, 3}, {{2, 6, 1, 1}, {4, 6, 3, 3}, 1, 1},
+                        {{2, 4, 2, 2}, {6, 4, 3, 3}, 2, 1}, {{3, 8, 4, 4}, {16, 8, 1, 1}, 2, 0},
+                        {{4, 16, 3, 3}, {8, 16, 1, 1}, 1, 0}};
+  for (DType dtype : {DType::F32, DType::F64}) {
+    for (const Case& c : cases) {
+      Rng rng(11);
+      const Tensor x = Tensor::randn(c.x, rng).to(dtype), w = Tensor::randn(c.w, rng).to(dtype);
+      const int64_t cout = c.w[0];
+      const Tensor r = Tensor::randn({cout}, rng);
+      const BatchNormEval bn{Tensor::randn({cout}, rng).to(dtype), Tensor::randn({cout}, rng).to(dtype),
+                             Tensor::randn({cout}, rng).to(dtype),
+                             ops::add(ops::mul(r, r), Tensor::full({cout}, 0.1)).to(dtype),  // variances > 0
+                             1e-5};
+      const Tensor separate_bn = ops::batch_norm2d(ops::conv2d(x, w, Tensor(), c.stride, c.padding), bn.gamma, bn.beta,
+                                                   bn.running_mean, bn.running_var, false, 0.1, bn.eps);
+      const Tensor residual = Tensor::randn(separate_bn.shape(), rng).to(dtype);
+      NoGradGuard no_grad;
+      for (bool with_residual : {false, true})
+        for (bool relu : {false, true}) {
+          CAPTURE(shape_str(c.x));
+          CAPTURE(shape_str(c.w));
+          CAPTURE(with_residual);
+          CAPTURE(relu);
+          Tensor expected = with_residual ? ops::add(separate_bn, residual) : separate_bn;
+          if (relu) expected = ops::relu(expected);
+          const Tensor fused =
+              ops::conv2d_bn_eval(x, w, bn, c.stride, c.padding, with_residual ? residual : Tensor(), relu);
+          CHECK(fused.to_vector() == expected.to_vector());
+        }
+    }
+  }
+}
+
+TEST_CASE("conv2d_bn_eval refuses to run while gradients are recorded, and checks its operands") {
+  Rng rng(12);
+  const Tensor x = Tensor::randn({1, 2, 4, 4}, rng), w = Tensor::randn({3, 2, 3, 3}, rng);
+  const BatchNormEval bn{Tensor::full({3}, 1.0), Tensor::zeros({3}), Tensor::zeros({3}), Tensor::full({3}, 1.0), 1e-5};
+  CHECK_THROWS_WITH_AS(ops::conv2d_bn_eval(x, w, bn, 1, 1, Tensor(), true),
+                       doctest::Contains("runs only without gradients"), Error);
+  NoGradGuard no_grad;
+  CHECK_THROWS_WITH_AS(ops::conv2d_bn_eval(x, w, bn, 1, 1, Tensor::zeros({1, 3, 2, 2}), true),
+                       doctest::Contains("residual of shape (1,3,2,2) for an output of shape (1,3,4,4)"), Error);
+  const BatchNormEval short_bn{Tensor::full({2}, 1.0), Tensor::zeros({2}), Tensor::zeros({2}), Tensor::full({2}, 1.0), 1e-5};
+  CHECK_THROWS_WITH_AS(ops::conv2d_bn_eval(x, w, short_bn, 1, 1, Tensor(), true), doctest::Contains("shape (3)"),
+                       Error);
 }
 
 TEST_CASE("max_pool2d 3x3 stride 2 padding 1") {

