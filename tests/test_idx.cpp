@@ -1,6 +1,7 @@
 // The IDX reader on small generated files: plain and gzip, and every kind of damage a user's file can
 // have (missing, wrong magic, unsupported type, truncated header or values, trailing bytes, corrupt gzip).
 #include <doctest/doctest.h>
+#include <sys/resource.h>
 #include <zlib.h>
 
 #include <cstdio>
@@ -79,4 +80,28 @@ TEST_CASE("damaged IDX files are clear errors naming the file") {
   for (size_t i = 20; i < raw.size() - 8; i += 3) raw[i] = static_cast<char>(raw[i] ^ 0x5a);
   std::ofstream(gz, std::ios::binary).write(raw.data(), raw.size());
   CHECK_THROWS_AS(data::read_idx(gz), Error);
+}
+
+namespace {
+// The process's peak resident memory so far, in MiB (Linux reports kilobytes).
+int64_t peak_rss_mib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024;
+}
+}  // namespace
+
+// Found by fuzzing (tests/fuzz/corpus/fuzz_idx/oom-declares-12g-values.idx): the reader allocated the
+// declared values before reading them, so a 20-byte file declaring 12 G values took 12 GB.
+TEST_CASE("an IDX header declaring more values than the file holds is truncation, not an allocation of them all") {
+  const int64_t before = peak_rss_mib();
+  CHECK_THROWS_WITH_AS(data::read_idx(write_plain("declares_1g.idx", idx_bytes({1u << 15, 1u << 15}, 10))),
+                       doctest::Contains("truncated: the file ends after 10 of the 1073741824 bytes of the values"),
+                       Error);
+  CHECK(peak_rss_mib() - before < 512);  // at most one 64 MiB chunk is allocated ahead of the data
+}
+
+TEST_CASE("IDX dimensions whose product overflows 64 bits are refused, not wrapped around") {
+  CHECK_THROWS_WITH_AS(data::read_idx(write_plain("overflow.idx", idx_bytes({1u << 31, 8, 1u << 31}, 0))),
+                       doctest::Contains("implausibly large"), Error);
 }
