@@ -5,13 +5,17 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "core/error.h"
 #include "data/idx.h"
 
+// A damaged header must not make stb_image allocate gigabytes or loop over millions of rows: it refuses
+// sides over 32768 itself, and decode_image refuses images over kMaxImagePixels before decoding.
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_FAILURE_USERMSG
+#define STBI_MAX_DIMENSIONS (1 << 15)
 #include <stb/stb_image.h>
 
 namespace mdff::data {
@@ -19,6 +23,9 @@ namespace mdff::data {
 namespace fs = std::filesystem;
 
 namespace {
+constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 megapixels, e.g. 8192x8192
+constexpr const char* kImageFormats = "formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR";
+
 constexpr const char* kCifar10Hint =
     "get CIFAR-10's binary version with scripts/download_cifar10.sh (it downloads cifar-10-binary.tar.gz "
     "and unpacks cifar-10-batches-bin/), then pass that folder";
@@ -49,6 +56,31 @@ std::vector<std::string> cifar10_class_names(const std::string& dir) {
 }
 
 void set_one_hot(Dataset& d, int64_t row, int label) { d.labels[row * d.classes + label] = 1; }
+
+// stb_image 2.27 (Debian 12's libstb-dev) builds a JPEG Huffman table without checking that the 16 code
+// counts of a DHT segment add up to at most 256 (stb_image 2.28 does), and writes past the table when they
+// do not. So in a JPEG (0xFF, any 0xFF fill bytes, then 0xD8, as stb_image recognises one), every place
+// stb_image could read a DHT segment from (each 0xFF 0xC4) is checked first, table by table as stb_image
+// reads them (reading 0 past the end, as it does). Returns the offset of the first bad table, or -1.
+int64_t bad_jpeg_huffman_table(const std::vector<uint8_t>& bytes) {
+  size_t start = 0;
+  while (start < bytes.size() && bytes[start] == 0xff) ++start;
+  if (start == 0 || start == bytes.size() || bytes[start] != 0xd8) return -1;  // not a JPEG
+  const auto at = [&](size_t i) -> int { return i < bytes.size() ? bytes[i] : 0; };
+  for (size_t marker = start; marker + 1 < bytes.size(); ++marker) {
+    if (bytes[marker] != 0xff || bytes[marker + 1] != 0xc4) continue;
+    int64_t left = ((at(marker + 2) << 8) | at(marker + 3)) - 2;  // the segment's length after its length field
+    size_t table = marker + 4;
+    while (left > 0 && (at(table) >> 4) <= 1 && (at(table) & 15) <= 3) {  // stb_image stops at a bad class or id
+      int codes = 0;
+      for (size_t i = 1; i <= 16; ++i) codes += at(table + i);
+      if (codes > 256) return static_cast<int64_t>(table);
+      table += 17 + codes;
+      left -= 17 + codes;
+    }
+  }
+  return -1;
+}
 }  // namespace
 
 Dataset load_cifar10(const std::string& dir_arg, int64_t records_per_file) {
@@ -74,7 +106,8 @@ Dataset load_cifar10(const std::string& dir_arg, int64_t records_per_file) {
   int64_t row = 0;
   for (const std::string& file : files) {
     const std::string path = dir + "/" + file;
-    MDFF_CHECK(fs::exists(path), "CIFAR-10: ", path, " is missing (looked in ", dir, "); ", kCifar10Hint);
+    MDFF_CHECK(fs::is_regular_file(path), "CIFAR-10: ", path, " is missing or not a file (looked in ", dir, "); ",
+               kCifar10Hint);
     const int64_t expected = records_per_file * kRecordBytes;
     const auto actual = static_cast<int64_t>(fs::file_size(path));
     MDFF_CHECK(actual == expected, path, ": ", actual, " bytes, expected ", expected, " (", records_per_file,
@@ -186,10 +219,22 @@ Dataset load_image_list(const std::string& list_file, const std::string& root, i
 
 Image decode_image(const std::string& path) {
   MDFF_CHECK(fs::exists(path), path, ": no such image file");
+  MDFF_CHECK(fs::is_regular_file(path), path, ": not a file (a folder?), so not an image");
+  MDFF_CHECK(fs::file_size(path) <= static_cast<uintmax_t>(std::numeric_limits<int>::max()), path, ": ",
+             fs::file_size(path), " bytes, too large for an image file (stb_image reads up to 2 GB)");
+  const std::vector<uint8_t> bytes = read_file(path);
+  const int64_t bad_table = bad_jpeg_huffman_table(bytes);
+  MDFF_CHECK(bad_table < 0, path, ": cannot decode the image (the JPEG Huffman table at byte ", bad_table,
+             " declares more than 256 codes: the file is damaged)");
+  const int size = static_cast<int>(bytes.size());
   int width = 0, height = 0, channels_in_file = 0;
-  uint8_t* pixels = stbi_load(path.c_str(), &width, &height, &channels_in_file, 3);
-  MDFF_CHECK(pixels, path, ": cannot decode the image (", stbi_failure_reason(),
-             "); formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR");
+  MDFF_CHECK(stbi_info_from_memory(bytes.data(), size, &width, &height, &channels_in_file), path,
+             ": cannot decode the image (", stbi_failure_reason(), "); ", kImageFormats);
+  MDFF_CHECK(int64_t{width} * height <= kMaxImagePixels, path, ": the image is ", width, "x", height,
+             " pixels, more than the ", kMaxImagePixels >> 20, " megapixels read here (a damaged header, or resize "
+             "the image first)");
+  uint8_t* pixels = stbi_load_from_memory(bytes.data(), size, &width, &height, &channels_in_file, 3);
+  MDFF_CHECK(pixels, path, ": cannot decode the image (", stbi_failure_reason(), "); ", kImageFormats);
   Image image;
   image.height = height;
   image.width = width;

@@ -326,6 +326,39 @@ TEST_CASE("image lists: bad lines and bad images are errors naming the file and 
   CHECK_THROWS_WITH_AS(decode_image(dir + "/gone.jpg"), doctest::Contains("gone.jpg: no such image file"), Error);
 }
 
+// Found by fuzzing (tests/fuzz/corpus/fuzz_image/): stb_image 2.27 writes past its Huffman table when a
+// JPEG's DHT segment declares more than 256 codes (crash-jpeg-dht-over-256-codes.jpg), and decoded a BMP
+// header's 5 x 16,776,963 pixels from a 103-byte file, one file seek per row, for minutes
+// (timeout-bmp-16m-rows.bmp).
+TEST_CASE("decode_image: damaged headers are refused before stb_image decodes them") {
+  const std::string dir = temp_dir("damaged_headers");
+  // SOI, then a DHT segment of one table (class 0, id 0) whose 16 counts are 17 each: 272 codes.
+  std::vector<uint8_t> jpeg{0xff, 0xd8, 0xff, 0xc4, 0x00, 0x13, 0x00};
+  jpeg.insert(jpeg.end(), 16, 17);
+  write_bytes(dir + "/dht.jpg", jpeg);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/dht.jpg"),
+                       doctest::Contains("dht.jpg: cannot decode the image (the JPEG Huffman table at byte 6 declares "
+                                         "more than 256 codes"),
+                       Error);
+  // A 54-byte BMP header (24-bit, uncompressed) declaring width x height pixels, and no pixels.
+  const auto bmp_header = [](uint32_t width, uint32_t height) {
+    std::vector<uint8_t> bytes{'B', 'M', 54, 0, 0, 0, 0, 0, 0, 0, 54, 0, 0, 0, 40, 0, 0, 0};
+    for (uint32_t value : {width, height}) {
+      for (int shift : {0, 8, 16, 24}) bytes.push_back(static_cast<uint8_t>(value >> shift));
+    }
+    const std::vector<uint8_t> rest{1, 0, 24, 0};
+    bytes.insert(bytes.end(), rest.begin(), rest.end());
+    bytes.resize(54, 0);
+    return bytes;
+  };
+  write_bytes(dir + "/tall.bmp", bmp_header(5, 16776963));
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/tall.bmp"), doctest::Contains("5x16776963 pixels, more than the 64 megapixels"),
+                       Error);
+  write_bytes(dir + "/big.bmp", bmp_header(8193, 8193));
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/big.bmp"), doctest::Contains("8193x8193 pixels"), Error);
+  CHECK_THROWS_WITH_AS(decode_image(dir), doctest::Contains("not a file"), Error);
+}
+
 TEST_CASE("make_batch: ImageNet normalisation, multi-hot labels, positions and rows") {
   const Dataset d = synthetic(6, 4, 32, 32);
   Rng rng(1);
