@@ -3,7 +3,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <limits>
 #include <map>
 
 #include "core/error.h"
@@ -13,6 +12,12 @@ namespace mdff {
 
 namespace {
 using json = nlohmann::json;
+
+// The largest model a checkpoint may describe: train_mdff's own limits (--bits 4..1024, --classes up to
+// 10000, image sizes up to 1024, --scales in (0, 4]), so that damaged metadata cannot make the model or its
+// input gigabytes large.
+constexpr int kMaxBits = 1024, kMaxClasses = 10000, kMaxImageSize = 1024;
+constexpr double kMaxScale = 4;
 
 // Tensors under these prefixes hold training state (optimizer moments, the trainer's position), not the model.
 bool is_training_state(const std::string& name) {
@@ -37,12 +42,12 @@ const json& config_value(const json& config, const char* key, bool (json::*is_ki
   return value;
 }
 
-// config[key] as an int >= lowest.
-int int_at_least(const json& config, const char* key, int lowest, const std::string& path) {
+// config[key] as an int in lowest..highest.
+int int_in(const json& config, const char* key, int lowest, int highest, const std::string& path) {
   const json& value = config_value(config, key, &json::is_number_integer, "a whole number", path);
-  const int64_t number = value.get<int64_t>();
-  MDFF_CHECK(number >= lowest && number <= std::numeric_limits<int>::max(), path, ": \"", key,
-             "\" in the checkpoint's \"config\" metadata is ", number, ", not an int >= ", lowest);
+  const int64_t number = value.get<int64_t>();  // one above INT64_MAX comes out negative, and is refused
+  MDFF_CHECK(number >= lowest && number <= highest, path, ": \"", key, "\" in the checkpoint's \"config\" metadata is ",
+             value.dump(), ", not in ", lowest, "..", highest);
   return static_cast<int>(number);
 }
 
@@ -55,8 +60,8 @@ int bits_of(const io::SafetensorsFile& file, const std::string& path) {
   } catch (const std::exception&) {
     used = 0;
   }
-  MDFF_CHECK(used > 0 && used == text.size() && bits >= 1, path, ": the checkpoint's \"bits\" metadata is '", text,
-             "', not a positive code length");
+  MDFF_CHECK(used > 0 && used == text.size() && bits >= 1 && bits <= kMaxBits, path,
+             ": the checkpoint's \"bits\" metadata is '", text, "', not a code length in 1..", kMaxBits);
   return bits;
 }
 }  // namespace
@@ -111,12 +116,12 @@ LoadedCheckpoint load_model_checkpoint(const std::string& path) {
 
   LoadedCheckpoint loaded;
   loaded.backbone = config_value(config, "model", &json::is_string, "a string", path).get<std::string>();
-  loaded.classes = int_at_least(config, "classes", 1, path);
-  loaded.batch.image_size = int_at_least(config, "image_size", 1, path);
+  loaded.classes = int_in(config, "classes", 1, kMaxClasses, path);
+  loaded.batch.image_size = int_in(config, "image_size", 1, kMaxImageSize, path);
   // Crop mode (train_mdff --resize R --crop C); both 0, or absent in runs from before these options, for
   // the plain resize to image_size.
-  loaded.batch.resize = config.contains("resize") ? int_at_least(config, "resize", 0, path) : 0;
-  loaded.batch.crop = config.contains("crop") ? int_at_least(config, "crop", 0, path) : 0;
+  loaded.batch.resize = config.contains("resize") ? int_in(config, "resize", 0, kMaxImageSize, path) : 0;
+  loaded.batch.crop = config.contains("crop") ? int_in(config, "crop", 0, kMaxImageSize, path) : 0;
   loaded.batch.crop_mode = loaded.batch.crop > 0;
   MDFF_CHECK((loaded.batch.resize > 0) == loaded.batch.crop_mode && loaded.batch.crop <= loaded.batch.resize, path,
              ": the checkpoint's \"config\" metadata has \"resize\" ", loaded.batch.resize, " and \"crop\" ",
@@ -124,8 +129,9 @@ LoadedCheckpoint load_model_checkpoint(const std::string& path) {
   const std::string taps = config_value(config, "taps", &json::is_string, "a string", path).get<std::string>();
   std::vector<double> scales;
   for (const json& s : config_value(config, "scales", &json::is_array, "an array of numbers", path)) {
-    MDFF_CHECK(s.is_number(), path, ": \"scales\" in the checkpoint's \"config\" metadata holds ", s.dump(),
-               ", not a number");
+    MDFF_CHECK(s.is_number() && s.get<double>() > 0 && s.get<double>() <= kMaxScale, path,
+               ": \"scales\" in the checkpoint's \"config\" metadata holds ", s.dump(), ", not a number in (0, ",
+               kMaxScale, "]");
     scales.push_back(s.get<double>());
   }
   try {

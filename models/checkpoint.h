@@ -41,8 +41,9 @@ struct LoadedCheckpoint {
 // Reads a checkpoint written by train_mdff and returns its model. The metadata must hold "bits" and
 // "config" with "model", "classes", "taps", "scales" and "image_size", and may hold "resize" and "crop"
 // (crop mode when both are positive; absent from runs before train_mdff had them); every parameter and
-// buffer of that model must be in the file with its shape (load_model_state). Each error names the file
-// and the tensor or metadata key.
+// buffer of that model must be in the file with its shape (load_model_state). A model beyond train_mdff's
+// limits (more than 1024 bits or 10000 classes, image sizes over 1024, scales outside (0, 4]) is refused
+// before it is built. Each error names the file and the tensor or metadata key.
 LoadedCheckpoint load_model_checkpoint(const std::string& path);
 
 }  // namespace mdff

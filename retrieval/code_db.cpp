@@ -158,6 +158,8 @@ CodeDatabase read_code_database(const std::string& path) {
   for (int64_t i = 0; i < db.codes.count; ++i) {
     MDFF_CHECK(offsets[i] <= offsets[i + 1], path, ": tensor 'path_offsets' decreases at entry ", i + 1, " (",
                offsets[i], " then ", offsets[i + 1], ")");
+    MDFF_CHECK(offsets[i + 1] <= path_bytes.shape[0], path, ": tensor 'path_offsets' entry ", i + 1, " (",
+               offsets[i + 1], ") runs past the ", path_bytes.shape[0], " bytes of 'path_bytes'");
     db.paths.emplace_back(reinterpret_cast<const char*>(path_bytes.bytes.data()) + offsets[i],
                           static_cast<size_t>(offsets[i + 1] - offsets[i]));
   }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -240,6 +241,13 @@ TEST_CASE("damaged code database files are clear errors naming the file") {
     auto& o = entry_named(e, "path_offsets");
     std::swap(o.bytes[8], o.bytes[16]);  // offsets 0, 13, 40, 40 become 0, 40, 13, 40
   }, "tensor 'path_offsets' decreases at entry 2");
+  // Found by fuzzing (tests/fuzz/corpus/fuzz_code_db/crash-offset-past-path-bytes): an offset past the end
+  // of 'path_bytes' followed by a smaller one was read from before the decrease was noticed.
+  refused("offsets_past_end", [](Entries& e, Metadata&) {
+    auto& o = entry_named(e, "path_offsets");
+    const int64_t past = 1000;
+    std::memcpy(o.bytes.data() + 8, &past, 8);  // offsets 0, 13, 40, 40 become 0, 1000, 40, 40
+  }, "tensor 'path_offsets' entry 1 (1000) runs past the 40 bytes of 'path_bytes'");
   refused("labels_rows", [](Entries& e, Metadata&) {
     auto& l = entry_named(e, "labels");
     l.shape = {2, 3};
@@ -390,6 +398,16 @@ TEST_CASE("load_model_checkpoint names what is missing or does not match") {
           "(8 bits, 3 classes, taps fc1) does not have");
   refused("extra", [](Entries& e, Metadata&) { e.push_back({"head.weight", "F32", {1}, {0, 0, 0, 0}}); },
           "holds the tensor 'head.weight'");
+  // Metadata describing a model far beyond train_mdff's limits is refused before the model is built
+  // (2147483647 classes made the loader allocate 64 GB for the classifier).
+  refused("huge_classes", set_config("classes", 2147483647),
+          "\"classes\" in the checkpoint's \"config\" metadata is 2147483647, not in 1..10000");
+  refused("huge_bits", [](Entries&, Metadata& m) { m["bits"] = "1000000000"; },
+          "\"bits\" metadata is '1000000000', not a code length in 1..1024");
+  refused("huge_image_size", set_config("image_size", 100000), "\"image_size\" in the checkpoint's \"config\" "
+          "metadata is 100000, not in 1..1024");
+  refused("huge_scale", set_config("scales", json::array({1, 1e9})), "\"scales\" in the checkpoint's \"config\" "
+          "metadata holds 1000000000.0, not a number in (0, 4]");
 }
 
 TEST_CASE("mdff_search: bad options exit 2 with the reason") {
