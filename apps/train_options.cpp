@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <limits>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/file_io.h"
@@ -33,6 +35,17 @@ Recipe recipe_named(const std::string& name) {
   MDFF_FAIL("unknown recipe '", name, "': use paper or scratch");
 }
 
+// Whether `item` is a JSON integer that T holds. nlohmann::json converts a float, or an integer out of
+// range, to an integer type with a plain cast, which is undefined behaviour for 1e300 or -1.5.
+template <class T>
+bool integer_fits(const json& item) {
+  if (item.is_number_unsigned()) return item.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+  if (!item.is_number_integer()) return false;
+  const int64_t value = item.get<int64_t>();
+  if (value < 0) return std::is_signed_v<T> && value >= static_cast<int64_t>(std::numeric_limits<T>::min());
+  return static_cast<uint64_t>(value) <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+}
+
 }  // namespace
 
 json options_json(const Options& o) {
@@ -47,13 +60,17 @@ Options options_from_json(const json& j, const std::string& source) {
   Options o;
   for_each_option(o, [&](const char* key, auto& value) {
     MDFF_CHECK(j.contains(key), source, " has no option '", key, "' (written by another version of train_mdff?)");
+    using T = std::decay_t<decltype(value)>;
     try {
-      if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::string>) {
+      if constexpr (std::is_same_v<T, std::string>) {
         if (j.at(key).is_array()) {  // a list option: "1,0.5"
           value.clear();
           for (const json& item : j.at(key)) value += (value.empty() ? "" : ",") + item.dump();
           return;
         }
+      } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+        MDFF_CHECK(integer_fits<T>(j.at(key)), source, ": option '", key, "' is ", j.at(key).dump(),
+                   ", not a whole number in ", std::numeric_limits<T>::min(), "..", std::numeric_limits<T>::max());
       }
       j.at(key).get_to(value);
     } catch (const json::exception&) {
