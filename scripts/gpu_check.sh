@@ -7,7 +7,8 @@
 #       50 MB, under the device tool's 64 MiB. Then, through the device tool:
 #   there:           bash scripts/gpu_check.sh            (carry: .gpu-bundle)
 #       runs every test (the CUDA parity tests included, once more with MDFF_CUDA_SYNC=1), compute-sanitizer
-#       memcheck and racecheck over the CUDA tests, and the benchmarks, writing logs and summary.txt under
+#       memcheck and racecheck over the CUDA tests (GPU_SANITIZER_TIMEOUT seconds each, default 300; their
+#       error summaries in the summary), and the benchmarks, writing logs and summary.txt under
 #       $OUT (or gpu-check-out/ when OUT is unset). Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,9 +66,31 @@ for test in "$bundle"/bin/test_*; do
   [[ -x "$test" && -f "$test" ]] && step "$(basename "$test")" "$(basename "$test").log" "$test"
 done
 step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log env MDFF_CUDA_SYNC=1 "$bundle/bin/test_cuda"
-if command -v compute-sanitizer > /dev/null; then
-  step "compute-sanitizer memcheck" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 "$bundle/bin/test_cuda"
-  step "compute-sanitizer racecheck" racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 "$bundle/bin/test_cuda"
+# compute-sanitizer over the CUDA tests (test_cuda is the only test executable that touches the GPU): memcheck
+# (out-of-bounds and misaligned device accesses, leaks of device memory) and racecheck (shared-memory data
+# races). Each has a time limit, so that a slow tool cannot use up the machine's lease; its "ERROR SUMMARY"
+# line goes into the summary. A missing tool is a FAIL line, not a silent skip.
+sanitizer=$(command -v compute-sanitizer || true)
+for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
+                 /opt/nvidia/*/compute-sanitizer/compute-sanitizer \
+                 "$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)"/nvidia/cuda_sanitizer_api/compute-sanitizer/compute-sanitizer; do
+  [[ -z "$sanitizer" && -x "$candidate" ]] && sanitizer=$candidate
+done
+sanitizer_limit=${GPU_SANITIZER_TIMEOUT:-300}  # seconds per tool
+if [[ -n "$sanitizer" ]]; then
+  echo "compute-sanitizer: $sanitizer" >> "$out/machine.txt"
+  step "compute-sanitizer memcheck" memcheck.log timeout "$sanitizer_limit" "$sanitizer" --tool memcheck \
+    --leak-check full --error-exitcode 9 "$bundle/bin/test_cuda"
+  step "compute-sanitizer racecheck" racecheck.log timeout "$sanitizer_limit" "$sanitizer" --tool racecheck \
+    --error-exitcode 9 "$bundle/bin/test_cuda"
+  for log in memcheck.log racecheck.log; do
+    printf '  %-32s %s\n' "$log" "$(grep -m 1 'ERROR SUMMARY' "$out/$log" || echo 'no ERROR SUMMARY (timed out or did not start; see the log)')" \
+      | tee -a "$summary"
+  done
+else
+  echo "compute-sanitizer                  FAIL: not found (PATH, /usr/local/cuda*/bin, the nvidia pip packages)" \
+    | tee -a "$summary"
+  status=1
 fi
 step "CPU conv benchmark" bench_conv.log "$bundle/bin/bench_conv" --json "$out/bench_conv.json"
 echo "overall: $([[ $status == 0 ]] && echo PASS || echo FAIL)" | tee -a "$summary"
