@@ -193,7 +193,7 @@ void add_options(CLI::App& app, Options& o) {
       ->check(CLI::Range(1, 10000000));
   app.add_option("--model", o.model, "backbone: resnet50 (the paper's) or tiny (the tests' small ResNet, for quick "
                  "trials)")->capture_default_str()->check(CLI::IsMember({"resnet50", "tiny"}));
-  app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 5,000-image "
+  app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 2,000-image "
                  "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
   app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
