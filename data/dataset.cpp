@@ -7,6 +7,7 @@
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <system_error>
 
 #include "core/error.h"
 #include "data/idx.h"
@@ -24,11 +25,30 @@ namespace fs = std::filesystem;
 
 namespace {
 constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 megapixels, e.g. 8192x8192
+// No format stb_image reads holds more pixels per byte of file than this: the densest, a 1-bit PNG at
+// deflate's best ratio, holds about 8,300. A header declaring more is a truncated or damaged file, which
+// stb_image would otherwise decode in full from zeros read past its end.
+constexpr int64_t kMaxPixelsPerByte = 16384;
 constexpr const char* kImageFormats = "formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR";
 
 constexpr const char* kCifar10Hint =
     "get CIFAR-10's binary version with scripts/download_cifar10.sh (it downloads cifar-10-binary.tar.gz "
     "and unpacks cifar-10-batches-bin/), then pass that folder";
+
+// The file system's answers without its exceptions: a path it cannot look up (too long, or through a
+// file) counts as missing, so that the caller's error names the path.
+bool path_exists(const std::string& path) {
+  std::error_code ignored;
+  return fs::exists(path, ignored);
+}
+bool is_file(const std::string& path) {
+  std::error_code ignored;
+  return fs::is_regular_file(path, ignored);
+}
+bool is_folder(const std::string& path) {
+  std::error_code ignored;
+  return fs::is_directory(path, ignored);
+}
 
 std::vector<uint8_t> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -42,7 +62,7 @@ std::vector<uint8_t> read_file(const std::string& path) {
 // Non-empty, whitespace-trimmed lines of batches.meta.txt, or the standard names when it is absent.
 std::vector<std::string> cifar10_class_names(const std::string& dir) {
   const std::string path = dir + "/batches.meta.txt";
-  if (!fs::exists(path)) {
+  if (!path_exists(path)) {
     return {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"};
   }
   std::ifstream in(path);
@@ -85,10 +105,10 @@ int64_t bad_jpeg_huffman_table(const std::vector<uint8_t>& bytes) {
 
 Dataset load_cifar10(const std::string& dir_arg, int64_t records_per_file) {
   MDFF_CHECK(records_per_file > 0, "load_cifar10: records_per_file must be positive, got ", records_per_file);
-  MDFF_CHECK(fs::is_directory(dir_arg), "CIFAR-10: the folder ", dir_arg, " does not exist; ", kCifar10Hint);
+  MDFF_CHECK(is_folder(dir_arg), "CIFAR-10: the folder ", dir_arg, " does not exist; ", kCifar10Hint);
   // Accept the folder that holds cifar-10-batches-bin/ (where the download script unpacks it).
   std::string dir = dir_arg;
-  if (!fs::exists(dir + "/data_batch_1.bin") && fs::exists(dir + "/cifar-10-batches-bin/data_batch_1.bin")) {
+  if (!path_exists(dir + "/data_batch_1.bin") && path_exists(dir + "/cifar-10-batches-bin/data_batch_1.bin")) {
     dir += "/cifar-10-batches-bin";
   }
   constexpr int64_t kImageBytes = 3 * 32 * 32, kRecordBytes = 1 + kImageBytes;
@@ -106,7 +126,7 @@ Dataset load_cifar10(const std::string& dir_arg, int64_t records_per_file) {
   int64_t row = 0;
   for (const std::string& file : files) {
     const std::string path = dir + "/" + file;
-    MDFF_CHECK(fs::is_regular_file(path), "CIFAR-10: ", path, " is missing or not a file (looked in ", dir, "); ",
+    MDFF_CHECK(is_file(path), "CIFAR-10: ", path, " is missing or not a file (looked in ", dir, "); ",
                kCifar10Hint);
     const int64_t expected = records_per_file * kRecordBytes;
     const auto actual = static_cast<int64_t>(fs::file_size(path));
@@ -131,12 +151,12 @@ Dataset load_fashion_mnist(const std::string& dir) {
   const std::string hint = " (Fashion-MNIST: install Debian's dataset-fashion-mnist, which puts the files in " +
                            std::string(kFashionMnistDir) +
                            ", or pass the folder that holds train-images-idx3-ubyte.gz and the others)";
-  MDFF_CHECK(fs::is_directory(dir), "Fashion-MNIST: the folder ", dir, " does not exist", hint);
+  MDFF_CHECK(is_folder(dir), "Fashion-MNIST: the folder ", dir, " does not exist", hint);
   // `name`.gz, else the uncompressed `name`.
   auto find = [&](const std::string& name) {
     const std::string gz = dir + "/" + name + ".gz", plain = dir + "/" + name;
-    if (fs::exists(gz) || !fs::exists(plain)) {
-      MDFF_CHECK(fs::exists(gz), "Fashion-MNIST: neither ", gz, " nor ", plain, " exists", hint);
+    if (path_exists(gz) || !path_exists(plain)) {
+      MDFF_CHECK(path_exists(gz), "Fashion-MNIST: neither ", gz, " nor ", plain, " exists", hint);
       return gz;
     }
     return plain;
@@ -181,7 +201,7 @@ Dataset load_fashion_mnist(const std::string& dir) {
 Dataset load_image_list(const std::string& list_file, const std::string& root, int classes) {
   MDFF_CHECK(classes > 0, "load_image_list: the number of classes must be positive, got ", classes);
   std::ifstream in(list_file);
-  MDFF_CHECK(fs::exists(list_file) && in, list_file, ": cannot open the image list (no such file?)");
+  MDFF_CHECK(path_exists(list_file) && in, list_file, ": cannot open the image list (no such file?)");
   Dataset d;
   d.name = list_file;
   d.classes = classes;
@@ -206,7 +226,7 @@ Dataset load_image_list(const std::string& list_file, const std::string& root, i
     MDFF_CHECK(std::find(row.begin(), row.end(), 1) != row.end(), where, "the image ", path, " has no label (all ",
                classes, " are 0); remove the line from the list");
     const std::string resolved = fs::path(path).is_absolute() ? path : (fs::path(root) / path).string();
-    MDFF_CHECK(fs::exists(resolved), where, "the image ", resolved,
+    MDFF_CHECK(path_exists(resolved), where, "the image ", resolved,
                " does not exist (relative paths are taken from the "
                "root folder '",
                root, "'; is it right?)");
@@ -218,8 +238,8 @@ Dataset load_image_list(const std::string& list_file, const std::string& root, i
 }
 
 Image decode_image(const std::string& path) {
-  MDFF_CHECK(fs::exists(path), path, ": no such image file");
-  MDFF_CHECK(fs::is_regular_file(path), path, ": not a file (a folder?), so not an image");
+  MDFF_CHECK(path_exists(path), path, ": no such image file");
+  MDFF_CHECK(is_file(path), path, ": not a file (a folder?), so not an image");
   MDFF_CHECK(fs::file_size(path) <= static_cast<uintmax_t>(std::numeric_limits<int>::max()), path, ": ",
              fs::file_size(path), " bytes, too large for an image file (stb_image reads up to 2 GB)");
   const std::vector<uint8_t> bytes = read_file(path);
@@ -233,6 +253,8 @@ Image decode_image(const std::string& path) {
   MDFF_CHECK(int64_t{width} * height <= kMaxImagePixels, path, ": the image is ", width, "x", height,
              " pixels, more than the ", kMaxImagePixels >> 20, " megapixels read here (a damaged header, or resize "
              "the image first)");
+  MDFF_CHECK(int64_t{width} * height <= kMaxPixelsPerByte * size, path, ": the image declares ", width, "x", height,
+             " pixels, more than its ", size, " bytes can hold: the file is truncated or damaged");
   uint8_t* pixels = stbi_load_from_memory(bytes.data(), size, &width, &height, &channels_in_file, 3);
   MDFF_CHECK(pixels, path, ": cannot decode the image (", stbi_failure_reason(), "); ", kImageFormats);
   Image image;

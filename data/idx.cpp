@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <memory>
+#include <system_error>
 
 #include "core/error.h"
 
@@ -38,7 +39,8 @@ constexpr size_t kValuesChunk = size_t{1} << 26;
 }  // namespace
 
 IdxArray read_idx(const std::string& path) {
-  MDFF_CHECK(std::filesystem::exists(path), path, ": no such file");
+  std::error_code unreadable;  // a path the system cannot look up (too long, through a file) is missing too
+  MDFF_CHECK(std::filesystem::exists(path, unreadable), path, ": no such file");
   std::unique_ptr<gzFile_s, GzCloser> file(gzopen(path.c_str(), "rb"));
   MDFF_CHECK(file, path, ": cannot open for reading");
   uint8_t magic[4];

@@ -326,6 +326,23 @@ TEST_CASE("image lists: bad lines and bad images are errors naming the file and 
   CHECK_THROWS_WITH_AS(decode_image(dir + "/gone.jpg"), doctest::Contains("gone.jpg: no such image file"), Error);
 }
 
+// Found by fuzzing (tests/fuzz/corpus/fuzz_image_list/crash-name-too-long): a file name longer than the
+// system allows made std::filesystem throw its own exception instead of the loader's error naming the path.
+TEST_CASE("paths the system cannot look up are missing files, named in the error") {
+  const std::string dir = write_images("list_long_name");
+  const std::string list = dir + "/list.txt", long_name = std::string(300, 'x') + ".png";
+  write_text(list, "a.png 1 0 0\n" + long_name + " 0 1 0\n");
+  const std::string message = "list.txt:2: the image " + dir + "/" + long_name + " does not exist";
+  CHECK_THROWS_WITH_AS(load_image_list(list, dir, 3), doctest::Contains(message.c_str()), Error);
+  CHECK_THROWS_WITH_AS(load_image_list(dir + "/" + long_name, dir, 3), doctest::Contains("cannot open the image list"),
+                       Error);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/" + long_name), doctest::Contains("no such image file"), Error);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/a.png/b.png"), doctest::Contains("no such image file"), Error);
+  CHECK_THROWS_WITH_AS(load_cifar10(dir + "/" + long_name), doctest::Contains("does not exist"), Error);
+  CHECK_THROWS_WITH_AS(load_fashion_mnist(dir + "/" + long_name), doctest::Contains("does not exist"), Error);
+  CHECK_THROWS_WITH_AS(read_idx(dir + "/" + long_name), doctest::Contains("no such file"), Error);
+}
+
 // Found by fuzzing (tests/fuzz/corpus/fuzz_image/): stb_image 2.27 writes past its Huffman table when a
 // JPEG's DHT segment declares more than 256 codes (crash-jpeg-dht-over-256-codes.jpg), and decoded a BMP
 // header's 5 x 16,776,963 pixels from a 103-byte file, one file seek per row, for minutes
@@ -357,6 +374,17 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   write_bytes(dir + "/big.bmp", bmp_header(8193, 8193));
   CHECK_THROWS_WITH_AS(decode_image(dir + "/big.bmp"), doctest::Contains("8193x8193 pixels"), Error);
   CHECK_THROWS_WITH_AS(decode_image(dir), doctest::Contains("not a file"), Error);
+  // An RLE TGA header declaring 6149 x 1024 pixels, with 48 bytes of data (timeout-tga-6149x1024-in-66-bytes.tga):
+  // stb_image decoded all 6.3 million pixels, from zeros past the end of the file.
+  std::vector<uint8_t> tga{0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05, 0x18, 0x00, 0x04, 24, 0};
+  tga.resize(66, 0x7f);
+  write_bytes(dir + "/short.tga", tga);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/short.tga"),
+                       doctest::Contains("declares 6149x1024 pixels, more than its 66 bytes can hold"), Error);
+  // a file that compresses very well, a blank 2048 x 2048 page, is still read
+  const std::vector<uint8_t> page(2048 * 2048, 255);
+  REQUIRE(stbi_write_png((dir + "/page.png").c_str(), 2048, 2048, 1, page.data(), 2048));
+  CHECK(decode_image(dir + "/page.png").height == 2048);
 }
 
 TEST_CASE("make_batch: ImageNet normalisation, multi-hot labels, positions and rows") {
