@@ -25,10 +25,21 @@ namespace fs = std::filesystem;
 
 namespace {
 constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 megapixels, e.g. 8192x8192
-// No format stb_image reads holds more pixels per byte of file than this: the densest, a 1-bit PNG at
-// deflate's best ratio, holds about 8,300. A header declaring more is a truncated or damaged file, which
-// stb_image would otherwise decode in full from zeros read past its end.
-constexpr int64_t kMaxPixelsPerByte = 16384;
+// The most pixels a byte of each format can hold, with room to spare: a 1-bit PNG at deflate's best ratio
+// about 8,300, a GIF's LZW about 2,700, a progressive JPEG's end-of-band runs a few hundred, and the
+// run-length codings of the others (TGA, PSD, HDR, ...) under 128. A header declaring more is a truncated or
+// damaged file, which stb_image would otherwise decode in full from zeros read past its end.
+int64_t max_pixels_per_byte(const std::vector<uint8_t>& bytes) {
+  const auto starts_with = [&](const char* magic, size_t n) {
+    return bytes.size() >= n && std::equal(magic, magic + n, bytes.begin(), [](char a, uint8_t b) {
+             return static_cast<uint8_t>(a) == b;
+           });
+  };
+  if (starts_with("\x89PNG", 4)) return 16384;
+  if (starts_with("GIF8", 4)) return 4096;
+  if (starts_with("\xff\xd8", 2)) return 1024;
+  return 128;
+}
 constexpr const char* kImageFormats = "formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR";
 
 constexpr const char* kCifar10Hint =
@@ -253,7 +264,7 @@ Image decode_image(const std::string& path) {
   MDFF_CHECK(int64_t{width} * height <= kMaxImagePixels, path, ": the image is ", width, "x", height,
              " pixels, more than the ", kMaxImagePixels >> 20, " megapixels read here (a damaged header, or resize "
              "the image first)");
-  MDFF_CHECK(int64_t{width} * height <= kMaxPixelsPerByte * size, path, ": the image declares ", width, "x", height,
+  MDFF_CHECK(int64_t{width} * height <= max_pixels_per_byte(bytes) * size, path, ": the image declares ", width, "x", height,
              " pixels, more than its ", size, " bytes can hold: the file is truncated or damaged");
   uint8_t* pixels = stbi_load_from_memory(bytes.data(), size, &width, &height, &channels_in_file, 3);
   MDFF_CHECK(pixels, path, ": cannot decode the image (", stbi_failure_reason(), "); ", kImageFormats);

@@ -381,6 +381,12 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   write_bytes(dir + "/short.tga", tga);
   CHECK_THROWS_WITH_AS(decode_image(dir + "/short.tga"),
                        doctest::Contains("declares 6149x1024 pixels, more than its 66 bytes can hold"), Error);
+  // The same header with 403 bytes of data (timeout-tga-6149x1024-in-421-bytes.tga): run-length coding holds
+  // under 128 pixels a byte, so this is a damaged file too.
+  tga.resize(421, 0x7f);
+  write_bytes(dir + "/short.tga", tga);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/short.tga"),
+                       doctest::Contains("declares 6149x1024 pixels, more than its 421 bytes can hold"), Error);
   // a file that compresses very well, a blank 2048 x 2048 page, is still read
   const std::vector<uint8_t> page(2048 * 2048, 255);
   REQUIRE(stbi_write_png((dir + "/page.png").c_str(), 2048, 2048, 1, page.data(), 2048));
