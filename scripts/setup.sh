@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mdff needs on a fresh Debian 12 machine, from Debian's packages only.
 #   scripts/setup.sh          build dependencies + the embedded default dataset
-#   scripts/setup.sh --test   the same, plus what the test suite needs
+#   scripts/setup.sh --test   the same, plus what the test suite, the sanitizer run and the fuzzing need
 # The CUDA toolkit and cuDNN are not Debian packages here: the CUDA backend is built when
 # /usr/local/cuda (or nvcc on PATH) and cuDNN are present, and skipped otherwise.
 set -euo pipefail
@@ -18,6 +18,7 @@ packages=(
 )
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(python3-torch python3-torchvision)  # the PyTorch twin that test_torch_parity compares against
+  packages+=(clang libclang-rt-dev libomp-dev)   # fuzzing (scripts/fuzz.sh): clang, libFuzzer, clang's OpenMP
 fi
 
 missing=()
