@@ -25,6 +25,26 @@ namespace fs = std::filesystem;
 
 namespace {
 constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 megapixels, e.g. 8192x8192
+// stb_image 2.27 also reads the numbers of a PNM header into an int without checking for overflow
+// (undefined behaviour; 2.28 checks). In a P5 or P6 file, the width, height and maximum value are found
+// as stb_image finds them (whitespace and # comments before each), and one of 10 digits or more is refused.
+bool pnm_number_too_long(const std::vector<uint8_t>& bytes) {
+  if (bytes.size() < 2 || bytes[0] != 'P' || (bytes[1] != '5' && bytes[1] != '6')) return false;
+  const auto space = [](uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r'; };
+  size_t pos = 2;
+  for (int number = 0; number < 3; ++number) {
+    for (;;) {
+      while (pos < bytes.size() && space(bytes[pos])) ++pos;
+      if (pos >= bytes.size() || bytes[pos] != '#') break;
+      while (pos < bytes.size() && bytes[pos] != '\n' && bytes[pos] != '\r') ++pos;
+    }
+    size_t digits = 0;
+    for (; pos < bytes.size() && bytes[pos] >= '0' && bytes[pos] <= '9'; ++pos) ++digits;
+    if (digits >= 10) return true;
+  }
+  return false;
+}
+
 // The most pixels a byte of each format can hold, with room to spare: a 1-bit PNG at deflate's best ratio
 // about 8,300, a GIF's LZW about 2,700, a progressive JPEG's end-of-band runs a few hundred, and the
 // run-length codings of the others (TGA, PSD, HDR, ...) under 128. A header declaring more is a truncated or
@@ -257,6 +277,8 @@ Image decode_image(const std::string& path) {
   const int64_t bad_table = bad_jpeg_huffman_table(bytes);
   MDFF_CHECK(bad_table < 0, path, ": cannot decode the image (the JPEG Huffman table at byte ", bad_table,
              " declares more than 256 codes: the file is damaged)");
+  MDFF_CHECK(!pnm_number_too_long(bytes), path, ": cannot decode the image (a number in its PNM header has 10 "
+             "digits or more: the file is damaged)");
   const int size = static_cast<int>(bytes.size());
   int width = 0, height = 0, channels_in_file = 0;
   MDFF_CHECK(stbi_info_from_memory(bytes.data(), size, &width, &height, &channels_in_file), path,

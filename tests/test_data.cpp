@@ -387,6 +387,12 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   write_bytes(dir + "/short.tga", tga);
   CHECK_THROWS_WITH_AS(decode_image(dir + "/short.tga"),
                        doctest::Contains("declares 6149x1024 pixels, more than its 421 bytes can hold"), Error);
+  // A PNM header with a 14-digit width (crash-pnm-width-overflows-int.ppm): stb_image 2.27 overflowed an int
+  // reading it.
+  const std::string ppm = "P6 65655555555555 1 255\n";
+  write_bytes(dir + "/wide.ppm", std::vector<uint8_t>(ppm.begin(), ppm.end()));
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/wide.ppm"), doctest::Contains("a number in its PNM header has 10 digits"),
+                       Error);
   // a file that compresses very well, a blank 2048 x 2048 page, is still read
   const std::vector<uint8_t> page(2048 * 2048, 255);
   REQUIRE(stbi_write_png((dir + "/page.png").c_str(), 2048, 2048, 1, page.data(), 2048));
