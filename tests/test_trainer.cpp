@@ -68,6 +68,22 @@ void check_first_non_finite(MdffSh& model, const std::string& named, const std::
   }
   CHECK(reached);
 }
+
+// The message of the TrainingDiverged that one epoch of `s` ends with ("" when it ends normally).
+std::string divergence(Setup& s) {
+  try {
+    s.trainer->train_epoch();
+  } catch (const TrainingDiverged& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The parameter name that follows `prefix` at the start of `message`.
+std::string named_after(const std::string& message, const std::string& prefix) {
+  REQUIRE(message.rfind(prefix, 0) == 0);
+  return message.substr(prefix.size(), message.find(' ', prefix.size()) - prefix.size());
+}
 }  // namespace
 
 TEST_CASE("a NaN gradient under a finite loss stops training naming the first parameter whose gradient is NaN") {
@@ -75,16 +91,9 @@ TEST_CASE("a NaN gradient under a finite loss stops training naming the first pa
   // One weight of the fusion layer NaN: its output column is NaN before the ReLU, 0 after it, so the
   // loss is finite; backward multiplies that weight into the gradient of the fusion's inputs.
   s.parameter("fusion.weight").data<float>()[5] = std::nanf("");
-  std::string message;
-  try {
-    s.trainer->train_epoch();
-  } catch (const TrainingDiverged& e) {
-    message = e.what();
-  }
+  const std::string message = divergence(s);
   INFO(message);
-  const std::string prefix = "the gradient of ";
-  REQUIRE(message.rfind(prefix, 0) == 0);
-  const std::string named = message.substr(prefix.size(), message.find(' ', prefix.size()) - prefix.size());
+  const std::string named = named_after(message, "the gradient of ");
   CHECK(message.find(" became nan (element ") != std::string::npos);
   CHECK(message.find("at epoch 1, step 1, with the loss still finite") != std::string::npos);
   check_first_non_finite(s.model, named, [](const Tensor& p) { return p.grad(); });
@@ -94,16 +103,9 @@ TEST_CASE("an update that overflows a parameter stops training at the end of the
   // RMSProp's first step moves every weight with a gradient by about 10 lr: past float's largest value.
   // One batch of 32: the epoch ends after that step, where the parameters are checked.
   Setup s("rmsprop", 1e38, 32);
-  std::string message;
-  try {
-    s.trainer->train_epoch();
-  } catch (const TrainingDiverged& e) {
-    message = e.what();
-  }
+  const std::string message = divergence(s);
   INFO(message);
-  const std::string prefix = "after epoch 1, step 1, parameter ";
-  REQUIRE(message.rfind(prefix, 0) == 0);
-  const std::string named = message.substr(prefix.size(), message.find(' ', prefix.size()) - prefix.size());
+  const std::string named = named_after(message, "after epoch 1, step 1, parameter ");
   CHECK(message.find("although every gradient was finite: an update overflowed it, the learning rate (1e+38 at "
                      "that step) is far too high") != std::string::npos);
   check_first_non_finite(s.model, named, [](const Tensor& p) { return p; });
