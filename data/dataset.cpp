@@ -56,6 +56,21 @@ bool pnm_number_too_long(const std::vector<uint8_t>& bytes) {
   return false;
 }
 
+// stb_image 2.27 also grows its PNG data buffer to a chunk's declared length before reading the chunk
+// (doubling up to 2 GB for a 100-byte file). So in a PNG every chunk up to IEND must fit in the file, as
+// it does in any PNG that is not truncated.
+bool png_chunk_past_end(const std::vector<uint8_t>& bytes) {
+  static const uint8_t kSignature[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (bytes.size() < 8 || !std::equal(kSignature, kSignature + 8, bytes.begin())) return false;
+  for (size_t pos = 8; pos + 8 <= bytes.size();) {
+    const uint64_t length = (uint64_t{bytes[pos]} << 24) | (bytes[pos + 1] << 16) | (bytes[pos + 2] << 8) | bytes[pos + 3];
+    if (length + 12 > bytes.size() - pos) return true;  // length, type, data, CRC
+    if (std::equal(bytes.begin() + pos + 4, bytes.begin() + pos + 8, "IEND")) return false;
+    pos += 12 + length;
+  }
+  return false;
+}
+
 // The most pixels a byte of each format can hold, with room to spare: a 1-bit PNG at deflate's best ratio
 // about 8,300, a GIF's LZW about 2,700, a progressive JPEG's end-of-band runs a few hundred, and the
 // run-length codings of the others (TGA, PSD, HDR, ...) under 128. A header declaring more is a truncated or
@@ -290,6 +305,8 @@ Image decode_image(const std::string& path) {
              " declares more than 256 codes: the file is damaged)");
   MDFF_CHECK(!pnm_number_too_long(bytes), path, ": cannot decode the image (a number in its PNM header has 10 "
              "digits or more: the file is damaged)");
+  MDFF_CHECK(!png_chunk_past_end(bytes), path, ": cannot decode the image (a PNG chunk runs past the end of the "
+             "file: it is truncated or damaged)");
   const int size = static_cast<int>(bytes.size());
   int width = 0, height = 0, channels_in_file = 0;
   MDFF_CHECK(stbi_info_from_memory(bytes.data(), size, &width, &height, &channels_in_file), path,

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -393,6 +394,19 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   write_bytes(dir + "/wide.ppm", std::vector<uint8_t>(ppm.begin(), ppm.end()));
   CHECK_THROWS_WITH_AS(decode_image(dir + "/wide.ppm"), doctest::Contains("a number in its PNM header has 10 digits"),
                        Error);
+  // A PNG whose IDAT chunk declares about 1 GB in a 103-byte file (oom-png-idat-1gb.png): stb_image 2.27
+  // allocated 2 GB for it before reading.
+  const std::vector<uint8_t> rgb(5 * 3 * 3, 100);
+  REQUIRE(stbi_write_png((dir + "/ok.png").c_str(), 5, 3, 3, rgb.data(), 5 * 3));
+  std::ifstream ok(dir + "/ok.png", std::ios::binary);
+  std::vector<uint8_t> png((std::istreambuf_iterator<char>(ok)), std::istreambuf_iterator<char>());
+  REQUIRE(png.size() > 41);
+  CHECK(decode_image(dir + "/ok.png").width == 5);
+  const std::vector<uint8_t> huge{0x3f, 0xff, 0xff, 0x00};  // the IDAT chunk after the 13-byte IHDR, at byte 33
+  REQUIRE(std::string(png.begin() + 37, png.begin() + 41) == "IDAT");
+  std::copy(huge.begin(), huge.end(), png.begin() + 33);
+  write_bytes(dir + "/long_chunk.png", png);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/long_chunk.png"), doctest::Contains("a PNG chunk runs past the end"), Error);
   // a file that compresses very well, a blank 2048 x 2048 page, is still read
   const std::vector<uint8_t> page(2048 * 2048, 255);
   REQUIRE(stbi_write_png((dir + "/page.png").c_str(), 2048, 2048, 1, page.data(), 2048));
