@@ -37,12 +37,14 @@ namespace fs = std::filesystem;
 namespace {
 constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 megapixels, e.g. 8192x8192
 // stb_image 2.27 also reads the numbers of a PNM header into an int without checking for overflow
-// (undefined behaviour; 2.28 checks). In a P5 or P6 file, the width, height and maximum value are found
-// as stb_image finds them (whitespace and # comments before each), and one of 10 digits or more is refused.
-bool pnm_number_too_long(const std::vector<uint8_t>& bytes) {
-  if (bytes.size() < 2 || bytes[0] != 'P' || (bytes[1] != '5' && bytes[1] != '6')) return false;
+// (undefined behaviour), and reads past its buffer converting a 16-bit grey PNM (both fixed in 2.28). In a
+// P5 or P6 file, the width, height and maximum value are found as stb_image finds them (whitespace and
+// # comments before each); returns why the header is refused, or "" when it is not.
+std::string pnm_header_problem(const std::vector<uint8_t>& bytes) {
+  if (bytes.size() < 2 || bytes[0] != 'P' || (bytes[1] != '5' && bytes[1] != '6')) return "";
   const auto space = [](uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r'; };
   size_t pos = 2;
+  int64_t value = 0;
   for (int number = 0; number < 3; ++number) {
     for (;;) {
       while (pos < bytes.size() && space(bytes[pos])) ++pos;
@@ -50,10 +52,13 @@ bool pnm_number_too_long(const std::vector<uint8_t>& bytes) {
       while (pos < bytes.size() && bytes[pos] != '\n' && bytes[pos] != '\r') ++pos;
     }
     size_t digits = 0;
-    for (; pos < bytes.size() && bytes[pos] >= '0' && bytes[pos] <= '9'; ++pos) ++digits;
-    if (digits >= 10) return true;
+    for (value = 0; pos < bytes.size() && bytes[pos] >= '0' && bytes[pos] <= '9'; ++pos, ++digits) {
+      if (digits >= 9) return "a number in its PNM header has 10 digits or more: the file is damaged";
+      value = value * 10 + (bytes[pos] - '0');
+    }
   }
-  return false;
+  if (value > 255) return "16-bit PNM images (maximum value " + std::to_string(value) + ") are not read";
+  return "";
 }
 
 // stb_image 2.27 also grows its PNG data buffer to a chunk's declared length before reading the chunk
@@ -303,8 +308,8 @@ Image decode_image(const std::string& path) {
   const int64_t bad_table = bad_jpeg_huffman_table(bytes);
   MDFF_CHECK(bad_table < 0, path, ": cannot decode the image (the JPEG Huffman table at byte ", bad_table,
              " declares more than 256 codes: the file is damaged)");
-  MDFF_CHECK(!pnm_number_too_long(bytes), path, ": cannot decode the image (a number in its PNM header has 10 "
-             "digits or more: the file is damaged)");
+  const std::string pnm_problem = pnm_header_problem(bytes);
+  MDFF_CHECK(pnm_problem.empty(), path, ": cannot decode the image (", pnm_problem, ")");
   MDFF_CHECK(!png_chunk_past_end(bytes), path, ": cannot decode the image (a PNG chunk runs past the end of the "
              "file: it is truncated or damaged)");
   const int size = static_cast<int>(bytes.size());

@@ -394,6 +394,14 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   write_bytes(dir + "/wide.ppm", std::vector<uint8_t>(ppm.begin(), ppm.end()));
   CHECK_THROWS_WITH_AS(decode_image(dir + "/wide.ppm"), doctest::Contains("a number in its PNM header has 10 digits"),
                        Error);
+  // A 16-bit grey PNM (crash-pnm-16-bit-grey.pgm): stb_image 2.27 read past its buffer converting it.
+  const std::string pgm = "P5 3 3 324\n" + std::string(18, '\x40');
+  write_bytes(dir + "/deep.pgm", std::vector<uint8_t>(pgm.begin(), pgm.end()));
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/deep.pgm"), doctest::Contains("16-bit PNM images (maximum value 324)"),
+                       Error);
+  const std::string grey = "P5 3 3 255\n" + std::string(9, '\x40');
+  write_bytes(dir + "/grey.pgm", std::vector<uint8_t>(grey.begin(), grey.end()));
+  CHECK(decode_image(dir + "/grey.pgm").pixels[0] == 0x40);
   // A PNG whose IDAT chunk declares about 1 GB in a 103-byte file (oom-png-idat-1gb.png): stb_image 2.27
   // allocated 2 GB for it before reading.
   const std::vector<uint8_t> rgb(5 * 3 * 3, 100);
