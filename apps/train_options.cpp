@@ -80,8 +80,8 @@ Options options_from_json(const json& j, const std::string& source) {
   return o;
 }
 
-// In crop mode the image size
-// is the crop's (--crop replaces --image-size) and there is no --shift (the random crop moves the image).
+// In crop mode the image size is the crop's (--crop replaces --image-size) and there is no --shift (the
+// random crop moves the image).
 void resolve_defaults(Options& o) {
   if (o.recipe.empty()) o.recipe = o.pretrained.empty() ? "scratch" : "paper";
   const Recipe r = recipe_named(o.recipe);
