@@ -182,7 +182,8 @@ template <class T>
 std::vector<T> typed_values(const NpyArray& array, NpyDType want) {
   MDFF_CHECK(array.dtype == want, "the .npy array holds ", info(array.dtype).name, " values, not ", info(want).name);
   std::vector<T> values(array.bytes.size() / sizeof(T));
-  std::memcpy(values.data(), array.bytes.data(), values.size() * sizeof(T));
+  if (!values.empty())  // an empty array's buffers may be null, which memcpy must not get even for 0 bytes
+    std::memcpy(values.data(), array.bytes.data(), values.size() * sizeof(T));
   return values;
 }
 }  // namespace
