@@ -11,8 +11,10 @@ namespace mdff::test {
 
 struct TempFolder {
   std::filesystem::path path;
-  explicit TempFolder(const std::string& prefix)
-      : path(std::filesystem::temp_directory_path() / (prefix + "_" + std::to_string(::getpid()))) {
+  // PREFIX_PID under `base` (the system's temporary folder unless given).
+  explicit TempFolder(const std::string& prefix,
+                      const std::filesystem::path& base = std::filesystem::temp_directory_path())
+      : path(base / (prefix + "_" + std::to_string(::getpid()))) {
     std::filesystem::create_directories(path);
   }
   ~TempFolder() {
