@@ -2,6 +2,7 @@
 // base-class defaults, which name the kernel a backend lacks instead of failing silently.
 #include "core/backend.h"
 
+#include <atomic>
 #include <string>
 
 #include "core/error.h"
@@ -70,6 +71,7 @@ void Backend::unary_backward(UnaryOp, const Tensor&, const Tensor&, const Tensor
   missing("unary_backward");
 }
 void Backend::sum_to(const Tensor&, const Tensor&) { missing("sum_to"); }
+void Backend::count_non_finite(const Tensor&, const Tensor&) { missing("count_non_finite"); }
 void Backend::gemm(bool, bool, double, const Tensor&, const Tensor&, double, const Tensor&) { missing("gemm"); }
 void Backend::conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&) {
   missing("conv2d_forward");
@@ -121,5 +123,13 @@ void Backend::rmsprop_step(const Tensor&, const Tensor&, const Tensor&, double, 
 void Backend::sgd_step(const Tensor&, const Tensor&, const Tensor&, double, double, double, bool) {
   missing("sgd_step");
 }
+void Backend::pack_signs(const Tensor&, const Tensor&) { missing("pack_signs"); }
+void Backend::hamming_distances(const Tensor&, const Tensor&, const Tensor&) { missing("hamming_distances"); }
+
+namespace {
+std::atomic<bool> tf32{true};
+}
+void set_tf32_allowed(bool allowed) { tf32 = allowed; }
+bool tf32_allowed() { return tf32; }
 
 }  // namespace mdff

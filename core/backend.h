@@ -31,6 +31,14 @@ struct BatchNormEval {
   double eps = 1e-5;
 };
 
+// A device's memory as its allocator sees it (the CPU backend reports zeros: it does not count).
+struct MemoryStats {
+  size_t bytes_in_use = 0;       // held by live tensors (rounded to the allocator's block sizes)
+  size_t peak_bytes_in_use = 0;  // the most bytes_in_use since the start or the last reset_peak_memory
+  size_t bytes_cached = 0;       // freed blocks kept for reuse
+  int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc): cache misses
+};
+
 enum class BinaryOp { Add, Sub, Mul, Div };
 enum class UnaryOp { Relu, Tanh, Sign, Softplus };
 
@@ -47,6 +55,8 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes);
   virtual void copy_on_device(void* dst, const void* src, size_t bytes);
   virtual void synchronize() {}
+  virtual MemoryStats memory_stats() const { return {}; }
+  virtual void reset_peak_memory() {}
 
   // ---- elementwise ----
   virtual void fill(const Tensor& out, double value);
@@ -62,6 +72,10 @@ class Backend {
   // ---- reductions ----
   // Writes out (a shape that broadcasts to src's) = sum of src over the broadcast dimensions.
   virtual void sum_to(const Tensor& src, const Tensor& out);
+
+  // Adds to count (an I32 scalar, on this device) the number of NaN and infinite elements of x. Adding
+  // lets a training loop check every step without waiting for the device; it reads count once in a while.
+  virtual void count_non_finite(const Tensor& x, const Tensor& count);
 
   // ---- matrix products ----
   // C = alpha * op(A) op(B) + beta * C for 2-D tensors; op transposes when trans_* is set.
@@ -131,6 +145,13 @@ class Backend {
   virtual void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
                         double weight_decay, bool first_step);
 
+  // ---- binary codes (retrieval) ----
+  // codes (N,W) I32 from x (N,D) float, W = ceil(D/32): bit d%32 of word d/32 is set when x[n,d] >= 0
+  // (sign(0) = +1, as ops::sign); the unused high bits of the last word are 0.
+  virtual void pack_signs(const Tensor& x, const Tensor& codes);
+  // distances (Q,N) I32: popcount(query[q] xor database[n]) summed over the W words.
+  virtual void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances);
+
  protected:
   [[noreturn]] void missing(const char* kernel) const;
 };
@@ -144,6 +165,12 @@ Backend& backend_of(const Tensor& t);
 // True when this thread flushes denormal floats to zero (set for the whole process at start-up; see
 // core/cpu_backend.cpp for why).
 bool denormals_flushed();
+
+// TF32 tensor-core math for the CUDA backend's convolutions and matrix products (inputs rounded to 10
+// mantissa bits, FP32 accumulation; about 1e-3 relative error, several times the speed). On by default,
+// as in PyTorch's cuDNN convolutions; train_mdff --precision fp32 turns it off. The CPU ignores it.
+void set_tf32_allowed(bool allowed);
+bool tf32_allowed();
 
 // True when CUDA tensors can be created here; `why_not` says why not (no build support, no GPU, ...).
 bool cuda_available(std::string* why_not = nullptr);

@@ -948,6 +948,51 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void count_non_finite(const Tensor& x, const Tensor& count) override {
+    MDFF_CHECK(count.dtype() == DType::I32 && count.numel() == 1, "count_non_finite: the count must be one I32, got ",
+               dtype_name(count.dtype()), " ", shape_str(count.shape()));
+    int64_t found = 0;
+    dispatch_float(x.dtype(), "count_non_finite", [&](auto zero) {
+      using T = decltype(zero);
+      const T* xp = ptr<T>(x);
+      const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) reduction(+ : found) if (n > kParallelGrain)
+      for (int64_t i = 0; i < n; ++i) found += !std::isfinite(xp[i]);
+    });
+    *ptr<int32_t>(count) += static_cast<int32_t>(std::min<int64_t>(found, INT32_MAX));
+  }
+
+  void pack_signs(const Tensor& x, const Tensor& codes) override {
+    const int64_t rows = x.size(0), bits = x.size(1), words = codes.size(1);
+    dispatch_float(x.dtype(), "pack_signs", [&](auto zero) {
+      using T = decltype(zero);
+      const T* xp = ptr<T>(x);
+      uint32_t* out = reinterpret_cast<uint32_t*>(ptr<int32_t>(codes));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t w = 0; w < words; ++w) {
+          uint32_t word = 0;
+          for (int64_t b = w * 32; b < std::min(bits, (w + 1) * 32); ++b)
+            if (xp[r * bits + b] >= T(0)) word |= uint32_t{1} << (b - w * 32);
+          out[r * words + w] = word;
+        }
+      }
+    });
+  }
+
+  void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override {
+    const int64_t q_rows = queries.size(0), db_rows = database.size(0), words = queries.size(1);
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(ptr<int32_t>(queries));
+    const uint32_t* db = reinterpret_cast<const uint32_t*>(ptr<int32_t>(database));
+    int32_t* out = ptr<int32_t>(distances);
+#pragma omp parallel for schedule(static) if (q_rows * db_rows > kParallelGrain)
+    for (int64_t i = 0; i < q_rows; ++i)
+      for (int64_t j = 0; j < db_rows; ++j) {
+        int32_t d = 0;
+        for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(q[i * words + w] ^ db[j * words + w]);
+        out[i * db_rows + j] = d;
+      }
+  }
+
   void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
                     double eps, double weight_decay) override {
     dispatch_float(param.dtype(), "rmsprop_step", [&](auto zero) {

@@ -438,4 +438,31 @@ void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src) {
   backend_of(dst).scatter_rows(src, index, dst, false);
 }
 
+Tensor pack_signs(const Tensor& x) {
+  MDFF_CHECK(x.dim() == 2 && is_floating(x.dtype()), "pack_signs: needs (N,D) float codes, got ", shape_str(x.shape()),
+             " ", dtype_name(x.dtype()));
+  Tensor codes = Tensor::empty({x.size(0), (x.size(1) + 31) / 32}, DType::I32, x.device());
+  if (codes.numel() > 0) backend_of(x).pack_signs(x, codes);
+  return codes;
+}
+
+Tensor hamming_distances(const Tensor& queries, const Tensor& database) {
+  check_same_device(queries, database, "hamming_distances");
+  MDFF_CHECK(queries.dim() == 2 && database.dim() == 2 && queries.dtype() == DType::I32 &&
+                 database.dtype() == DType::I32 && queries.size(1) == database.size(1),
+             "hamming_distances: needs I32 codes (Q,W) and (N,W) from pack_signs, got ", shape_str(queries.shape()), " ",
+             dtype_name(queries.dtype()), " and ", shape_str(database.shape()), " ", dtype_name(database.dtype()));
+  Tensor distances = Tensor::empty({queries.size(0), database.size(0)}, DType::I32, queries.device());
+  if (distances.numel() > 0) backend_of(queries).hamming_distances(queries, database, distances);
+  return distances;
+}
+
+void count_non_finite_(const Tensor& x, Tensor& count) {
+  check_same_device(x, count, "count_non_finite_");
+  MDFF_CHECK(count.dtype() == DType::I32 && count.numel() == 1, "count_non_finite_: the count must be one I32, got ",
+             shape_str(count.shape()), " ", dtype_name(count.dtype()));
+  MDFF_CHECK(is_floating(x.dtype()), "count_non_finite_: needs a float tensor, got ", dtype_name(x.dtype()));
+  if (x.numel() > 0) backend_of(x).count_non_finite(x, count);
+}
+
 }  // namespace mdff::ops

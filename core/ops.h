@@ -60,4 +60,12 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target);
 Tensor gather_rows(const Tensor& src, const Tensor& index);  // (R,D...), I32 (M) -> (M,D...)
 void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src);  // dst[index[i]] = src[i]; no grad
 
+// ---- binary codes and checks (no gradients) ----
+// (N,D) float -> (N, ceil(D/32)) I32: bit d of row n set where x[n,d] >= 0 (sign(0) = +1).
+Tensor pack_signs(const Tensor& x);
+// (Q,W), (N,W) I32 codes of pack_signs -> (Q,N) I32 Hamming distances.
+Tensor hamming_distances(const Tensor& queries, const Tensor& database);
+// count (an I32 scalar on x's device) += the number of NaN and infinite elements of x; nothing waits.
+void count_non_finite_(const Tensor& x, Tensor& count);
+
 }  // namespace mdff::ops

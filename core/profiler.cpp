@@ -172,6 +172,11 @@ void ProfilingBackend::sum_to(const Tensor& src, const Tensor& out) {
         [&] { wrapped_.sum_to(src, out); });
 }
 
+void ProfilingBackend::count_non_finite(const Tensor& x, const Tensor& count) {
+  timed(wrapped_, "count_non_finite", &x, [&] { return Cost{dims(x), 0, moved({&x}, {})}; },
+        [&] { wrapped_.count_non_finite(x, count); });
+}
+
 void ProfilingBackend::gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
                             const Tensor& c) {
   timed(wrapped_, "gemm", &c,
@@ -340,6 +345,17 @@ void ProfilingBackend::sgd_step(const Tensor& param, const Tensor& grad, const T
           return Cost{dims(param), 0, moved({&param, &grad, first_step ? &none : &buffer}, {&param, &buffer})};
         },
         [&] { wrapped_.sgd_step(param, grad, buffer, lr, momentum, weight_decay, first_step); });
+}
+
+void ProfilingBackend::pack_signs(const Tensor& x, const Tensor& codes) {
+  timed(wrapped_, "pack_signs", &x, [&] { return Cost{arrow(x, codes), 0, moved({&x}, {&codes})}; },
+        [&] { wrapped_.pack_signs(x, codes); });
+}
+
+void ProfilingBackend::hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) {
+  timed(wrapped_, "hamming_distances", &distances,
+        [&] { return Cost{dims(distances), 0, moved({&queries, &database}, {&distances})}; },
+        [&] { wrapped_.hamming_distances(queries, database, distances); });
 }
 
 // ---- the records ----

@@ -47,6 +47,8 @@ class ProfilingBackend final : public Backend {
   }
   void copy_on_device(void* dst, const void* src, size_t bytes) override { wrapped_.copy_on_device(dst, src, bytes); }
   void synchronize() override { wrapped_.synchronize(); }
+  MemoryStats memory_stats() const override { return wrapped_.memory_stats(); }
+  void reset_peak_memory() override { wrapped_.reset_peak_memory(); }
 
   void fill(const Tensor& out, double value) override;
   void cast(const Tensor& src, const Tensor& dst) override;
@@ -56,6 +58,7 @@ class ProfilingBackend final : public Backend {
   void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
                       const Tensor& grad_x) override;
   void sum_to(const Tensor& src, const Tensor& out) override;
+  void count_non_finite(const Tensor& x, const Tensor& count) override;
   void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
             const Tensor& c) override;
   void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
@@ -87,6 +90,8 @@ class ProfilingBackend final : public Backend {
                     double eps, double weight_decay) override;
   void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
                 double weight_decay, bool first_step) override;
+  void pack_signs(const Tensor& x, const Tensor& codes) override;
+  void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override;
 
  private:
   Backend& wrapped_;

@@ -50,6 +50,11 @@ class CachingAllocator {
     release_cache();
   }
 
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.peak_bytes_in_use = stats_.bytes_in_use;
+  }
+
   AllocatorStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return stats_;
@@ -132,5 +137,6 @@ void* allocate(size_t bytes) { return instance().allocate(bytes); }
 void deallocate(void* ptr, size_t bytes) { instance().deallocate(ptr, bytes); }
 void empty_cache() { instance().empty_cache(); }
 AllocatorStats allocator_stats() { return instance().stats(); }
+void reset_peak_bytes() { instance().reset_peak(); }
 
 }  // namespace mdff::cuda

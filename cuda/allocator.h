@@ -32,5 +32,7 @@ void deallocate(void* ptr, size_t bytes);
 void empty_cache();
 
 AllocatorStats allocator_stats();
+// Starts a new peak: peak_bytes_in_use becomes the current bytes_in_use.
+void reset_peak_bytes();
 
 }  // namespace mdff::cuda

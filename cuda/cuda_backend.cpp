@@ -1,7 +1,6 @@
 // The CUDA backend: mdff::Backend on the GPU. Memory comes from the caching allocator, copies and
-// kernels are queued on the one stream of device.h, matrix products go to cuBLAS, and the hand-written
-// kernels live in the .cu files (kernels.h). Kernels not overridden here keep the base-class default,
-// which throws "kernel 'X' is not implemented on the cuda backend".
+// kernels are queued on the one stream of device.h, matrix products go to cuBLAS, convolutions to cuDNN
+// (conv.h), and the hand-written kernels live in the .cu files (kernels.h). This class only forwards.
 //
 // core/backend.cpp reaches this file only through mdff::cuda::get_backend().
 #include <cublas_v2.h>
@@ -13,6 +12,7 @@
 #include "core/error.h"
 #include "cuda/allocator.h"
 #include "cuda/check.h"
+#include "cuda/conv.h"
 #include "cuda/device.h"
 #include "cuda/kernels.h"
 
@@ -50,6 +50,9 @@ void cublas_gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, cons
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasHandle_t handle = cublas_handle();
+  // TF32 applies to F32 products only; cuBLAS reads the mode at each call, so setting it here follows
+  // set_tf32_allowed() at once.
+  MDFF_CUBLAS_CHECK(cublasSetMathMode(handle, tf32_allowed() ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   if (c.dtype() == DType::F32) {
     const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
     MDFF_CUBLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha_f, b.data<float>(), ldb, a.data<float>(),
@@ -78,12 +81,21 @@ class CudaBackend : public Backend {
     if (bytes == 0) return;
     MDFF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
     MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    check_device_errors();
   }
   void copy_on_device(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     MDFF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
   }
-  void synchronize() override { MDFF_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+  void synchronize() override {
+    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    check_device_errors();
+  }
+  MemoryStats memory_stats() const override {
+    const AllocatorStats a = allocator_stats();
+    return {a.bytes_in_use, a.peak_bytes_in_use, a.bytes_cached, a.cuda_malloc_calls};
+  }
+  void reset_peak_memory() override { reset_peak_bytes(); }
 
   // ---- elementwise and reductions (elementwise.cu) ----
   void fill(const Tensor& out, double value) override { cuda::fill(out, value); }
@@ -103,6 +115,73 @@ class CudaBackend : public Backend {
   void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
             const Tensor& c) override {
     cublas_gemm(trans_a, trans_b, alpha, a, b, beta, c);
+  }
+  void count_non_finite(const Tensor& x, const Tensor& count) override { cuda::count_non_finite(x, count); }
+
+  // ---- convolution (cuDNN) ----
+  void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
+                      const Tensor& y) override {
+    cuda::conv2d_forward(x, weight, bias, p, y);
+  }
+  void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
+                       const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) override {
+    cuda::conv2d_backward(x, weight, grad_y, p, grad_x, grad_weight, grad_bias);
+  }
+
+  // ---- layers, rows and optimizers (layers.cu) ----
+  void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                          const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
+                          const Tensor& save_mean, const Tensor& save_invstd) override {
+    cuda::batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
+                             save_invstd);
+  }
+  void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
+                           const Tensor& grad_y, bool training, const Tensor& grad_x, const Tensor& grad_gamma,
+                           const Tensor& grad_beta) override {
+    cuda::batch_norm_backward(x, gamma, mean, invstd, grad_y, training, grad_x, grad_gamma, grad_beta);
+  }
+  void max_pool2d_forward(const Tensor& x, const Pool2dParams& p, const Tensor& y, const Tensor& argmax) override {
+    cuda::max_pool2d_forward(x, p, y, argmax);
+  }
+  void max_pool2d_backward(const Tensor& grad_y, const Tensor& argmax, const Tensor& grad_x) override {
+    cuda::max_pool2d_backward(grad_y, argmax, grad_x);
+  }
+  void global_avg_pool_forward(const Tensor& x, const Tensor& y) override { cuda::global_avg_pool_forward(x, y); }
+  void global_avg_pool_backward(const Tensor& grad_y, const Tensor& grad_x) override {
+    cuda::global_avg_pool_backward(grad_y, grad_x);
+  }
+  void upsample_nearest_forward(const Tensor& x, const Tensor& y) override { cuda::upsample_nearest_forward(x, y); }
+  void upsample_nearest_backward(const Tensor& grad_y, const Tensor& grad_x) override {
+    cuda::upsample_nearest_backward(grad_y, grad_x);
+  }
+  void resize_bilinear(const Tensor& x, const Tensor& y) override { cuda::resize_bilinear(x, y); }
+  void copy_block(const Tensor& part, const Tensor& whole, int64_t outer, int64_t part_inner, int64_t whole_inner,
+                  int64_t offset, bool into_whole) override {
+    cuda::copy_block(part, whole, outer, part_inner, whole_inner, offset, into_whole);
+  }
+  void log_softmax_forward(const Tensor& x, const Tensor& y) override { cuda::log_softmax_forward(x, y); }
+  void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x) override {
+    cuda::log_softmax_backward(y, grad_y, grad_x);
+  }
+  void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out) override {
+    cuda::gather_rows(src, index, out);
+  }
+  void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate) override {
+    cuda::scatter_rows(src, index, dst, accumulate);
+  }
+  void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
+                    double eps, double weight_decay) override {
+    cuda::rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay);
+  }
+  void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
+                double weight_decay, bool first_step) override {
+    cuda::sgd_step(param, grad, buffer, lr, momentum, weight_decay, first_step);
+  }
+
+  // ---- binary codes (codes.cu) ----
+  void pack_signs(const Tensor& x, const Tensor& codes) override { cuda::pack_signs(x, codes); }
+  void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override {
+    cuda::hamming_distances(queries, database, distances);
   }
 };
 

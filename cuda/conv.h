@@ -1,0 +1,24 @@
+// Convolutions on the GPU through cuDNN 9 (NCHW): forward, backward-data and backward-filter, with the
+// algorithm chosen once per shape and cached, one shared workspace, and TF32 tensor-core math while
+// mdff::tf32_allowed() (core/backend.h). The contracts are Backend::conv2d_forward / conv2d_backward.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/backend.h"
+
+namespace mdff::cuda {
+
+void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p, const Tensor& y);
+// Writes each defined gradient.
+void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
+                     const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias);
+
+struct ConvStats {
+  int64_t cached_plans = 0;      // (shape, dtype, precision) entries in the algorithm cache
+  int64_t algorithm_searches = 0;  // cache misses: times an algorithm was chosen
+  size_t workspace_bytes = 0;    // the shared workspace's current size
+};
+ConvStats conv_stats();
+
+}  // namespace mdff::cuda
