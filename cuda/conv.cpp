@@ -1,15 +1,510 @@
-// Placeholder until the cuDNN convolutions land (cuda/conv.h): every call names the missing kernel.
-#include "cuda/conv.h"
+// Convolutions on the GPU through cuDNN 9's convolution API (see conv.h): forward, backward-data,
+// backward-filter and the bias terms, NCHW, for F32 and F64.
+//
+// Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and the
+// fastest algorithm that cudnnFind*AlgorithmEx measures on the real tensors (what PyTorch's benchmark
+// mode does), within a workspace of at most kMaxWorkspaceBytes. Plans are cached for the life of the
+// process, so a training step in the steady state makes no descriptor calls and no searches. Every
+// algorithm shares one workspace, a single allocator block that grows to the largest plan's need.
+//
+// Shapes: x (N,C,H,W), weight (Cout,C,kh,kw), bias (Cout), y (N,Cout,Ho,Wo) with
+// Ho = (H + 2*padding - kh) / stride + 1 (and Wo alike); cross-correlation (no kernel flip), as PyTorch
+// and the CPU backend compute it.
+#include <cudnn.h>
 
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/backend.h"
 #include "core/error.h"
+#include "cuda/allocator.h"
+#include "cuda/check.h"
+#include "cuda/conv.h"
+#include "cuda/device.h"
 
 namespace mdff::cuda {
-void conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&) {
-  MDFF_FAIL("kernel 'conv2d_forward' is not implemented on the cuda backend");
+
+namespace {
+
+// The most workspace a search lends the algorithms (less when the device has less free memory).
+constexpr size_t kMaxWorkspaceBytes = size_t(1) << 30;
+
+cudnnHandle_t cudnn_handle() {
+  // Never destroyed, like cublas_handle(): cudnnDestroy during static destruction can run after the CUDA
+  // runtime has shut down.
+  static cudnnHandle_t handle = [] {
+    cudnnHandle_t h = nullptr;
+    MDFF_CUDNN_CHECK(cudnnCreate(&h));
+    MDFF_CUDNN_CHECK(cudnnSetStream(h, stream()));
+    return h;
+  }();
+  return handle;
 }
-void conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&, const Tensor&,
-                     const Tensor&) {
-  MDFF_FAIL("kernel 'conv2d_backward' is not implemented on the cuda backend");
+
+// Owns one cuDNN descriptor: created in the constructor, destroyed in the destructor.
+template <class Handle, cudnnStatus_t (*create)(Handle*), cudnnStatus_t (*destroy)(Handle)>
+class Descriptor {
+ public:
+  Descriptor() { MDFF_CUDNN_CHECK(create(&handle_)); }
+  ~Descriptor() { destroy(handle_); }
+  Descriptor(const Descriptor&) = delete;
+  Descriptor& operator=(const Descriptor&) = delete;
+  Handle get() const { return handle_; }
+
+ private:
+  Handle handle_ = nullptr;
+};
+using TensorDescriptor = Descriptor<cudnnTensorDescriptor_t, cudnnCreateTensorDescriptor, cudnnDestroyTensorDescriptor>;
+using FilterDescriptor = Descriptor<cudnnFilterDescriptor_t, cudnnCreateFilterDescriptor, cudnnDestroyFilterDescriptor>;
+using ConvolutionDescriptor =
+    Descriptor<cudnnConvolutionDescriptor_t, cudnnCreateConvolutionDescriptor, cudnnDestroyConvolutionDescriptor>;
+
+cudnnDataType_t cudnn_dtype(DType dtype) { return dtype == DType::F64 ? CUDNN_DATA_DOUBLE : CUDNN_DATA_FLOAT; }
+
+void set_nchw(const TensorDescriptor& desc, DType dtype, int n, int c, int h, int w) {
+  MDFF_CUDNN_CHECK(cudnnSetTensor4dDescriptor(desc.get(), CUDNN_TENSOR_NCHW, cudnn_dtype(dtype), n, c, h, w));
 }
-ConvStats conv_stats() { return {}; }
+
+// alpha and beta: cuDNN reads them as double for double data and as float otherwise.
+class Scale {
+ public:
+  explicit Scale(double value) : as_float_(static_cast<float>(value)), as_double_(value) {}
+  const void* of(DType dtype) const {
+    return dtype == DType::F64 ? static_cast<const void*>(&as_double_) : static_cast<const void*>(&as_float_);
+  }
+
+ private:
+  float as_float_;
+  double as_double_;
+};
+const Scale kOne(1.0), kZero(0.0);
+
+enum class Direction { Forward, BackwardData, BackwardFilter };
+
+const char* direction_name(Direction direction) {
+  switch (direction) {
+    case Direction::Forward: return "forward";
+    case Direction::BackwardData: return "backward-data";
+    case Direction::BackwardFilter: return "backward-filter";
+  }
+  return "?";
+}
+
+// The geometry of one convolution, every size checked to fit cuDNN's int.
+struct ConvShape {
+  int n = 0, c = 0, h = 0, w = 0;  // input (N,C,H,W)
+  int cout = 0, kh = 0, kw = 0;    // weight (Cout,C,kh,kw)
+  int ho = 0, wo = 0;              // output (N,Cout,Ho,Wo), which the others determine
+  int stride = 1, padding = 0;
+  DType dtype = DType::F32;
+
+  auto key() const { return std::tie(n, c, h, w, cout, kh, kw, stride, padding, dtype); }
+  bool operator<(const ConvShape& other) const { return key() < other.key(); }
+  // Whether some operand has no elements: then no convolution runs (see the callers).
+  bool empty() const { return n == 0 || c == 0 || h == 0 || w == 0 || cout == 0 || kh == 0 || kw == 0; }
+};
+
+std::string describe(const ConvShape& s) {
+  return ::mdff::detail::concat("input ", shape_str({s.n, s.c, s.h, s.w}), ", weight ",
+                                shape_str({s.cout, s.c, s.kh, s.kw}), ", stride ", s.stride, ", padding ", s.padding,
+                                ", ", dtype_name(s.dtype));
+}
+
+// Checks x, weight and y (the output, or its gradient: `y_name`) against each other and the parameters.
+ConvShape conv_shape(const char* op, const Tensor& x, const Tensor& weight, const Tensor& y, const char* y_name,
+                     const Conv2dParams& p) {
+  check_defined(x, op, "input");
+  check_defined(weight, op, "weight");
+  check_defined(y, op, y_name);
+  MDFF_CHECK(is_floating(x.dtype()), op, ": needs F32 or F64 tensors, got ", dtype_name(x.dtype()));
+  for (const Tensor* t : {&weight, &y}) check_same_dtype(x, *t, op);
+  for (const Tensor* t : {&x, &weight, &y})
+    MDFF_CHECK(t->device() == Device::CUDA, op, ": the cuda backend got a tensor on ", device_name(t->device()));
+  MDFF_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": needs input (N,C,H,W) and weight (Cout,C,kh,kw), got ",
+             shape_str(x.shape()), " and ", shape_str(weight.shape()));
+  MDFF_CHECK(x.size(1) == weight.size(1), op, ": input ", shape_str(x.shape()), " has ", x.size(1),
+             " channels but the weight ", shape_str(weight.shape()), " expects ", weight.size(1));
+  MDFF_CHECK(p.stride >= 1 && p.padding >= 0, op, ": stride ", p.stride, " and padding ", p.padding,
+             " must be >= 1 and >= 0");
+  const int64_t padded_h = x.size(2) + 2 * int64_t(p.padding), padded_w = x.size(3) + 2 * int64_t(p.padding);
+  MDFF_CHECK(padded_h >= weight.size(2) && padded_w >= weight.size(3), op, ": a ", weight.size(2), "x",
+             weight.size(3), " kernel does not fit the input ", shape_str(x.shape()), " padded by ", p.padding);
+  const Shape y_shape{x.size(0), weight.size(0), (padded_h - weight.size(2)) / p.stride + 1,
+                      (padded_w - weight.size(3)) / p.stride + 1};
+  MDFF_CHECK(y.shape() == y_shape, op, ": ", y_name, " of shape ", shape_str(y.shape()), " for input ",
+             shape_str(x.shape()), ", weight ", shape_str(weight.shape()), ", stride ", p.stride, " and padding ",
+             p.padding, " (expected ", shape_str(y_shape), ")");
+  // cuDNN's 4-d descriptors take int sizes and address at most 2^31-1 elements per tensor.
+  for (const Tensor* t : {&x, &weight, &y}) {
+    const bool fits = t->numel() <= INT32_MAX && *std::max_element(t->shape().begin(), t->shape().end()) <= INT32_MAX;
+    MDFF_CHECK(fits, op, ": tensor of shape ", shape_str(t->shape()), " exceeds cuDNN's 32-bit limit for 4-d ",
+               "tensors (2^31-1 elements, and each size an int); split the batch");
+  }
+  ConvShape s;
+  s.n = int(x.size(0)), s.c = int(x.size(1)), s.h = int(x.size(2)), s.w = int(x.size(3));
+  s.cout = int(weight.size(0)), s.kh = int(weight.size(2)), s.kw = int(weight.size(3));
+  s.ho = int(y_shape[2]), s.wo = int(y_shape[3]);
+  s.stride = p.stride, s.padding = p.padding;
+  s.dtype = x.dtype();
+  return s;
+}
+
+// A gradient or bias, when defined, must have `expected` shape and the convolution's dtype and device.
+void check_operand(const char* op, const char* what, const Tensor& t, const Shape& expected, DType dtype) {
+  if (!t.defined()) return;
+  MDFF_CHECK(t.shape() == expected, op, ": ", what, " of shape ", shape_str(t.shape()), ", expected ",
+             shape_str(expected));
+  MDFF_CHECK(t.dtype() == dtype, op, ": ", what, " is ", dtype_name(t.dtype()), " but the convolution is ",
+             dtype_name(dtype));
+  MDFF_CHECK(t.device() == Device::CUDA, op, ": the cuda backend got ", what, " on ", device_name(t.device()));
+}
+
+// The tensor descriptors of one shape, shared by every direction's plan.
+struct ShapeDescriptors {
+  TensorDescriptor x;     // (N,C,H,W): the input and its gradient
+  FilterDescriptor w;     // (Cout,C,kh,kw): the weight and its gradient
+  TensorDescriptor y;     // (N,Cout,Ho,Wo): the output and its gradient
+  TensorDescriptor bias;  // (1,Cout,1,1): the bias broadcast over y, and its gradient
+
+  explicit ShapeDescriptors(const ConvShape& s) {
+    set_nchw(x, s.dtype, s.n, s.c, s.h, s.w);
+    MDFF_CUDNN_CHECK(
+        cudnnSetFilter4dDescriptor(w.get(), cudnn_dtype(s.dtype), CUDNN_TENSOR_NCHW, s.cout, s.c, s.kh, s.kw));
+    set_nchw(y, s.dtype, s.n, s.cout, s.ho, s.wo);
+    set_nchw(bias, s.dtype, 1, s.cout, 1, 1);
+  }
+};
+
+// One direction's algorithm for one shape, dtype and TF32 setting. The convolution descriptor carries the
+// math type the algorithm was measured with, which cuDNN needs at every call with that algorithm.
+struct Plan {
+  ConvolutionDescriptor conv;
+  int algorithm = 0;  // a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by direction
+  size_t workspace_bytes = 0;
+};
+
+struct PlanKey {
+  ConvShape shape;
+  bool tf32 = false;
+  Direction direction = Direction::Forward;
+  bool operator<(const PlanKey& o) const {
+    return std::tie(shape, tf32, direction) < std::tie(o.shape, o.tf32, o.direction);
+  }
+};
+
+// Math types (cuDNN API reference, cudnn_graph library, cudnnMathType_t): CUDNN_FMA_MATH is "restricted to
+// only kernels that use FMA instructions"; CUDNN_DEFAULT_MATH "permits TF32 Tensor Core operation" on
+// NVIDIA Ampere and newer (FP32 data), and with it set before cudnnFind the search considers tensor-core and
+// FMA kernels both, reporting in each result the math type it ran with. CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+// may also convert the data down to FP16, which we never accept. So, as PyTorch's cuDNN convolutions do:
+// F32 with TF32 allowed searches under CUDNN_DEFAULT_MATH, F32 without it under CUDNN_FMA_MATH (and keeps only
+// results that ran as FMA), F64 under CUDNN_DEFAULT_MATH (FP64 has no reduced-precision mode).
+cudnnMathType_t search_math_type(DType dtype, bool tf32) {
+  return dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH;
+}
+bool acceptable_math_type(cudnnMathType_t math, DType dtype, bool tf32) {
+  if (dtype == DType::F32 && !tf32) return math == CUDNN_FMA_MATH;
+  return math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+}
+
+// The device memory a search may lend the algorithms: kMaxWorkspaceBytes, or half of what the device could
+// still give (its free memory plus the allocator's cached blocks) when that is less.
+size_t workspace_budget() {
+  size_t free_bytes = 0, total_bytes = 0;
+  MDFF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return std::min(kMaxWorkspaceBytes, (free_bytes + allocator_stats().bytes_cached) / 2);
+}
+
+// The largest workspace that one of `algorithm_count` algorithms needs within `budget`; `size_of(algo,
+// &bytes)` is the direction's cudnnGet*WorkspaceSize, which fails for algorithms that cannot run this shape.
+template <class SizeOf>
+size_t largest_workspace(int algorithm_count, size_t budget, SizeOf size_of) {
+  size_t largest = 0;
+  for (int algo = 0; algo < algorithm_count; ++algo) {
+    size_t bytes = 0;
+    if (size_of(algo, &bytes) == CUDNN_STATUS_SUCCESS && bytes <= budget) largest = std::max(largest, bytes);
+  }
+  return largest;
+}
+
+// A temporary device block for one search, returned to the allocator's cache afterwards (in stream order,
+// so no synchronisation is needed).
+class ScratchBlock {
+ public:
+  explicit ScratchBlock(size_t bytes) : bytes_(bytes), data_(allocate(bytes)) {}
+  ~ScratchBlock() { deallocate(data_, bytes_); }
+  ScratchBlock(const ScratchBlock&) = delete;
+  ScratchBlock& operator=(const ScratchBlock&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
+
+// The device buffers a search measures on, in the descriptors' slots: x (N,C,H,W), w (Cout,C,kh,kw) and
+// y (N,Cout,Ho,Wo). The direction's output is overwritten with arbitrary values, which the real call that
+// follows replaces: forward writes y, backward-data x (grad_x), backward-filter w (grad_weight).
+struct SearchBuffers {
+  void* x = nullptr;
+  void* w = nullptr;
+  void* y = nullptr;
+};
+
+struct Choice {
+  int algorithm = 0;
+  cudnnMathType_t math = CUDNN_DEFAULT_MATH;
+  size_t workspace_bytes = 0;
+};
+
+// The fastest result that succeeded, fits the workspace and has an acceptable math type.
+template <class Perf>
+Choice fastest(const std::vector<Perf>& results, int returned, size_t workspace_bytes, bool tf32,
+               Direction direction, const ConvShape& s) {
+  const Perf* best = nullptr;
+  for (int i = 0; i < returned; ++i) {
+    const Perf& r = results[i];
+    if (r.status != CUDNN_STATUS_SUCCESS || r.memory > workspace_bytes ||
+        !acceptable_math_type(r.mathType, s.dtype, tf32))
+      continue;
+    if (!best || r.time < best->time) best = &r;
+  }
+  MDFF_CHECK(best, "cuda conv2d: cuDNN found no usable ", direction_name(direction), " algorithm (", returned,
+             " tried) for ", describe(s), ", TF32 ", tf32 ? "on" : "off");
+  return {static_cast<int>(best->algo), best->mathType, best->memory};
+}
+
+// Measures the direction's algorithms with cudnnFind*AlgorithmEx and returns the fastest usable one.
+// `conv` carries the search math type.
+Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+              cudnnConvolutionDescriptor_t conv, const SearchBuffers& buffers) {
+  cudnnHandle_t handle = cudnn_handle();
+  const size_t budget = workspace_budget();
+  int max_count = 0, returned = 0;
+  switch (direction) {
+    case Direction::Forward: {
+      const size_t needed = largest_workspace(CUDNN_CONVOLUTION_FWD_ALGO_COUNT, budget, [&](int algo, size_t* bytes) {
+        return cudnnGetConvolutionForwardWorkspaceSize(handle, d.x.get(), d.w.get(), conv, d.y.get(),
+                                                       static_cast<cudnnConvolutionFwdAlgo_t>(algo), bytes);
+      });
+      const ScratchBlock scratch(needed);
+      MDFF_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(handle, &max_count));
+      std::vector<cudnnConvolutionFwdAlgoPerf_t> results(static_cast<size_t>(max_count));
+      MDFF_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(handle, d.x.get(), buffers.x, d.w.get(), buffers.w,
+                                                              conv, d.y.get(), buffers.y, max_count, &returned,
+                                                              results.data(), scratch.data(), scratch.bytes()));
+      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+    }
+    case Direction::BackwardData: {
+      const size_t needed =
+          largest_workspace(CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, budget, [&](int algo, size_t* bytes) {
+            return cudnnGetConvolutionBackwardDataWorkspaceSize(handle, d.w.get(), d.y.get(), conv, d.x.get(),
+                                                                static_cast<cudnnConvolutionBwdDataAlgo_t>(algo),
+                                                                bytes);
+          });
+      const ScratchBlock scratch(needed);
+      MDFF_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle, &max_count));
+      std::vector<cudnnConvolutionBwdDataAlgoPerf_t> results(static_cast<size_t>(max_count));
+      MDFF_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(handle, d.w.get(), buffers.w, d.y.get(),
+                                                                   buffers.y, conv, d.x.get(), buffers.x, max_count,
+                                                                   &returned, results.data(), scratch.data(),
+                                                                   scratch.bytes()));
+      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+    }
+    case Direction::BackwardFilter: {
+      const size_t needed =
+          largest_workspace(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, budget, [&](int algo, size_t* bytes) {
+            return cudnnGetConvolutionBackwardFilterWorkspaceSize(
+                handle, d.x.get(), d.y.get(), conv, d.w.get(), static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo),
+                bytes);
+          });
+      const ScratchBlock scratch(needed);
+      MDFF_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(handle, &max_count));
+      std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> results(static_cast<size_t>(max_count));
+      MDFF_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(handle, d.x.get(), buffers.x, d.y.get(),
+                                                                     buffers.y, conv, d.w.get(), buffers.w,
+                                                                     max_count, &returned, results.data(),
+                                                                     scratch.data(), scratch.bytes()));
+      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+    }
+  }
+  MDFF_FAIL("cuda conv2d: unknown direction");
+}
+
+// The plans, their descriptors and the shared workspace. Every convolution holds the mutex from its
+// look-up to its last queued call: the handle, the workspace and the cache are shared.
+class ConvCache {
+ public:
+  std::mutex mutex;
+
+  const ShapeDescriptors& descriptors(const ConvShape& s) {
+    auto it = descriptors_.find(s);
+    if (it == descriptors_.end()) it = descriptors_.emplace(s, std::make_unique<ShapeDescriptors>(s)).first;
+    return *it->second;
+  }
+
+  // The direction's plan, searched (on `buffers`) on first use.
+  const Plan& plan(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+                   const SearchBuffers& buffers) {
+    const PlanKey key{s, tf32, direction};
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return *it->second;
+    auto plan = std::make_unique<Plan>();
+    MDFF_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(plan->conv.get(), s.padding, s.padding, s.stride, s.stride,
+                                                     1, 1, CUDNN_CROSS_CORRELATION, cudnn_dtype(s.dtype)));
+    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->conv.get(), search_math_type(s.dtype, tf32)));
+    const Choice choice = search(direction, s, tf32, d, plan->conv.get(), buffers);
+    // The math type is part of the algorithm's identity: run with the one it was measured with.
+    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->conv.get(), choice.math));
+    plan->algorithm = choice.algorithm;
+    plan->workspace_bytes = choice.workspace_bytes;
+    ++searches_;
+    return *plans_.emplace(key, std::move(plan)).first->second;
+  }
+
+  // The shared workspace, grown to at least `bytes` (a whole allocator block); nullptr while none is needed.
+  void* workspace(size_t bytes) {
+    if (bytes > workspace_bytes_) {
+      const size_t grown = round_allocation_size(bytes);
+      // The old block goes back to the allocator's cache; calls queued on it run first (one stream).
+      deallocate(workspace_, workspace_bytes_);
+      workspace_ = nullptr;
+      workspace_bytes_ = 0;
+      workspace_ = allocate(grown);
+      workspace_bytes_ = grown;
+    }
+    return workspace_;
+  }
+
+  ConvStats stats() const { return {static_cast<int64_t>(plans_.size()), searches_, workspace_bytes_}; }
+
+ private:
+  std::map<ConvShape, std::unique_ptr<ShapeDescriptors>> descriptors_;
+  std::map<PlanKey, std::unique_ptr<Plan>> plans_;
+  int64_t searches_ = 0;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+};
+
+ConvCache& cache() {
+  // Never destroyed, like the handle: the descriptors and the workspace live as long as the process.
+  static ConvCache* instance = new ConvCache;
+  return *instance;
+}
+
+void fill_zero(const Tensor& t) {
+  if (t.defined() && t.numel() > 0) MDFF_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream()));
+}
+
+// y (N,Cout,Ho,Wo) += bias (Cout), broadcast over N, Ho and Wo.
+void add_bias(DType dtype, const TensorDescriptor& bias_desc, const Tensor& bias, const TensorDescriptor& y_desc,
+              const Tensor& y) {
+  MDFF_CUDNN_CHECK(cudnnAddTensor(cudnn_handle(), kOne.of(dtype), bias_desc.get(), bias.raw(), kOne.of(dtype),
+                                  y_desc.get(), y.raw()));
+}
+
+// grad_bias (Cout) = the sum of grad_y (N,Cout,Ho,Wo) over N, Ho and Wo.
+void bias_gradient(DType dtype, const TensorDescriptor& y_desc, const Tensor& grad_y,
+                   const TensorDescriptor& bias_desc, const Tensor& grad_bias) {
+  MDFF_CUDNN_CHECK(cudnnConvolutionBackwardBias(cudnn_handle(), kOne.of(dtype), y_desc.get(), grad_y.raw(),
+                                                kZero.of(dtype), bias_desc.get(), grad_bias.raw()));
+}
+
+// The output side's descriptors for a shape that cuDNN cannot convolve (an operand without elements) but whose
+// bias terms still apply.
+struct BiasDescriptors {
+  TensorDescriptor y, bias;
+  explicit BiasDescriptors(const ConvShape& s) {
+    set_nchw(y, s.dtype, s.n, s.cout, s.ho, s.wo);
+    set_nchw(bias, s.dtype, 1, s.cout, 1, 1);
+  }
+};
+
+}  // namespace
+
+void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
+                    const Tensor& y) {
+  const char* op = "cuda conv2d_forward";
+  const ConvShape s = conv_shape(op, x, weight, y, "output", p);
+  check_operand(op, "bias", bias, {s.cout}, s.dtype);
+  if (y.numel() == 0) return;
+  const bool tf32 = s.dtype == DType::F32 && tf32_allowed();
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  if (s.empty()) {  // no input channels or taps (or an empty input with padding): y = bias, or 0
+    fill_zero(y);
+    if (bias.defined()) {
+      const BiasDescriptors d(s);
+      add_bias(s.dtype, d.bias, bias, d.y, y);
+    }
+    return;
+  }
+  const ShapeDescriptors& d = c.descriptors(s);
+  const Plan& plan = c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()});
+  void* workspace = c.workspace(plan.workspace_bytes);
+  MDFF_CUDNN_CHECK(cudnnConvolutionForward(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(), d.w.get(),
+                                           weight.raw(), plan.conv.get(),
+                                           static_cast<cudnnConvolutionFwdAlgo_t>(plan.algorithm), workspace,
+                                           plan.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
+  if (bias.defined()) add_bias(s.dtype, d.bias, bias, d.y, y);
+}
+
+void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y, const Conv2dParams& p,
+                     const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) {
+  const char* op = "cuda conv2d_backward";
+  const ConvShape s = conv_shape(op, x, weight, grad_y, "grad_y", p);
+  check_operand(op, "grad_x", grad_x, x.shape(), s.dtype);
+  check_operand(op, "grad_weight", grad_weight, weight.shape(), s.dtype);
+  check_operand(op, "grad_bias", grad_bias, {s.cout}, s.dtype);
+  const bool tf32 = s.dtype == DType::F32 && tf32_allowed();
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  if (s.empty()) {  // the convolution contributes nothing: grad_x = 0, grad_weight = 0; grad_bias sums grad_y
+    fill_zero(grad_x);
+    fill_zero(grad_weight);
+    if (grad_bias.defined() && grad_y.numel() > 0) {
+      const BiasDescriptors d(s);
+      bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);
+    } else {
+      fill_zero(grad_bias);
+    }
+    return;
+  }
+  const ShapeDescriptors& d = c.descriptors(s);
+  if (grad_x.defined()) {
+    const Plan& plan = c.plan(Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()});
+    void* workspace = c.workspace(plan.workspace_bytes);
+    MDFF_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_handle(), kOne.of(s.dtype), d.w.get(), weight.raw(),
+                                                  d.y.get(), grad_y.raw(), plan.conv.get(),
+                                                  static_cast<cudnnConvolutionBwdDataAlgo_t>(plan.algorithm),
+                                                  workspace, plan.workspace_bytes, kZero.of(s.dtype), d.x.get(),
+                                                  grad_x.raw()));
+  }
+  if (grad_weight.defined()) {
+    const Plan& plan = c.plan(Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()});
+    void* workspace = c.workspace(plan.workspace_bytes);
+    MDFF_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(),
+                                                    d.y.get(), grad_y.raw(), plan.conv.get(),
+                                                    static_cast<cudnnConvolutionBwdFilterAlgo_t>(plan.algorithm),
+                                                    workspace, plan.workspace_bytes, kZero.of(s.dtype), d.w.get(),
+                                                    grad_weight.raw()));
+  }
+  if (grad_bias.defined()) bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);
+}
+
+ConvStats conv_stats() {
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  return c.stats();
+}
+
 }  // namespace mdff::cuda
