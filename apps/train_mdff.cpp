@@ -201,6 +201,7 @@ Plan plan_from(const Options& o) {
              " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
   MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
   plan.device = choose_device(o.device);
+  set_tf32_allowed(o.precision == "tf32");
   return plan;
 }
 
@@ -327,6 +328,8 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
     while (trainer.epochs_done() < settings.epochs) {
       const int epoch = trainer.epochs_done() + 1;
       cli::Progress progress(detail::concat(bits, " bits, epoch ", epoch, "/", settings.epochs));
+      Backend& device = backend(run.plan.device);
+      device.reset_peak_memory();
       const EpochReport report = trainer.train_epoch(
           [&](int64_t done, int64_t total, double loss, double ips) {
             char figures[96];
@@ -341,6 +344,12 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
       }
       json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
                  {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
+      std::string memory;  // the GPU's allocator counts its peak; the CPU's memory is in /usr/bin/time's
+      if (run.plan.device == Device::CUDA) {
+        const double peak_mib = static_cast<double>(device.memory_stats().peak_bytes_in_use) / (1 << 20);
+        entry["peak_gpu_mib"] = peak_mib;
+        memory = detail::concat(", peak GPU memory ", std::fixed, std::setprecision(0), peak_mib, " MiB");
+      }
       std::string curve;
       if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {
         const auto q = codes_from(retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256),
@@ -357,8 +366,8 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
         curve = detail::concat(", mAP against ", run.monitor_rows.size(), " database images ", std::fixed,
                                std::setprecision(4), m);
       }
-      std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)%s\n", epoch, report.loss, report.j1, report.j2,
-                  report.j3, curve.c_str());
+      std::printf("  epoch %d: loss %.4f (J1 %.4f, J2 %.4f, J3 %.4f)%s%s\n", epoch, report.loss, report.j1, report.j2,
+                  report.j3, memory.c_str(), curve.c_str());
       history.push_back(entry);
       save();
     }
@@ -430,7 +439,8 @@ int main(int argc, char** argv) {
     if (o.resume.empty()) check_new_folder(out);  // again under the lock: another run may have just started here
     for (const std::string& file : io::remove_stale_temporaries(out.string()))
       std::printf("train_mdff: removed %s, left by a run killed while writing it\n", file.c_str());
-    std::printf("train_mdff: %s on %s; results in %s\n", dataset_name.c_str(), device_name(plan.device), out.c_str());
+    std::printf("train_mdff: %s on %s%s; results in %s\n", dataset_name.c_str(), device_name(plan.device),
+                plan.device == Device::CUDA ? (" (" + o.precision + ")").c_str() : "", out.c_str());
 
     const data::Dataset dataset = load_dataset(o);
     o.classes = dataset.classes;
@@ -442,6 +452,7 @@ int main(int argc, char** argv) {
 
     json config = train::options_json(o);
     config["device"] = device_name(plan.device);
+    if (plan.device == Device::CUDA) config["precision"] = o.precision;
     config["out"] = out.string();
     io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
@@ -522,6 +533,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "\ntrain_mdff: interrupted; the checkpoint %s holds the run so far. Continue it with:\n"
                  "  train_mdff --resume %s\n", i.checkpoint.c_str(), out.c_str());
     return 130;
+  } catch (const OutOfMemory& e) {  // on the GPU: what was being trained says what to make smaller
+    const TrainSettings& s = plan.settings;
+    const int side = s.batch.crop_mode ? s.batch.crop : s.batch.image_size;
+    std::fprintf(stderr, "train_mdff: error: %s, training %s at batch size %lld on %d x %d images (scales %s)%s. "
+                 "Start a new run with a smaller --batch-size (or --image-size)\n", e.what(), o.model.c_str(),
+                 static_cast<long long>(s.batch_size), side, side, o.scales.c_str(),
+                 last_checkpoint.empty() ? "" : ("; the last checkpoint is " + last_checkpoint).c_str());
+    return 1;
   } catch (const io::WriteError& e) {  // a full disk, a file-size limit, ...
     const bool started = fs::exists(out / "config.json");
     std::fprintf(stderr, "train_mdff: error: %s\nEvery file written before is intact (each is written whole or not "

@@ -133,6 +133,7 @@ Options resumed_options(const Options& given, const CLI::App& app) {
   o.resume = given.resume;
   o.out = given.resume;
   o.device = given.device;
+  o.precision = given.precision;
   o.interrupt_after_steps = given.interrupt_after_steps;
   return o;
 }
@@ -197,6 +198,10 @@ void add_options(CLI::App& app, Options& o) {
                  "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
   app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--precision", o.precision, "GPU math: tf32 (convolutions and matrix products on tensor cores with "
+                 "10-bit mantissas and FP32 sums, about 1e-3 relative error, as PyTorch's cuDNN default) or fp32 "
+                 "(full FP32, slower); the CPU always computes in FP32")->capture_default_str()
+      ->check(CLI::IsMember({"tf32", "fp32"}));
   app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME); it must not hold another run");
   app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights, safetensors with torchvision's names "
                  "(scripts/download_resnet50.sh); the recipe then defaults to paper");

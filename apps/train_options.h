@@ -15,7 +15,7 @@ namespace mdff::train {
 struct Options {
   std::string dataset = "fashion-mnist", data_dir, list_root, out, pretrained, recipe, resume;
   std::string bits, taps = "all", scales, pairs, protocol = "paper";
-  std::string optimizer, schedule, device = "auto", model = "resnet50";
+  std::string optimizer, schedule, device = "auto", precision = "tf32", model = "resnet50";
   data::SplitSizes split;
   int classes = 0, epochs = 0, image_size = 0, shift = -1, zero_init_residual = -1, monitor_every = 2;
   int resize = 0, crop = 0;  // crop mode (both > 0) or not (both 0)
@@ -27,8 +27,8 @@ struct Options {
 
 // Every option that a run's results depend on, by its config.json key (the command-line option is
 // "--" + the key with '-' for '_'; "dataset" is the positional argument). One list, so that config.json
-// is written and read back (--resume) alike. Not here: --out, --device and --resume, which may differ
-// when a run is continued.
+// is written and read back (--resume) alike. Not here: --out, --device, --precision and --resume, which
+// may differ when a run is continued.
 template <class O, class Visit>
 void for_each_option(O& o, Visit&& visit) {
   visit("dataset", o.dataset);

@@ -74,7 +74,8 @@ class Backend {
   virtual void sum_to(const Tensor& src, const Tensor& out);
 
   // Adds to count (an I32 scalar, on this device) the number of NaN and infinite elements of x. Adding
-  // lets a training loop check every step without waiting for the device; it reads count once in a while.
+  // lets a training loop check every step without waiting for the device; it reads count once in a while
+  // (before the count could wrap at 2^31).
   virtual void count_non_finite(const Tensor& x, const Tensor& count);
 
   // ---- matrix products ----

@@ -959,7 +959,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static) reduction(+ : found) if (n > kParallelGrain)
       for (int64_t i = 0; i < n; ++i) found += !std::isfinite(xp[i]);
     });
-    *ptr<int32_t>(count) += static_cast<int32_t>(std::min<int64_t>(found, INT32_MAX));
+    *ptr<int32_t>(count) += static_cast<int32_t>(found);  // x has < 2^31 elements (ops checks)
   }
 
   void pack_signs(const Tensor& x, const Tensor& codes) override {

@@ -12,6 +12,12 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A device ran out of memory: the caller may add what it was doing (batch size, image size) and retry
+// smaller.
+struct OutOfMemory : Error {
+  using Error::Error;
+};
+
 namespace detail {
 template <class... Parts>
 std::string concat(const Parts&... parts) {

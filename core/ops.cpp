@@ -462,6 +462,7 @@ void count_non_finite_(const Tensor& x, Tensor& count) {
   MDFF_CHECK(count.dtype() == DType::I32 && count.numel() == 1, "count_non_finite_: the count must be one I32, got ",
              shape_str(count.shape()), " ", dtype_name(count.dtype()));
   MDFF_CHECK(is_floating(x.dtype()), "count_non_finite_: needs a float tensor, got ", dtype_name(x.dtype()));
+  MDFF_CHECK(x.numel() <= INT32_MAX, "count_non_finite_: ", x.numel(), " elements do not fit the I32 count");
   if (x.numel() > 0) backend_of(x).count_non_finite(x, count);
 }
 

@@ -93,9 +93,9 @@ class CachingAllocator {
       release_cache();
       ptr = try_malloc(size);
       if (!ptr)
-        MDFF_FAIL("out of GPU memory: requested ", requested, " bytes (a block of ", size, "), with ",
-                  stats_.bytes_in_use, " bytes in use by tensors and ", cached,
-                  " bytes cached (released, then retried). Try a smaller batch size");
+        throw OutOfMemory(mdff::detail::concat("out of GPU memory: requested ", requested, " bytes (a block of ", size,
+                                         "), with ", stats_.bytes_in_use, " bytes in use by tensors and ", cached,
+                                         " bytes cached (released, then retried)"));
     }
     ++stats_.cuda_malloc_calls;
     return ptr;

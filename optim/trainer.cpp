@@ -9,6 +9,7 @@
 
 #include "core/autograd.h"
 #include "core/error.h"
+#include "core/ops.h"
 
 namespace mdff {
 
@@ -76,6 +77,13 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
   auto seconds_so_far = [&] {
     return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
+  const int readout_every = settings_.readout_every > 0 ? settings_.readout_every : device == Device::CPU ? 1 : 20;
+  std::vector<StepRecord> pending;
+  auto read_and_report = [&] {
+    read_out(pending);
+    if (progress) progress(batches_done_, loader_->batches_per_epoch(), partial_.loss / batches_done_,
+                           images_done_ / seconds_so_far());
+  };
   data::Batch batch;
   while (!(stop && stop->load()) && loader_->next(batch)) {
     optimizer_->lr = scheduled_lr();
@@ -83,34 +91,19 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
     const MdffOutput out = model_.forward(batch.images.to(device));
     const LossTerms terms = mdff_loss(out.u, out.logits, batch.labels.to(device), batch.index.to(device),
                                       memory_.get(), settings_.loss);
-    const double loss = terms.total.item();
-    const std::string at = detail::concat("at epoch ", partial_.epoch, ", step ", batches_done_ + 1);
-    if (!std::isfinite(loss))
-      throw TrainingDiverged(detail::concat("the loss became ", loss, " ", at, " (J1 ", terms.j1.item(), ", J2 ",
-                                            terms.j2.item(), ", J3 ", terms.j3.item(), "); lower --lr"));
     terms.total.backward();
-    if (const std::optional<NonFinite> bad = parameters_->first_non_finite_grad())
-      throw TrainingDiverged(detail::concat("the gradient of ", bad->name, " became ", bad->value, " (element ",
-                                            bad->index, ") ", at, ", with the loss still finite (", loss,
-                                            "); it is the first parameter, in the model's order, whose gradient is "
-                                            "not finite. Lower --lr"));
+    StepRecord record{terms.total.detach(), terms.j1.detach(), terms.j2.detach(), terms.j3.detach(),
+                      Tensor::zeros({}, DType::I32, device), Tensor::zeros({}, DType::I32, device),
+                      batches_done_ + static_cast<int64_t>(pending.size()) + 1, batch.images.size(0), optimizer_->lr};
+    ops::count_non_finite_(parameters_->grads(), record.bad_grads);
     optimizer_->step();
     // Activations that overflow in training mode (where batch norm normalises by the batch) reach only
     // the running statistics.
-    if (const std::optional<NonFinite> bad = first_non_finite(buffers_))
-      throw TrainingDiverged(detail::concat("the batch-norm statistic ", bad->name, " became ", bad->value,
-                                            " (element ", bad->index, ") ", at, ": the activations overflow, "
-                                            "the learning rate (", optimizer_->lr, " at this step) is far too high; "
-                                            "lower --lr"));
-    ++batches_done_;
-    images_done_ += batch.images.size(0);
-    partial_.loss += loss;
-    partial_.j1 += terms.j1.item();
-    partial_.j2 += terms.j2.item();
-    partial_.j3 += terms.j3.item();
-    if (progress) progress(batches_done_, loader_->batches_per_epoch(), partial_.loss / batches_done_,
-                           images_done_ / seconds_so_far());
+    for (const auto& [name, statistic] : buffers_) ops::count_non_finite_(statistic, record.bad_stats);
+    pending.push_back(std::move(record));
+    if (static_cast<int>(pending.size()) >= readout_every) read_and_report();
   }
+  if (!pending.empty()) read_and_report();
   // Finite gradients times a learning rate far too high can overflow a parameter. The next step's loss
   // almost always shows it; this check, once before every checkpoint rather than after every step (a
   // second pass over the parameters would cost ResNet50 2% more), makes sure no checkpoint keeps it.
@@ -132,6 +125,43 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
   batches_done_ = images_done_ = 0;
   epoch_rng_state_ = loader_->rng_state();  // start_epoch drew this epoch's randomness: the next one's state
   return report;
+}
+
+void Trainer::read_out(std::vector<StepRecord>& pending) {
+  std::vector<StepRecord> records;
+  records.swap(pending);
+  for (size_t i = 0; i < records.size(); ++i) {
+    const StepRecord& r = records[i];
+    const double loss = r.total.item();  // the first read waits for the device; the rest are ready
+    const std::string at = detail::concat("at epoch ", partial_.epoch, ", step ", r.step);
+    if (!std::isfinite(loss))
+      throw TrainingDiverged(detail::concat("the loss became ", loss, " ", at, " (J1 ", r.j1.item(), ", J2 ",
+                                            r.j2.item(), ", J3 ", r.j3.item(), "); lower --lr"));
+    if (r.bad_grads.item() > 0) {
+      // The gradients still in the buffer are this step's only when it is the last one read.
+      const std::optional<NonFinite> bad =
+          i + 1 == records.size() ? parameters_->first_non_finite_grad() : std::optional<NonFinite>();
+      if (bad)
+        throw TrainingDiverged(detail::concat("the gradient of ", bad->name, " became ", bad->value, " (element ",
+                                              bad->index, ") ", at, ", with the loss still finite (", loss,
+                                              "); it is the first parameter, in the model's order, whose gradient is "
+                                              "not finite. Lower --lr"));
+      throw TrainingDiverged(detail::concat(r.bad_grads.item(), " gradient values became NaN or infinite ", at,
+                                            ", with the loss still finite (", loss, "). Lower --lr"));
+    }
+    // A non-finite running statistic stays non-finite ((1 - m) r + m s), so the statistics still show it.
+    if (r.bad_stats.item() > 0)
+      if (const std::optional<NonFinite> bad = first_non_finite(buffers_))
+        throw TrainingDiverged(detail::concat("the batch-norm statistic ", bad->name, " became ", bad->value,
+                                              " (element ", bad->index, ") ", at, ": the activations overflow, the "
+                                              "learning rate (", r.lr, " at this step) is far too high; lower --lr"));
+    ++batches_done_;
+    images_done_ += r.images;
+    partial_.loss += loss;
+    partial_.j1 += r.j1.item();
+    partial_.j2 += r.j2.item();
+    partial_.j3 += r.j3.item();
+  }
 }
 
 std::string Trainer::progress() const {

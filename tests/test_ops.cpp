@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -190,6 +191,45 @@ TEST_CASE("gather_rows and scatter_rows_ keep the U matrix") {
                        Error);
   CHECK_THROWS_WITH_AS(ops::scatter_rows_(u, rows, t64({1, 2, 3}, {1, 3})), doctest::Contains("source of shape"),
                        Error);
+}
+
+TEST_CASE("pack_signs and hamming_distances count differing signs") {
+  Rng rng(3);
+  // 70 bits: three words, the last one partly used; zeros count as +1, as ops::sign.
+  Tensor x = Tensor::randn({5, 70}, rng);
+  x.data<float>()[3] = 0.0f;
+  x.data<float>()[70 + 69] = -0.0f;
+  const Tensor codes = ops::pack_signs(x);
+  REQUIRE(codes.shape() == Shape{5, 3});
+  const Tensor signs = ops::sign(x);
+  const Tensor distances = ops::hamming_distances(codes, codes);
+  REQUIRE(distances.shape() == Shape{5, 5});
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t j = 0; j < 5; ++j) {
+      int expected = 0;
+      for (int64_t b = 0; b < 70; ++b) expected += signs.data<float>()[i * 70 + b] != signs.data<float>()[j * 70 + b];
+      CHECK(distances.data<int32_t>()[i * 5 + j] == expected);
+    }
+  const auto* words = reinterpret_cast<const uint32_t*>(codes.data<int32_t>());
+  const uint32_t zero_bit = words[0] >> 3 & 1u, minus_zero_bit = words[3 + 2] >> 5 & 1u, unused = words[2] >> 6;
+  CHECK(zero_bit == 1u);        // x = +0 sets its bit
+  CHECK(minus_zero_bit == 1u);  // -0 too (-0 >= 0): bit 69 is bit 5 of word 2
+  CHECK(unused == 0u);          // the unused high bits of the last word stay 0
+  CHECK_THROWS_WITH_AS(ops::hamming_distances(codes, ops::pack_signs(Tensor::randn({2, 10}, rng))),
+                       doctest::Contains("hamming_distances: needs I32 codes"), Error);
+}
+
+TEST_CASE("count_non_finite_ adds the NaN and infinite elements") {
+  Tensor x = Tensor::zeros({100000});  // above the parallel grain
+  x.data<float>()[7] = std::nanf("");
+  x.data<float>()[99999] = -INFINITY;
+  x.data<float>()[500] = 3e38f;  // large but finite
+  Tensor count = Tensor::zeros({}, DType::I32);
+  ops::count_non_finite_(x, count);
+  CHECK(count.item() == 2);
+  ops::count_non_finite_(x.to(DType::F64), count);
+  CHECK(count.item() == 4);  // adds
+  CHECK_THROWS_WITH_AS(ops::count_non_finite_(x, x), doctest::Contains("the count must be one I32"), Error);
 }
 
 TEST_CASE("shape errors are clear exceptions") {

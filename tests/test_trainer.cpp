@@ -33,8 +33,9 @@ struct Setup {
   Rng rng{1};
   MdffSh model{mdff_config("tiny", 8, 4, "all", {1.0}), rng};
   std::unique_ptr<Trainer> trainer;
-  explicit Setup(const std::string& optimizer = "sgd", double lr = 0.01, int64_t batch_size = 8) {
+  explicit Setup(const std::string& optimizer = "sgd", double lr = 0.01, int64_t batch_size = 8, int readout_every = 0) {
     TrainSettings settings;
+    settings.readout_every = readout_every;
     settings.epochs = 1;
     settings.batch_size = batch_size;
     settings.optimizer = optimizer;
@@ -97,6 +98,29 @@ TEST_CASE("a NaN gradient under a finite loss stops training naming the first pa
   CHECK(message.find(" became nan (element ") != std::string::npos);
   CHECK(message.find("at epoch 1, step 1, with the loss still finite") != std::string::npos);
   check_first_non_finite(s.model, named, [](const Tensor& p) { return p.grad(); });
+}
+
+TEST_CASE("read-outs every few steps give the same epoch and report progress at each read-out") {
+  Setup every_step, every_third("sgd", 0.01, 8, 3);
+  const EpochReport reference = every_step.trainer->train_epoch();
+  std::vector<int64_t> reported;
+  const EpochReport report = every_third.trainer->train_epoch(
+      [&](int64_t done, int64_t total, double, double) { reported.push_back(done * 100 + total); });
+  CHECK(reported == std::vector<int64_t>{304, 404});  // steps 3 and 4 of 4: a full window, then the rest
+  CHECK(report.loss == reference.loss);
+  CHECK(report.j1 == reference.j1);
+  CHECK(report.j3 == reference.j3);
+}
+
+TEST_CASE("a NaN gradient found at a later read-out names its step") {
+  Setup s("sgd", 0.01, 8, 3);
+  s.parameter("fusion.weight").data<float>()[5] = std::nanf("");
+  const std::string message = divergence(s);
+  INFO(message);
+  // Step 1's gradients were overwritten by steps 2 and 3 before the read-out: its step is named, its
+  // parameter cannot be.
+  CHECK(message.find(" gradient values became NaN or infinite at epoch 1, step 1, with the loss still finite") !=
+        std::string::npos);
 }
 
 TEST_CASE("an update that overflows a parameter stops training at the end of the epoch, naming the first one") {
