@@ -205,13 +205,15 @@ struct PlanKey {
 // NVIDIA Ampere and newer (FP32 data), and with it set before cudnnFind the search considers tensor-core and
 // FMA kernels both, reporting in each result the math type it ran with. CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
 // may also convert the data down to FP16, which we never accept. So, as PyTorch's cuDNN convolutions do:
-// F32 with TF32 allowed searches under CUDNN_DEFAULT_MATH, F32 without it under CUDNN_FMA_MATH (and keeps only
-// results that ran as FMA), F64 under CUDNN_DEFAULT_MATH (FP64 has no reduced-precision mode).
+// F32 with TF32 allowed searches under CUDNN_DEFAULT_MATH, F32 without it under CUDNN_FMA_MATH (rejecting
+// any result that reports tensor-op math, and running the chosen one under CUDNN_FMA_MATH again, whatever
+// math type the result reports: FMA-only is then guaranteed by the descriptor, not by the report), F64 under
+// CUDNN_DEFAULT_MATH (FP64 has no reduced-precision mode).
 cudnnMathType_t search_math_type(DType dtype, bool tf32) {
   return dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH;
 }
 bool acceptable_math_type(cudnnMathType_t math, DType dtype, bool tf32) {
-  if (dtype == DType::F32 && !tf32) return math == CUDNN_FMA_MATH;
+  if (dtype == DType::F32 && !tf32) return math == CUDNN_FMA_MATH || math == CUDNN_DEFAULT_MATH;
   return math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
 }
 
@@ -363,8 +365,10 @@ class ConvCache {
                                                      1, 1, CUDNN_CROSS_CORRELATION, cudnn_dtype(s.dtype)));
     MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->conv.get(), search_math_type(s.dtype, tf32)));
     const Choice choice = search(direction, s, tf32, d, plan->conv.get(), buffers);
-    // The math type is part of the algorithm's identity: run with the one it was measured with.
-    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->conv.get(), choice.math));
+    // The math type is part of the algorithm's identity: run with the one it was measured with (FMA-only
+    // for F32 without TF32, see search_math_type).
+    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(
+        plan->conv.get(), s.dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH : choice.math));
     plan->algorithm = choice.algorithm;
     plan->workspace_bytes = choice.workspace_bytes;
     ++searches_;
