@@ -10,6 +10,11 @@
 #       memcheck and racecheck over the CUDA tests (GPU_SANITIZER_TIMEOUT seconds each, default 300; their
 #       error summaries in the summary), and the benchmarks, writing logs and summary.txt under
 #       $OUT (or gpu-check-out/ when OUT is unset). Exit status: 0 when every step passed.
+#       The GPU benchmark (bench_model --device cuda, next to PyTorch in the same run) times the training
+#       step and encoding at batch 32 and 128, 224x224 and 32x32, in TF32 (bench_gpu.log/.json), then 224x224
+#       batch 32 in FP32 (bench_gpu_fp32.log/.json). Its PyTorch is the first python3 (PATH's, then
+#       /usr/bin/python3) that can import torch, started with the environment it had before this script
+#       set LD_LIBRARY_PATH (so that it loads its own cuDNN and cuBLAS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=build
@@ -46,6 +51,21 @@ step() {  # step NAME LOGFILE COMMAND...: runs, logs, records PASS/FAIL in the s
   [[ $rc == 0 ]] || status=1
 }
 
+# PyTorch for the GPU benchmark, found before LD_LIBRARY_PATH changes below: bench_model starts it through
+# a wrapper (MDFF_TORCH_PYTHON) that gives it back the library path it had here.
+torch_python=""
+for candidate in python3 /usr/bin/python3; do
+  if "$candidate" -c 'import torch' > /dev/null 2>&1; then torch_python=$(command -v "$candidate"); break; fi
+done
+if [[ -n "$torch_python" ]]; then
+  export MDFF_TORCH_PYTHON
+  MDFF_TORCH_PYTHON=$(mktemp /tmp/mdff_torch_python.XXXXXX)
+  printf '#!/usr/bin/env bash\nexport LD_LIBRARY_PATH=%q\nexec %q "$@"\n' "${LD_LIBRARY_PATH:-}" "$torch_python" \
+    > "$MDFF_TORCH_PYTHON"
+  chmod +x "$MDFF_TORCH_PYTHON"
+  trap 'rm -f "$MDFF_TORCH_PYTHON"' EXIT
+fi
+
 # CUDA and cuDNN libraries: the toolkit's, else those inside PyTorch's Python packages.
 libdirs=$PWD/$bundle/lib
 for name in libcudnn.so.9 libcublas.so.13 libcudart.so.13; do
@@ -54,7 +74,9 @@ for name in libcudnn.so.9 libcublas.so.13 libcudart.so.13; do
   [[ -n "$found" ]] && libdirs="$libdirs:$(dirname "$found")"
 done
 export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
-{ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; nvidia-smi; } > "$out/machine.txt" 2>&1
+{ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  echo "PyTorch for the GPU benchmark: ${torch_python:-none (no python3 can import torch)}"
+  nvidia-smi; } > "$out/machine.txt" 2>&1
 
 if [[ ! -x "$bundle/bin/test_cuda" ]]; then
   echo "no $bundle/bin/test_cuda: run 'scripts/gpu_check.sh --prepare' first and carry $bundle" | tee -a "$summary"
@@ -93,5 +115,18 @@ else
   status=1
 fi
 step "CPU conv benchmark" bench_conv.log "$bundle/bin/bench_conv" --json "$out/bench_conv.json"
+# The GPU benchmark: the engine and PyTorch (same model, same precision) take turns on the training step and
+# encoding, at batch 32 and 128, 224x224 and 32x32: img/s, ratio, each side's peak GPU memory (allocator level),
+# and a per-layer profile wherever the engine is slower. Estimate on the H200, TF32 grid: PyTorch's start (import,
+# CUDA, model) ~15 s; per configuration, each side 2 warm-up + 3 rounds x 2 timed steps (+ 1-2 profiled engine
+# steps) of training, then of encoding; at 224x224 batch 128 a PyTorch step is ~0.2-0.35 s (both scales), its cuDNN
+# autotune a few seconds per batch size; the 32x32 rows are launch-bound (~10-50 ms a step). About 1-1.5 min if
+# the engine is within 2x of PyTorch, ~2.5 min at 10x: the timeouts stop a much slower engine (the JSON is
+# written after each configuration, so what finished is kept). The FP32 run: ~30 s.
+gpu_bench=("$bundle/bin/bench_model" --device cuda --warmup 2 --rounds 3 --iterations 2)
+step "GPU benchmark (TF32 grid)" bench_gpu.log timeout 240 "${gpu_bench[@]}" --precision tf32 --grid \
+  --json "$out/bench_gpu.json"
+step "GPU benchmark (FP32, 224 b32)" bench_gpu_fp32.log timeout 120 "${gpu_bench[@]}" --precision fp32 \
+  --batch 32 --image-size 224 --json "$out/bench_gpu_fp32.json"
 echo "overall: $([[ $status == 0 ]] && echo PASS || echo FAIL)" | tee -a "$summary"
 exit $status
