@@ -1,29 +1,53 @@
 // CPU-vs-CUDA parity: the same random inputs go through each op on both devices, forward and backward
-// (autograd), and the CUDA results must match the CPU reference within a stated bound. Also the caching
-// allocator (no cudaMalloc in the steady state) and the CUDA error macros (messages carry file:line).
+// (autograd), and the CUDA result must match the CPU reference within a bound stated (and justified)
+// where it is defined. Covered:
+// - fill, cast, the elementwise and broadcasting binary ops, sum / sum_to, matmul and linear (cuBLAS);
+// - conv2d (cuDNN) at ResNet50's kinds of convolution (1x1, 3x3 stride 1 and 2, the 7x7 stem, the 1x1
+//   stride-2 shortcut, a 3x3 on a 1x1 map), with and without bias, batch 1 and 4, and its algorithm
+//   cache; conv2d_bn_eval against the separate ops; conv2d and matmul with TF32 on, at TF32's accuracy;
+// - batch_norm2d (training, with its running statistics, and evaluation), max_pool2d (ties, padding,
+//   NaN), global_avg_pool, upsample_nearest, resize_bilinear, concat, log_softmax, cross_entropy,
+//   gather_rows (repeated rows) and scatter_rows_, and a row index out of range, reported at the next
+//   synchronisation through the deferred device-error channel;
+// - RMSProp and SGD over a ParameterBuffer; pack_signs, hamming_distances and count_non_finite_ (exact);
+// - the whole ResNet50-MDFF-SH of train_mdff: three training steps in float64 (losses, every gradient,
+//   running statistics, RMSProp's updates), a float32 forward and backward in evaluation mode, and
+//   inference through the fused conv-bn path (why not a float32 training step: see the model tests);
+// - the caching allocator (no cudaMalloc in the steady state, also over full model training steps),
+//   memory statistics, and the CUDA error macros (messages carry file:line).
+// TF32 is on by default (core/backend.h); float32 parity tests turn it off with a Tf32Guard.
 //
 // Without a usable GPU (or in a build without CUDA) the executable prints why and exits with 77, which
 // CTest reports as skipped.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
+#include "core/autograd.h"
 #include "core/backend.h"
 #include "core/error.h"
 #include "core/ops.h"
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "layers/module.h"
+#include "losses/hash_losses.h"
+#include "models/mdff.h"
+#include "optim/optimizers.h"
 
 #ifdef MDFF_WITH_CUDA
 #include <cublas_v2.h>
 
 #include "cuda/allocator.h"
 #include "cuda/check.h"
+#include "cuda/conv.h"
 #include "cuda/device.h"
 #endif
 
@@ -39,45 +63,89 @@ namespace {
 
 using UnaryFn = std::function<Tensor(const Tensor&)>;
 using BinaryFn = std::function<Tensor(const Tensor&, const Tensor&)>;
+using OpFn = std::function<Tensor(const std::vector<Tensor>&)>;
 
 const DType kFloatTypes[] = {DType::F32, DType::F64};
 
-// Bounds on the error measure below. Elementwise kernels differ from the CPU only by the last bits of
-// the math library (tanh, exp, log1p); sums and products by rounding order.
+// ---- error measures and bounds ----
+
+// PerElement: max_i |cpu_i - cuda_i| / max(|cpu_i|, 1), relative for large values and absolute near zero
+// (where a relative error means nothing): for results computed element by element.
+// TensorMax: max_i |cpu_i - cuda_i| / max_i |cpu_i|: for results of long reductions (convolutions, batch
+// norm, a whole network), whose rounding error scales with the tensor's magnitude, not each element's.
+// A NaN on one side only is an infinite error; NaN on both sides, or equal infinities, count as equal.
+enum class Scale { PerElement, TensorMax };
+
+// Elementwise kernels differ from the CPU only by the last bits of the math library (tanh, exp, log1p);
+// sums and products by rounding order.
 double elementwise_bound(DType dtype) { return dtype == DType::F32 ? 1e-5 : 1e-12; }
 double product_bound(DType dtype) { return dtype == DType::F32 ? 1e-4 : 1e-10; }
+// Convolutions (TensorMax). Float32 without TF32 (cuDNN's implicit GEMM, Winograd or FFT algorithms)
+// stays within about 1e-5 of the output's largest value. TF32 rounds every operand to 10 mantissa bits
+// (2^-11 = 4.9e-4 relative), which over a few thousand random dot products gives about 4e-4: so 1e-4
+// leaves a 10x margin for float32 and still catches TF32 left on where the test turned it off. Float64:
+// about 1e-15 per reduction; 1e-12.
+double conv_bound(DType dtype) { return dtype == DType::F32 ? 1e-4 : 1e-12; }
+// TF32 on (the default): operands rounded to 10 mantissa bits, float32 accumulation. The worst of
+// thousands of outputs measured against the largest is about 1e-3 (see conv_bound); 1e-2 leaves a 10x
+// margin and is still far below a wrong result's O(1).
+constexpr double kTf32Bound = 1e-2;
 
-// max_i |cpu_i - cuda_i| / max(|cpu_i|, 1): relative for large values, absolute near zero (where a
-// relative error means nothing). A NaN on one side only counts as an infinite error.
-double max_rel_err(const Tensor& cpu, const Tensor& cuda) {
+double parity_error(const Tensor& cpu, const Tensor& cuda, Scale scale) {
   const std::vector<double> a = cpu.to_vector(), b = cuda.to_vector();
-  double worst = 0;
+  double worst = 0, largest = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (std::isnan(a[i]) || std::isnan(b[i])) {
       if (std::isnan(a[i]) != std::isnan(b[i])) return std::numeric_limits<double>::infinity();
       continue;
     }
-    worst = std::max(worst, std::abs(a[i] - b[i]) / std::max(std::abs(a[i]), 1.0));
+    if (std::isfinite(a[i])) largest = std::max(largest, std::abs(a[i]));
+    if (a[i] == b[i]) continue;
+    const double diff = std::abs(a[i] - b[i]);  // infinite when only one side is
+    worst = std::max(worst, scale == Scale::PerElement ? diff / std::max(std::abs(a[i]), 1.0) : diff);
   }
-  return worst;
+  if (scale == Scale::PerElement || worst == 0) return worst;
+  return worst / std::max(largest, std::numeric_limits<double>::min());
 }
 
-void check_close(const Tensor& cpu, const Tensor& cuda, double bound, const std::string& what) {
+// Checks and returns the error of `cuda` against the CPU reference `cpu`. Bound 0 asks for equality.
+double check_close(const Tensor& cpu, const Tensor& cuda, double bound, const std::string& what,
+                   Scale scale = Scale::PerElement) {
   INFO(what);
   REQUIRE(cpu.defined());
   REQUIRE(cuda.defined());
   CHECK(cpu.device() == Device::CPU);
   CHECK(cuda.device() == Device::CUDA);
+  INFO("cpu ", std::string(dtype_name(cpu.dtype())), " ", shape_str(cpu.shape()), ", cuda ",
+       std::string(dtype_name(cuda.dtype())), " ", shape_str(cuda.shape()));
   REQUIRE(cpu.shape() == cuda.shape());
   REQUIRE(cpu.dtype() == cuda.dtype());
-  const double err = max_rel_err(cpu, cuda);
-  INFO("max relative error ", err, ", bound ", bound);
+  const double err = parity_error(cpu, cuda, scale);
+  INFO(std::string(scale == Scale::PerElement ? "max relative error " : "max error / max |cpu| "), err, ", bound ",
+       bound);
   CHECK(err <= bound);
+  return err;
 }
+
+// Turns TF32 on or off (core/backend.h) for its lifetime, then restores the previous setting.
+class Tf32Guard {
+ public:
+  explicit Tf32Guard(bool allowed) : previous_(tf32_allowed()) { set_tf32_allowed(allowed); }
+  ~Tf32Guard() { set_tf32_allowed(previous_); }
+  Tf32Guard(const Tf32Guard&) = delete;
+  Tf32Guard& operator=(const Tf32Guard&) = delete;
+
+ private:
+  bool previous_;
+};
 
 // A CPU leaf that wants .grad, and its twin on the GPU (same values, its own leaf).
 Tensor cpu_leaf(const Shape& shape, Rng& rng, DType dtype, double std = 1.0) {
   Tensor t = Tensor::randn(shape, rng, std, dtype);
+  t.set_requires_grad(true);
+  return t;
+}
+Tensor as_leaf(Tensor t) {
   t.set_requires_grad(true);
   return t;
 }
@@ -87,34 +155,374 @@ Tensor cuda_twin(const Tensor& cpu) {
   return t;
 }
 
-// Runs `op` on x on both devices, backpropagates the same random upstream gradient and compares the
-// outputs and the input gradients.
-void check_unary_parity(const UnaryFn& op, const Shape& shape, DType dtype, const std::string& name) {
-  Rng rng(1);
-  const Tensor x = cpu_leaf(shape, rng, dtype, 3.0);
-  const Tensor xc = cuda_twin(x);
-  const Tensor y = op(x), yc = op(xc);
-  const std::string what = name + " " + dtype_name(dtype) + " " + shape_str(shape);
-  check_close(y, yc, elementwise_bound(dtype), what + " forward");
-  const Tensor gy = Tensor::randn(y.shape(), rng, 1.0, dtype);
+// "name (shape) dtype, ..." for the inputs of a parity check.
+std::string describe(const NamedTensors& inputs) {
+  std::string text;
+  for (const auto& [name, t] : inputs) {
+    text += (text.empty() ? "" : ", ") + name;
+    text += t.defined() ? " " + shape_str(t.shape()) + " " + dtype_name(t.dtype()) : " none";
+  }
+  return text;
+}
+
+struct Bounds {
+  double forward;  // on the output
+  double grad;     // on each input's gradient
+  Scale scale = Scale::PerElement;
+};
+
+// The inputs on each device after a parity check (ops may change some in place: running statistics),
+// and the largest error it measured.
+struct ParityRun {
+  std::vector<Tensor> cpu, cuda;
+  double worst = 0;
+};
+
+// Runs `op` on the CPU inputs and on their GPU twins (inputs that require grad get GPU leaves, others
+// plain copies, undefined ones stay undefined), compares the outputs, backpropagates the same random
+// upstream gradient on both and compares every gradient.
+ParityRun check_op_parity(const OpFn& op, const NamedTensors& inputs, const Bounds& bounds,
+                          const std::string& op_name) {
+  ParityRun run;
+  for (const auto& [name, t] : inputs) {
+    run.cpu.push_back(t);
+    run.cuda.push_back(!t.defined() ? Tensor() : t.requires_grad() ? cuda_twin(t) : t.to(Device::CUDA));
+  }
+  const std::string what = op_name + " [" + describe(inputs) + "]";
+  const Tensor y = op(run.cpu), yc = op(run.cuda);
+  run.worst = check_close(y, yc, bounds.forward, what + " forward", bounds.scale);
+  if (!y.requires_grad()) return run;
+  Rng rng(99);
+  const Tensor gy = Tensor::randn(y.shape(), rng, 1.0, y.dtype());
   y.backward(gy);
   yc.backward(gy.to(Device::CUDA));
-  check_close(x.grad(), xc.grad(), elementwise_bound(dtype), what + " grad x");
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].second.defined() && inputs[i].second.requires_grad())
+      run.worst = std::max(run.worst, check_close(run.cpu[i].grad(), run.cuda[i].grad(), bounds.grad,
+                                                  what + " gradient of " + inputs[i].first, bounds.scale));
+  return run;
+}
+
+void check_unary_parity(const UnaryFn& op, const Shape& shape, DType dtype, const std::string& name) {
+  Rng rng(1);
+  check_op_parity([&](const std::vector<Tensor>& in) { return op(in[0]); }, {{"x", cpu_leaf(shape, rng, dtype, 3.0)}},
+                  {elementwise_bound(dtype), elementwise_bound(dtype)}, name);
 }
 
 void check_binary_parity(const BinaryFn& op, const Shape& sa, const Shape& sb, DType dtype, const std::string& name) {
   Rng rng(2);
   const Tensor a = cpu_leaf(sa, rng, dtype), b = cpu_leaf(sb, rng, dtype);
-  const Tensor ac = cuda_twin(a), bc = cuda_twin(b);
-  const Tensor y = op(a, b), yc = op(ac, bc);
-  const std::string what = name + " " + dtype_name(dtype) + " " + shape_str(sa) + " " + shape_str(sb);
-  check_close(y, yc, elementwise_bound(dtype), what + " forward");
-  const Tensor gy = Tensor::randn(y.shape(), rng, 1.0, dtype);
-  y.backward(gy);
-  yc.backward(gy.to(Device::CUDA));
   // The gradient of a broadcast input is a sum (sum_to) over the repeated dimensions.
-  check_close(a.grad(), ac.grad(), product_bound(dtype), what + " grad a");
-  check_close(b.grad(), bc.grad(), product_bound(dtype), what + " grad b");
+  check_op_parity([&](const std::vector<Tensor>& in) { return op(in[0], in[1]); }, {{"a", a}, {"b", b}},
+                  {elementwise_bound(dtype), product_bound(dtype)}, name);
+}
+
+// ---- convolutions ----
+
+struct ConvCase {
+  const char* role;
+  Shape x, weight;
+  int stride, padding;
+  bool bias;
+};
+
+// ResNet50's kinds of convolution, narrowed: batch 1 and 4, with and without bias.
+const ConvCase kConvCases[] = {
+    {"1x1 stride 1 (bottleneck conv1/conv3)", {1, 16, 9, 9}, {32, 16, 1, 1}, 1, 0, true},
+    {"1x1 stride 1 (bottleneck conv1/conv3)", {4, 16, 9, 9}, {32, 16, 1, 1}, 1, 0, false},
+    {"3x3 pad 1 stride 1", {1, 8, 10, 10}, {16, 8, 3, 3}, 1, 1, true},
+    {"3x3 pad 1 stride 1", {4, 8, 10, 10}, {16, 8, 3, 3}, 1, 1, false},
+    {"3x3 pad 1 stride 2 (v1.5's downsampling conv2)", {4, 8, 11, 11}, {16, 8, 3, 3}, 2, 1, true},
+    {"3x3 pad 1 stride 2 (v1.5's downsampling conv2)", {1, 8, 10, 10}, {16, 8, 3, 3}, 2, 1, false},
+    {"7x7 pad 3 stride 2 (the stem)", {4, 3, 32, 32}, {16, 3, 7, 7}, 2, 3, false},
+    {"7x7 pad 3 stride 2 (the stem)", {1, 3, 29, 29}, {16, 3, 7, 7}, 2, 3, true},
+    {"1x1 stride 2 (the shortcut's downsample)", {4, 16, 8, 8}, {32, 16, 1, 1}, 2, 0, false},
+    {"1x1 stride 2 (the shortcut's downsample)", {1, 16, 7, 7}, {32, 16, 1, 1}, 2, 0, true},
+    {"3x3 pad 1 on a 1x1 map (layer4 at the 0.5 scale)", {4, 32, 1, 1}, {16, 32, 3, 3}, 1, 1, true},
+};
+
+NamedTensors conv_inputs(const ConvCase& c, DType dtype, uint64_t seed) {
+  Rng rng(seed);
+  NamedTensors in{{"x", cpu_leaf(c.x, rng, dtype)}, {"weight", cpu_leaf(c.weight, rng, dtype, 0.1)}};
+  in.emplace_back("bias", c.bias ? cpu_leaf({c.weight[0]}, rng, dtype) : Tensor());
+  return in;
+}
+
+OpFn conv_op(const ConvCase& c) {
+  return [c](const std::vector<Tensor>& in) { return ops::conv2d(in[0], in[1], in[2], c.stride, c.padding); };
+}
+
+ParityRun check_conv_parity(const ConvCase& c, DType dtype, double bound) {
+  return check_op_parity(conv_op(c), conv_inputs(c, dtype, 20), {bound, bound, Scale::TensorMax},
+                         std::string("conv2d ") + c.role);
+}
+
+// ---- batch norm ----
+
+// x (N,C,H,W) centred away from 0 (the variance is then a difference of larger numbers), gamma and
+// beta (leaves), running mean and variance (C).
+NamedTensors batch_norm_inputs(const Shape& shape, DType dtype, Rng& rng) {
+  const Shape channels{shape[1]};
+  return {{"x", as_leaf(ops::add(Tensor::randn(shape, rng, 3.0, dtype), Tensor::full({}, 5.0, dtype)))},
+          {"gamma", as_leaf(Tensor::uniform(channels, rng, 0.5, 1.5, dtype))},
+          {"beta", cpu_leaf(channels, rng, dtype)},
+          {"running_mean", Tensor::randn(channels, rng, 0.1, dtype)},
+          {"running_var", Tensor::uniform(channels, rng, 0.5, 2.0, dtype)}};
+}
+
+BatchNormEval batch_norm_eval_params(int64_t channels, DType dtype, Rng& rng) {
+  const Shape c{channels};
+  return {Tensor::uniform(c, rng, 0.5, 1.5, dtype), Tensor::randn(c, rng, 0.1, dtype),
+          Tensor::randn(c, rng, 0.1, dtype), Tensor::uniform(c, rng, 0.5, 2.0, dtype), 1e-5};
+}
+
+BatchNormEval to_cuda(const BatchNormEval& bn) {
+  return {bn.gamma.to(Device::CUDA), bn.beta.to(Device::CUDA), bn.running_mean.to(Device::CUDA),
+          bn.running_var.to(Device::CUDA), bn.eps};
+}
+
+// ---- helpers for the other layers ----
+
+// A leaf of N(0,1) values passed through f (ties, offsets, NaN by position).
+Tensor mapped_leaf(const Shape& shape, DType dtype, Rng& rng, const std::function<double(double, size_t)>& f) {
+  std::vector<double> values = Tensor::randn(shape, rng, 1.0, DType::F64).to_vector();
+  for (size_t i = 0; i < values.size(); ++i) values[i] = f(values[i], i);
+  return as_leaf(Tensor::from_vector(values, shape, dtype));
+}
+
+// (N,K) rows of probabilities (positive, summing to 1): soft targets.
+Tensor soft_targets(int64_t n, int64_t k, DType dtype, Rng& rng) {
+  std::vector<double> values = Tensor::uniform({n, k}, rng, 0.0, 1.0, DType::F64).to_vector();
+  for (int64_t r = 0; r < n; ++r) {
+    double total = 0;
+    for (int64_t j = 0; j < k; ++j) total += values[r * k + j];
+    for (int64_t j = 0; j < k; ++j) values[r * k + j] /= total;
+  }
+  return as_leaf(Tensor::from_vector(values, {n, k}, dtype));
+}
+
+Tensor index_tensor(const std::vector<int32_t>& rows, Device device = Device::CPU) {
+  return Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}, device);
+}
+
+// Runs `synchronise`, which must throw the deferred device error of `kernel` naming the bad `value`.
+void check_deferred_error(const std::function<void()>& synchronise, const std::string& kernel,
+                          const std::string& value) {
+  INFO("expecting the error of ", kernel, " at row ", value);
+  try {
+    synchronise();
+    FAIL("no error was reported");
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    INFO(message);
+    CHECK(message.find(kernel) != std::string::npos);
+    CHECK(message.find(value) != std::string::npos);
+  }
+}
+
+// ---- optimizers ----
+
+// A few parameters on `device`, one large enough for several blocks of threads.
+NamedTensors optimizer_parameters(DType dtype, Device device) {
+  Rng rng(40);
+  NamedTensors parameters{{"conv.weight", Tensor::randn({8, 3, 3, 3}, rng, 0.1, dtype)},
+                          {"conv.bias", Tensor::zeros({8}, dtype)},
+                          {"fc.weight", Tensor::randn({300, 400}, rng, 0.05, dtype)}};
+  for (auto& [name, p] : parameters) {
+    p = p.to(device);
+    p.set_requires_grad(true);
+  }
+  return parameters;
+}
+
+// Three steps of Optim over the same parameters and gradients on both devices: parameters and state
+// must match after each. Each element is updated alone, so the bound is the elementwise one.
+template <class Optim, class Options>
+void check_optimizer_parity(const Options& options, DType dtype, const std::string& name) {
+  ParameterBuffer cpu(optimizer_parameters(dtype, Device::CPU)), gpu(optimizer_parameters(dtype, Device::CUDA));
+  Optim cpu_optimizer(cpu, options), gpu_optimizer(gpu, options);
+  Rng rng(41);
+  for (int step = 1; step <= 3; ++step) {
+    std::vector<double> g = Tensor::randn({cpu.numel()}, rng, 1.0 / step, DType::F64).to_vector();
+    std::fill(g.begin(), g.begin() + 50, 0.0);  // zero gradients: RMSProp divides 0 by eps
+    const Tensor grads = Tensor::from_vector(g, {cpu.numel()}, dtype);
+    Tensor cpu_grads = cpu.grads(), gpu_grads = gpu.grads();
+    cpu_grads.copy_(grads);
+    gpu_grads.copy_(grads);
+    cpu_optimizer.step();
+    gpu_optimizer.step();
+    const std::string what = name + " " + dtype_name(dtype) + " after step " + std::to_string(step);
+    check_close(cpu.values(), gpu.values(), elementwise_bound(dtype), what + ": parameters");
+    const NamedTensors cpu_state = cpu_optimizer.state(), gpu_state = gpu_optimizer.state();
+    REQUIRE(cpu_state.size() == gpu_state.size());
+    for (size_t i = 0; i < cpu_state.size(); ++i)
+      check_close(cpu_state[i].second, gpu_state[i].second, elementwise_bound(dtype), what + ": " + cpu_state[i].first);
+  }
+}
+
+// ---- binary codes ----
+
+// (N,D) N(0,1) codes with exact zeros and negative zeros sprinkled in (sign(0) = +1: bit set).
+Tensor codes_with_zeros(int64_t n, int64_t d, DType dtype, Rng& rng) {
+  std::vector<double> values = Tensor::randn({n, d}, rng, 1.0, DType::F64).to_vector();
+  for (size_t i = 0; i < values.size(); i += 7) values[i] = 0.0;
+  for (size_t i = 3; i < values.size(); i += 11) values[i] = -0.0;
+  return Tensor::from_vector(values, {n, d}, dtype);
+}
+
+// count_non_finite_ twice into a zero count on x's device: the count after both calls.
+double count_twice(const Tensor& x) {
+  Tensor count = Tensor::zeros({}, DType::I32, x.device());
+  ops::count_non_finite_(x, count);
+  ops::count_non_finite_(x, count);
+  return count.item();
+}
+
+// ---- the whole model ----
+
+constexpr int kModelBatch = 4, kModelImage = 32, kMemoryRows = 64, kClasses = 10;
+
+// One batch and the training set's labels and codes (the U matrix), on the CPU in float64.
+struct ModelData {
+  Tensor images, labels, index, train_labels, codes;
+};
+
+ModelData model_data(int bits) {
+  Rng rng(50);
+  std::vector<double> train(kMemoryRows * kClasses, 0.0);
+  for (int i = 0; i < kMemoryRows; ++i) {
+    train[i * kClasses + i % kClasses] = 1;
+    if (i % 3 == 0) train[i * kClasses + (i + 3) % kClasses] = 1;  // some multi-label rows
+  }
+  const std::vector<int32_t> index{9, 2, 41, 0};
+  std::vector<double> labels;
+  for (int32_t i : index) labels.insert(labels.end(), train.begin() + i * kClasses, train.begin() + (i + 1) * kClasses);
+  ModelData d;
+  d.images = Tensor::randn({kModelBatch, 3, kModelImage, kModelImage}, rng, 1.0, DType::F64);
+  d.labels = Tensor::from_vector(labels, {kModelBatch, kClasses}, DType::F64);
+  d.index = index_tensor(index);
+  d.train_labels = Tensor::from_vector(train, {kMemoryRows, kClasses}, DType::F64);
+  d.codes = Tensor::uniform({kMemoryRows, bits}, rng, -1, 1, DType::F64);
+  return d;
+}
+
+// train_mdff's model: ResNet50-MDFF-SH, 48 bits, all taps, scales 1 and 0.5 (MdffConfig's defaults).
+MdffConfig model_config() {
+  MdffConfig config;
+  config.classes = kClasses;
+  return config;
+}
+
+// An MDFF-SH and what a training step needs (flat parameters, RMSProp with the paper's settings, the U
+// matrix of pairs = dataset), on one device in one dtype.
+struct ModelRig {
+  std::unique_ptr<MdffSh> model;
+  std::unique_ptr<ParameterBuffer> parameters;
+  std::unique_ptr<RMSProp> optimizer;
+  std::unique_ptr<PairMemory> memory;
+  Tensor images, labels, index;
+  MdffOutput out;
+  LossTerms terms;
+
+  ModelRig(const ModelData& d, DType dtype, Device device, bool training) {
+    Rng rng(51);
+    model = std::make_unique<MdffSh>(model_config(), rng);
+    model->to(dtype);
+    model->to(device);
+    model->train(training);
+    parameters = std::make_unique<ParameterBuffer>(model->named_parameters());
+    optimizer = std::make_unique<RMSProp>(*parameters, RMSPropOptions{});
+    memory = std::make_unique<PairMemory>(d.train_labels.to(dtype).to(device), model->config().bits);
+    memory->codes().copy_(d.codes.to(dtype).to(device));
+    images = d.images.to(dtype).to(device);
+    labels = d.labels.to(dtype).to(device);
+    index = d.index.to(device);
+  }
+
+  // What Trainer::train_epoch does before the update: zero_grad, forward, J1 + beta J2 + gamma J3, backward.
+  void forward_backward() {
+    parameters->zero_grad();
+    out = model->forward(images);
+    terms = mdff_loss(out.u, out.logits, labels, index, memory.get(), LossConfig{});
+    terms.total.backward();
+  }
+};
+
+// Makes `to` hold `from`'s state: parameters, RMSProp's square_avg, batch-norm statistics, U.
+void copy_state(ModelRig& to, ModelRig& from) {
+  Tensor values = to.parameters->values();
+  values.copy_(from.parameters->values());
+  NamedTensors to_state = to.optimizer->state(), from_state = from.optimizer->state();
+  for (size_t i = 0; i < to_state.size(); ++i) to_state[i].second.copy_(from_state[i].second);
+  NamedTensors to_buffers = to.model->named_buffers(), from_buffers = from.model->named_buffers();
+  for (size_t i = 0; i < to_buffers.size(); ++i) to_buffers[i].second.copy_(from_buffers[i].second);
+  to.memory->codes().copy_(from.memory->codes());
+}
+
+struct Worst {
+  double error = 0;
+  std::string name = "(none)";
+};
+
+// The largest TensorMax error over tensors paired by name (part picks the value or the gradient).
+Worst worst_of(const NamedTensors& cpu, const NamedTensors& cuda, const UnaryFn& part) {
+  REQUIRE(cpu.size() == cuda.size());
+  Worst worst;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    REQUIRE(cpu[i].first == cuda[i].first);
+    const double e = parity_error(part(cpu[i].second), part(cuda[i].second), Scale::TensorMax);
+    if (e > worst.error) worst = {e, cpu[i].first};
+  }
+  return worst;
+}
+
+void check_worst(const Worst& worst, size_t tensors, double bound, const std::string& what) {
+  INFO(what, " (", tensors, " tensors, max error / max |cpu| each): worst ", worst.name, " at ", worst.error,
+       ", bound ", bound);
+  CHECK(worst.error <= bound);
+}
+
+struct ModelBounds {
+  double forward;     // u, logits, J1, J2, J3, the total, U (TensorMax)
+  double gradient;    // each parameter's gradient
+  double statistics;  // each running mean and variance
+  double square_avg;  // RMSProp's state
+  double update;      // each parameter's change in an RMSProp step
+};
+
+void compare_forward_backward(ModelRig& cpu, ModelRig& gpu, const ModelBounds& b, const std::string& what) {
+  const std::vector<std::tuple<std::string, Tensor, Tensor>> outputs = {
+      {"u", cpu.out.u, gpu.out.u},
+      {"logits", cpu.out.logits, gpu.out.logits},
+      {"J1", cpu.terms.j1, gpu.terms.j1},
+      {"J2", cpu.terms.j2, gpu.terms.j2},
+      {"J3", cpu.terms.j3, gpu.terms.j3},
+      {"total loss", cpu.terms.total, gpu.terms.total},
+      {"U after the batch's rows were written", cpu.memory->codes(), gpu.memory->codes()}};
+  for (const auto& [name, a, c] : outputs) check_close(a, c, b.forward, what + ": " + name, Scale::TensorMax);
+  const NamedTensors cpu_parameters = cpu.model->named_parameters(), gpu_parameters = gpu.model->named_parameters();
+  check_worst(worst_of(cpu_parameters, gpu_parameters, [](const Tensor& p) { return p.grad(); }), cpu_parameters.size(),
+              b.gradient, what + ": parameter gradients");
+  const NamedTensors cpu_buffers = cpu.model->named_buffers();
+  check_worst(worst_of(cpu_buffers, gpu.model->named_buffers(), [](const Tensor& t) { return t; }), cpu_buffers.size(),
+              b.statistics, what + ": batch-norm running statistics");
+}
+
+// After an RMSProp step from the same state (`before`: the CPU's parameters): each parameter's change.
+void compare_update(ModelRig& cpu, ModelRig& gpu, const Tensor& before, const ModelBounds& b, const std::string& what) {
+  const Tensor cpu_delta = ops::sub(cpu.parameters->values(), before);
+  const Tensor gpu_delta = ops::sub(gpu.parameters->values().cpu(), before);
+  NamedTensors cpu_changes, gpu_changes;
+  int64_t offset = 0;
+  for (const auto& [name, p] : cpu.parameters->named()) {
+    cpu_changes.emplace_back(name, cpu_delta.view_range(offset, p.shape()));
+    gpu_changes.emplace_back(name, gpu_delta.view_range(offset, p.shape()));
+    offset += p.numel();
+  }
+  check_worst(worst_of(cpu_changes, gpu_changes, [](const Tensor& t) { return t; }), cpu_changes.size(), b.update,
+              what + ": RMSProp's change of each parameter");
+  check_close(cpu.optimizer->square_avg(), gpu.optimizer->square_avg(), b.square_avg, what + ": RMSProp's square_avg",
+              Scale::TensorMax);
 }
 
 }  // namespace
@@ -151,7 +559,7 @@ TEST_CASE("cast between float32 and float64, and same-type copies") {
       backend(Device::CPU).cast(x, on_cpu);
       const Tensor on_gpu = Tensor::empty(x.shape(), to, Device::CUDA);
       backend(Device::CUDA).cast(x.to(Device::CUDA), on_gpu);
-      INFO(dtype_name(from), " -> ", dtype_name(to));
+      INFO(std::string(dtype_name(from)), " -> ", std::string(dtype_name(to)));
       CHECK(on_gpu.to_vector() == on_cpu.to_vector());  // conversions are exactly rounded on both
     }
   }
@@ -276,6 +684,7 @@ TEST_CASE("sum_to with size-1 dims kept in the output") {
 }
 
 TEST_CASE("matmul and linear (cuBLAS gemm) match the CPU forward and backward") {
+  const Tf32Guard exact(false);
   for (DType dtype : kFloatTypes) {
     for (bool trans_a : {false, true}) {
       for (bool trans_b : {false, true}) {
@@ -309,6 +718,7 @@ TEST_CASE("matmul and linear (cuBLAS gemm) match the CPU forward and backward") 
 }
 
 TEST_CASE("gemm accumulates with beta and handles k = 0") {
+  const Tf32Guard exact(false);
   Rng rng(9);
   for (DType dtype : kFloatTypes) {
     const Tensor a = Tensor::randn({6, 4}, rng, 1.0, dtype), b = Tensor::randn({4, 5}, rng, 1.0, dtype);
@@ -349,10 +759,333 @@ TEST_CASE("a chain of ops on the GPU matches the CPU end to end") {
   }
 }
 
-TEST_CASE("kernels the cuda backend lacks say so") {
-  const Tensor x = Tensor::zeros({2, 3}, DType::F32, Device::CUDA), y = Tensor::zeros({2, 3}, DType::F32, Device::CUDA);
-  CHECK_THROWS_WITH_AS(backend(Device::CUDA).log_softmax_forward(x, y),
-                       doctest::Contains("is not implemented on the cuda backend"), Error);
+TEST_CASE("conv2d (cuDNN) matches the CPU forward and backward at ResNet50's kinds of convolution") {
+  const Tf32Guard exact(false);
+  for (DType dtype : kFloatTypes)
+    for (const ConvCase& c : kConvCases) check_conv_parity(c, dtype, conv_bound(dtype));
+}
+
+TEST_CASE("with TF32 on (the default), conv2d and matmul stay within TF32's accuracy; float64 ignores TF32") {
+  const Tf32Guard on(true);
+  // Wider than kConvCases: K = 32 * 9 = 288 and 512 terms per dot product, where TF32 rounding shows.
+  const ConvCase wide{"3x3 pad 1 stride 1, 32 -> 64 channels", {4, 32, 16, 16}, {64, 32, 3, 3}, 1, 1, true};
+  const OpFn matmul = [](const std::vector<Tensor>& in) { return ops::matmul(in[0], in[1]); };
+  Rng rng(22);
+  for (DType dtype : kFloatTypes) {
+    const double conv = dtype == DType::F32 ? kTf32Bound : conv_bound(dtype);
+    const double product = dtype == DType::F32 ? kTf32Bound : product_bound(dtype);
+    const double conv_error = check_conv_parity(wide, dtype, conv).worst;
+    const double stem_error = check_conv_parity(kConvCases[6], dtype, conv).worst;
+    const double matmul_error =
+        check_op_parity(matmul, {{"a", cpu_leaf({128, 512}, rng, dtype)}, {"b", cpu_leaf({512, 96}, rng, dtype)}},
+                        {product, product, Scale::TensorMax}, "matmul with TF32 allowed")
+            .worst;
+    MESSAGE("TF32 allowed, ", std::string(dtype_name(dtype)), ": largest error / max |cpu| of conv2d ", conv_error,
+            ", the stem ", stem_error, ", matmul ", matmul_error, " (bounds ", conv, ", ", product, ")");
+  }
+}
+
+TEST_CASE("conv2d_bn_eval on the GPU equals conv2d -> batch_norm2d (evaluation) -> + residual -> relu there") {
+  const Tf32Guard exact(false);
+  const NoGradGuard no_grad;  // conv2d_bn_eval is inference only
+  struct FusedCase {
+    ConvCase conv;
+    bool residual, relu;
+  };
+  const FusedCase cases[] = {{kConvCases[3], true, true},  // a bottleneck's conv3 + bn3 + shortcut + ReLU
+                             {kConvCases[0], false, true},
+                             {kConvCases[8], false, false},  // the shortcut's downsample + its BN
+                             {kConvCases[6], false, true}};  // the stem
+  for (DType dtype : kFloatTypes)
+    for (const FusedCase& c : cases) {
+      Rng rng(31);
+      const Tensor x = Tensor::randn(c.conv.x, rng, 1.0, dtype), w = Tensor::randn(c.conv.weight, rng, 0.1, dtype);
+      const BatchNormEval bn = batch_norm_eval_params(c.conv.weight[0], dtype, rng);
+      const int64_t ho = (c.conv.x[2] + 2 * c.conv.padding - c.conv.weight[2]) / c.conv.stride + 1;
+      const int64_t wo = (c.conv.x[3] + 2 * c.conv.padding - c.conv.weight[3]) / c.conv.stride + 1;
+      const Shape y_shape{c.conv.x[0], c.conv.weight[0], ho, wo};
+      const Tensor residual = c.residual ? Tensor::randn(y_shape, rng, 1.0, dtype) : Tensor();
+      const Tensor xc = x.to(Device::CUDA), wc = w.to(Device::CUDA);
+      const Tensor rc = c.residual ? residual.to(Device::CUDA) : Tensor();
+      const BatchNormEval bnc = to_cuda(bn);
+      const Tensor fused = ops::conv2d_bn_eval(xc, wc, bnc, c.conv.stride, c.conv.padding, rc, c.relu);
+      Tensor separate = ops::batch_norm2d(ops::conv2d(xc, wc, Tensor(), c.conv.stride, c.conv.padding), bnc.gamma,
+                                          bnc.beta, bnc.running_mean, bnc.running_var, false, 0.1, bnc.eps);
+      if (c.residual) separate = ops::add(separate, rc);
+      if (c.relu) separate = ops::relu(separate);
+      const std::string what = std::string("conv2d_bn_eval ") + c.conv.role + " " + dtype_name(dtype) +
+                               (c.residual ? " + residual" : "") + (c.relu ? " + relu" : "");
+      INFO(what);
+      REQUIRE(fused.shape() == separate.shape());
+      // The contract (core/backend.h): equal bit for bit to the separate kernels.
+      CHECK(parity_error(separate, fused, Scale::PerElement) == 0);
+      check_close(ops::conv2d_bn_eval(x, w, bn, c.conv.stride, c.conv.padding, residual, c.relu), fused,
+                  conv_bound(dtype), what + " against the CPU", Scale::TensorMax);
+    }
+}
+
+TEST_CASE("batch_norm2d in training (running statistics updated) and evaluation matches the CPU") {
+  struct BnCase {
+    Shape x;
+    double momentum, eps;
+  };
+  // Reductions over N*H*W per channel (up to 6272 values) in another order: TensorMax, product bound
+  // (float32 against float64 on the CPU: at most 3.3e-7 here).
+  const BnCase cases[] = {{{4, 8, 5, 5}, 0.1, 1e-5},
+                          {{32, 64, 1, 1}, 0.1, 1e-5},  // layer4's 1x1 maps: a channel's values span the batch
+                          {{8, 16, 28, 28}, 0.1, 1e-5},
+                          // 4 values per channel (layer4 at the 0.5 scale, batch 4), other momentum and eps. Not
+                          // 2 values: there the gradient of x is 0 in exact arithmetic, all rounding noise.
+                          {{4, 3, 1, 1}, 0.3, 1e-3}};
+  for (DType dtype : kFloatTypes)
+    for (const BnCase& c : cases)
+      for (bool training : {true, false}) {
+        Rng rng(32);
+        const OpFn op = [&](const std::vector<Tensor>& in) {
+          return ops::batch_norm2d(in[0], in[1], in[2], in[3], in[4], training, c.momentum, c.eps);
+        };
+        const std::string what = std::string("batch_norm2d ") + (training ? "training" : "evaluation");
+        const double bound = product_bound(dtype);
+        const ParityRun run =
+            check_op_parity(op, batch_norm_inputs(c.x, dtype, rng), {bound, bound, Scale::TensorMax}, what);
+        // Training updates both devices' statistics alike; evaluation leaves them exactly as they were.
+        check_close(run.cpu[3], run.cuda[3], training ? bound : 0.0, what + ": running_mean after", Scale::TensorMax);
+        check_close(run.cpu[4], run.cuda[4], training ? bound : 0.0, what + ": running_var after", Scale::TensorMax);
+      }
+}
+
+TEST_CASE("max_pool2d 3/2/1 matches the CPU: odd sizes, ties (first maximum wins), padding, NaN") {
+  const OpFn pool = [](const std::vector<Tensor>& in) { return ops::max_pool2d(in[0], 3, 2, 1); };
+  const std::pair<const char*, std::function<double(double, size_t)>> inputs[] = {
+      {"N(0,1)", [](double v, size_t) { return v; }},
+      // Values on a grid of 1: most windows hold ties, and the gradient goes where the tie-break put it.
+      {"ties", [](double v, size_t) { return std::round(v); }},
+      // All negative: padding must act as -inf, not as 0.
+      {"negative", [](double v, size_t) { return v - 10; }},
+      // NaN propagates (PyTorch): the window's output is NaN, its gradient goes to the NaN.
+      {"NaN", [](double v, size_t i) { return i % 23 == 5 ? std::nan("") : v; }},
+  };
+  for (DType dtype : kFloatTypes)
+    for (const Shape& shape : {Shape{2, 3, 9, 9}, Shape{4, 8, 16, 16}, Shape{1, 2, 7, 10}, Shape{2, 4, 2, 2}})
+      for (const auto& [kind, f] : inputs) {
+        Rng rng(33);
+        // The maximum is exact; an input under up to four overlapping windows sums their gradients.
+        check_op_parity(pool, {{"x", mapped_leaf(shape, dtype, rng, f)}}, {0.0, elementwise_bound(dtype)},
+                        std::string("max_pool2d ") + kind);
+      }
+}
+
+TEST_CASE("global_avg_pool and upsample_nearest match the CPU forward and backward") {
+  const OpFn gap = [](const std::vector<Tensor>& in) { return ops::global_avg_pool(in[0]); };
+  for (DType dtype : kFloatTypes) {
+    Rng rng(34);
+    for (const Shape& shape : {Shape{4, 8, 5, 5}, Shape{2, 2048, 1, 1}, Shape{3, 16, 7, 7}, Shape{2, 4, 28, 28}})
+      check_op_parity(gap, {{"x", cpu_leaf(shape, rng, dtype)}}, {product_bound(dtype), product_bound(dtype)},
+                      "global_avg_pool");
+    // Integer ratios (the top-down path: 7 -> 14), non-integer ones, shrinking, and 2 -> 26, where the
+    // source index floor(13 * float(2/26)) is 0 in float arithmetic (PyTorch's, the CPU's) and 1 in exact.
+    const std::pair<Shape, Shape> sizes[] = {
+        {{7, 7}, {14, 14}}, {{5, 5}, {12, 12}}, {{4, 6}, {9, 13}}, {{8, 8}, {5, 5}}, {{2, 3}, {26, 39}}};
+    for (const auto& [from, to] : sizes) {
+      const OpFn up = [to = to](const std::vector<Tensor>& in) { return ops::upsample_nearest(in[0], to[0], to[1]); };
+      // Forward copies (exact); backward sums the outputs that share a source.
+      check_op_parity(up, {{"x", cpu_leaf({2, 3, from[0], from[1]}, rng, dtype)}}, {0.0, product_bound(dtype)},
+                      "upsample_nearest to " + shape_str(to));
+    }
+  }
+}
+
+TEST_CASE("resize_bilinear (align_corners = false) matches the CPU, down and up") {
+  const std::pair<Shape, Shape> sizes[] = {
+      {{32, 32}, {224, 224}}, {{37, 37}, {16, 16}}, {{10, 20}, {7, 33}}, {{5, 5}, {5, 5}}, {{32, 32}, {16, 16}}};
+  for (DType dtype : kFloatTypes) {
+    Rng rng(35);
+    for (const auto& [from, to] : sizes) {
+      const OpFn resize = [to = to](const std::vector<Tensor>& in) {
+        return ops::resize_bilinear(in[0], to[0], to[1]);
+      };
+      // Forward only (it resizes input images). Two-tap weights from coordinates computed in the dtype.
+      check_op_parity(resize, {{"x", Tensor::randn({2, 3, from[0], from[1]}, rng, 1.0, dtype)}},
+                      {product_bound(dtype), 0.0}, "resize_bilinear to " + shape_str(to));
+    }
+  }
+}
+
+TEST_CASE("concat matches the CPU forward and backward (exact: copies)") {
+  const std::pair<int64_t, std::vector<Shape>> cases[] = {
+      {1, {{2, 3, 4, 4}, {2, 5, 4, 4}, {2, 1, 4, 4}}},  // channels, as the fusion of scales
+      {0, {{3, 6}, {1, 6}}},
+      {-1, {{4, 3}, {4, 7}, {4, 1}}},  // features, as [g3, g4, g5, fc1]
+  };
+  for (DType dtype : kFloatTypes)
+    for (const auto& [dim, shapes] : cases) {
+      Rng rng(36);
+      NamedTensors parts;
+      for (const Shape& shape : shapes)
+        parts.emplace_back("part " + std::to_string(parts.size()), cpu_leaf(shape, rng, dtype));
+      const OpFn op = [dim = dim](const std::vector<Tensor>& in) { return ops::concat(in, dim); };
+      check_op_parity(op, parts, {0.0, 0.0}, "concat along dim " + std::to_string(dim));
+    }
+}
+
+TEST_CASE("log_softmax and cross_entropy with soft targets match the CPU forward and backward") {
+  const OpFn log_softmax = [](const std::vector<Tensor>& in) { return ops::log_softmax(in[0]); };
+  const OpFn cross_entropy = [](const std::vector<Tensor>& in) { return ops::cross_entropy(in[0], in[1]); };
+  for (DType dtype : kFloatTypes) {
+    Rng rng(37);
+    const Bounds bounds{product_bound(dtype), product_bound(dtype)};  // a max, a sum of exponentials, a log
+    for (const Shape& shape : {Shape{4, 10}, Shape{64, 1000}, Shape{3, 1}})
+      check_op_parity(log_softmax, {{"x", cpu_leaf(shape, rng, dtype)}}, bounds, "log_softmax");
+    // Logits far apart: exp would overflow without subtracting the row's maximum.
+    check_op_parity(log_softmax, {{"x", cpu_leaf({8, 10}, rng, dtype, 50.0)}}, bounds, "log_softmax of large logits");
+    const Tensor logits = cpu_leaf({8, 10}, rng, dtype), target = soft_targets(8, 10, dtype, rng);
+    check_op_parity(cross_entropy, {{"logits", logits}, {"target", target}}, bounds, "cross_entropy");
+  }
+}
+
+TEST_CASE("gather_rows (repeated rows: the backward accumulates) and scatter_rows_ match the CPU") {
+  const OpFn gather = [](const std::vector<Tensor>& in) { return ops::gather_rows(in[0], in[1]); };
+  struct RowsCase {
+    Shape src;
+    std::vector<int32_t> index;
+  };
+  const RowsCase cases[] = {{{20, 7}, {3, 3, 0, 19, 3, 7}}, {{6, 2, 3}, {5, 0, 5, 5}}, {{64, 48}, {9, 2, 41, 0}}};
+  for (DType dtype : kFloatTypes) {
+    Rng rng(38);
+    for (const RowsCase& c : cases)
+      check_op_parity(gather, {{"src", cpu_leaf(c.src, rng, dtype)}, {"index", index_tensor(c.index)}},
+                      {0.0, product_bound(dtype)}, "gather_rows");
+    for (const RowsCase& c : {RowsCase{{10, 6}, {7, 2, 9}}, RowsCase{{5, 2, 3}, {4, 0}}}) {
+      Tensor dst = Tensor::randn(c.src, rng, 1.0, dtype), dst_gpu = dst.to(Device::CUDA);
+      Shape rows = c.src;
+      rows[0] = static_cast<int64_t>(c.index.size());
+      const Tensor src = Tensor::randn(rows, rng, 1.0, dtype);
+      ops::scatter_rows_(dst, index_tensor(c.index), src);
+      ops::scatter_rows_(dst_gpu, index_tensor(c.index, Device::CUDA), src.to(Device::CUDA));
+      check_close(dst, dst_gpu, 0.0, std::string("scatter_rows_ ") + dtype_name(dtype) + " into " + shape_str(c.src));
+    }
+  }
+}
+
+TEST_CASE("a row index out of range on the GPU is an error at the next synchronisation, naming the kernel") {
+  // The kernels cannot throw: they skip the bad row and record it in the device's error word, which every
+  // synchronisation (synchronize(), a copy to the host) reads and clears (cuda/kernels.h).
+  const Tensor src = Tensor::zeros({4, 3}, DType::F32, Device::CUDA);
+  Tensor out;
+  CHECK_NOTHROW(out = ops::gather_rows(src, index_tensor({1, 1234567, 2}, Device::CUDA)));  // queued, no wait
+  check_deferred_error([] { backend(Device::CUDA).synchronize(); }, "gather_rows", "1234567");
+  CHECK_NOTHROW(backend(Device::CUDA).synchronize());  // reported once
+
+  Tensor dst = Tensor::zeros({4, 3}, DType::F64, Device::CUDA);
+  const Tensor row = Tensor::full({1, 3}, 1.0, DType::F64, Device::CUDA);
+  CHECK_NOTHROW(ops::scatter_rows_(dst, index_tensor({-5}, Device::CUDA), row));
+  check_deferred_error([&] { static_cast<void>(dst.cpu()); }, "scatter_rows", "-5");  // a copy to the host
+  // The error word was cleared and the device is usable.
+  CHECK(dst.to_vector() == std::vector<double>(12, 0.0));  // the bad row was skipped
+  CHECK(ops::sum(Tensor::full({3}, 1.0, DType::F32, Device::CUDA)).item() == 3.0);
+}
+
+TEST_CASE("RMSProp and SGD steps over a ParameterBuffer match the CPU, parameters and state") {
+  for (DType dtype : kFloatTypes) {
+    check_optimizer_parity<RMSProp>(RMSPropOptions{1e-2, 0.9, 1e-8, 1e-2}, dtype, "rmsprop");
+    check_optimizer_parity<RMSProp>(RMSPropOptions{}, dtype, "rmsprop (the paper's settings)");
+    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.9, 1e-3}, dtype, "sgd with momentum");
+    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.0, 0.0}, dtype, "plain sgd");
+  }
+}
+
+TEST_CASE("pack_signs and hamming_distances equal the CPU's exactly; zeros set their bit") {
+  for (DType dtype : kFloatTypes) {
+    Rng rng(39);
+    for (int64_t d : {1, 32, 48, 64, 70, 100}) {  // whole words and a partial last word
+      const std::string what = std::string(dtype_name(dtype)) + " D = " + std::to_string(d);
+      const Tensor x = codes_with_zeros(9, d, dtype, rng), database = codes_with_zeros(300, d, dtype, rng);
+      const Tensor codes = ops::pack_signs(x), codes_gpu = ops::pack_signs(x.to(Device::CUDA));
+      check_close(codes, codes_gpu, 0.0, "pack_signs " + what);
+      const Tensor db = ops::pack_signs(database), db_gpu = ops::pack_signs(database.to(Device::CUDA));
+      check_close(ops::hamming_distances(codes, db), ops::hamming_distances(codes_gpu, db_gpu), 0.0,
+                  "hamming_distances " + what);
+    }
+    // 70 zeros: two full words of ones, then bits 0..5 of the third; the unused high bits stay 0.
+    CHECK(ops::pack_signs(Tensor::zeros({1, 70}, dtype, Device::CUDA)).to_vector() == std::vector<double>{-1, -1, 63});
+  }
+}
+
+TEST_CASE("count_non_finite_ counts NaN and infinities like the CPU, and accumulates across calls") {
+  for (DType dtype : kFloatTypes) {
+    std::vector<double> small(5000, 0.5);
+    small[0] = small[2500] = std::nan("");
+    small[17] = std::numeric_limits<double>::infinity();
+    small[4999] = -std::numeric_limits<double>::infinity();
+    std::vector<double> large(3 << 20, -1.0);  // many blocks
+    for (size_t i : {size_t(0), size_t(12345), size_t(1) << 20, size_t(2999999), large.size() - 1})
+      large[i] = std::nan("");
+    const std::pair<std::vector<double>, double> cases[] = {
+        {small, 4}, {large, 5}, {std::vector<double>(1000, 2.0), 0}};
+    for (const auto& [values, expected] : cases) {
+      const Tensor x = Tensor::from_vector(values, {static_cast<int64_t>(values.size())}, dtype);
+      INFO(std::string(dtype_name(dtype)), ", ", values.size(), " elements, ", expected, " not finite");
+      CHECK(count_twice(x.to(Device::CUDA)) == 2 * expected);
+      CHECK(count_twice(x) == 2 * expected);
+    }
+  }
+}
+
+// The whole network. Why float64 for the training steps: at batch 4 and 32x32 with the 0.5 scale,
+// layer3 and layer4 see 1x1 maps, so their batch norms normalise 4 values per channel and amplify
+// rounding about a millionfold (tests/test_torch_parity.cpp). Measured on the CPU: float32 against
+// float64 differs by 5e-2 in u and by O(1) (relative to each tensor's largest value) in most parameter
+// gradients, so two float32 implementations cannot agree to any useful bound there. In float64, a
+// relative perturbation of 1e-15 of the weights (what a different summation order does) moves u by
+// 2e-10, the losses by 1e-11, the running statistics by 1.3e-10, the worst parameter gradient by 1.1e-8,
+// square_avg by 4e-9 and RMSProp's change of a parameter by at most 1.0e-5 (the first step is about
+// lr * sign(g) wherever 0.1 |g| >> eps, and g / (0.1 |g| + eps) is steep where |g| ~ eps / 0.1). The
+// bounds below are 50-100x those. Training is chaotic here: with that 1e-15 perturbation, parameters
+// differ by 0.9 (relative) after three free-running steps even in float64; so the steps run in lock
+// step: before each, the GPU model takes the CPU's state (parameters, square_avg, running statistics, U).
+TEST_CASE("ResNet50-MDFF-SH: three RMSProp training steps in float64 match the CPU (losses, every gradient, "
+          "running statistics, updates)") {
+  const MdffConfig config = model_config();
+  CHECK(config.scales == std::vector<double>{1.0, 0.5});  // train_mdff's default: both scales
+  const ModelData data = model_data(config.bits);
+  ModelRig cpu(data, DType::F64, Device::CPU, true), gpu(data, DType::F64, Device::CUDA, true);
+  const ModelBounds bounds{1e-8, 1e-6, 1e-8, 1e-6, 1e-3};
+  for (int step = 1; step <= 3; ++step) {
+    const std::string what = "float64 training step " + std::to_string(step);
+    copy_state(gpu, cpu);
+    cpu.forward_backward();
+    gpu.forward_backward();
+    compare_forward_backward(cpu, gpu, bounds, what);
+    const Tensor before = cpu.parameters->values().clone();
+    cpu.optimizer->step();
+    gpu.optimizer->step();
+    compare_update(cpu, gpu, before, bounds, what);
+  }
+}
+
+// Float32 where the network is well conditioned: in evaluation mode batch norm uses the running
+// statistics, and float32 against float64 (measured on the CPU) differs by 1.5e-6 in u, 3e-8 in the
+// losses and at most 2.5e-6 in any parameter gradient (relative to its largest value). The bound 1e-3
+// leaves room for cuDNN's float32 algorithms (Winograd, FFT: ~1e-5 per layer), amplified about 30x over
+// the 53 layers (the measured growth of float32 rounding, 6e-8 -> 2e-6), with a 3x margin; a wrong
+// kernel anywhere in the network gives O(1e-2..1).
+TEST_CASE("ResNet50-MDFF-SH in float32 (TF32 off), evaluation mode: forward, every gradient, and inference "
+          "through the fused conv-bn path match the CPU") {
+  const Tf32Guard exact(false);
+  const MdffConfig config = model_config();
+  const ModelData data = model_data(config.bits);
+  ModelRig cpu(data, DType::F32, Device::CPU, false), gpu(data, DType::F32, Device::CUDA, false);
+  copy_state(gpu, cpu);
+  cpu.forward_backward();
+  gpu.forward_backward();
+  // Evaluation mode leaves the running statistics untouched on both: bound 0.
+  compare_forward_backward(cpu, gpu, ModelBounds{1e-3, 1e-3, 0.0, 0.0, 0.0}, "float32, evaluation mode");
+
+  // Without gradients every conv + batch norm (+ shortcut, ReLU) runs as one conv2d_bn_eval.
+  const NoGradGuard no_grad;
+  const MdffOutput cpu_inference = cpu.model->forward(cpu.images), gpu_inference = gpu.model->forward(gpu.images);
+  check_close(cpu_inference.u, gpu_inference.u, 1e-3, "float32 inference: u", Scale::TensorMax);
+  check_close(cpu_inference.logits, gpu_inference.logits, 1e-3, "float32 inference: logits", Scale::TensorMax);
 }
 
 #ifdef MDFF_WITH_CUDA
@@ -470,6 +1203,61 @@ TEST_CASE("CUDA and cuBLAS errors carry the call, the library's message and file
   }
   // The failed calls left no error behind for the next launch check.
   CHECK(ops::sum(Tensor::full({3}, 1.0, DType::F32, Device::CUDA)).item() == 3.0);
+}
+
+
+TEST_CASE("the convolution algorithm cache: a shape seen before searches no algorithm and adds no plan") {
+  const Tf32Guard exact(false);  // the precision is part of the cache key
+  auto run_all = [] {
+    for (DType dtype : kFloatTypes)
+      for (const ConvCase& c : kConvCases) check_conv_parity(c, dtype, conv_bound(dtype));  // forward and backward
+  };
+  run_all();  // chooses every shape's algorithms (unless an earlier test did)
+  const cuda::ConvStats warm = cuda::conv_stats();
+  CHECK(warm.cached_plans > 0);
+  CHECK(warm.algorithm_searches > 0);
+  run_all();  // the same shapes again: cache hits only, and the cached plans give the same results
+  const cuda::ConvStats again = cuda::conv_stats();
+  INFO("plans ", warm.cached_plans, " -> ", again.cached_plans, ", searches ", warm.algorithm_searches, " -> ",
+       again.algorithm_searches, ", workspace ", again.workspace_bytes, " bytes");
+  CHECK(again.cached_plans == warm.cached_plans);
+  CHECK(again.algorithm_searches == warm.algorithm_searches);
+  // A shape never seen is a miss: the counters do move.
+  check_conv_parity({"3x3, a shape no other test uses", {2, 5, 13, 13}, {7, 5, 3, 3}, 1, 1, true}, DType::F32,
+                    conv_bound(DType::F32));
+  CHECK(cuda::conv_stats().algorithm_searches > again.algorithm_searches);
+  CHECK(cuda::conv_stats().cached_plans > again.cached_plans);
+}
+
+TEST_CASE("full ResNet50-MDFF-SH training steps perform no cudaMalloc after warm-up") {
+  const MdffConfig config = model_config();
+  ModelRig gpu(model_data(config.bits), DType::F32, Device::CUDA, true);  // train_mdff's float32, TF32 as set
+  auto step = [&] {
+    gpu.forward_backward();
+    CHECK(std::isfinite(gpu.terms.total.item()));
+    gpu.optimizer->step();
+  };
+  step();  // warm-up: the allocator's cache and the convolution plans fill
+  step();
+  Backend& device = backend(Device::CUDA);
+  device.synchronize();
+  const cuda::AllocatorStats before = cuda::allocator_stats();
+  const cuda::ConvStats convs = cuda::conv_stats();
+  device.reset_peak_memory();
+  CHECK(device.memory_stats().peak_bytes_in_use == before.bytes_in_use);
+  for (int i = 0; i < 3; ++i) step();
+  device.synchronize();
+  const cuda::AllocatorStats after = cuda::allocator_stats();
+  const MemoryStats memory = device.memory_stats();
+  INFO("cudaMalloc calls ", before.cuda_malloc_calls, " -> ", after.cuda_malloc_calls, "; bytes in use ",
+       before.bytes_in_use, " -> ", after.bytes_in_use, ", peak ", memory.peak_bytes_in_use, ", cached ",
+       memory.bytes_cached);
+  CHECK(after.cuda_malloc_calls == before.cuda_malloc_calls);
+  CHECK(memory.device_malloc_calls == after.cuda_malloc_calls);  // memory_stats reports the allocator
+  CHECK(after.bytes_in_use == before.bytes_in_use);              // nothing accumulates from step to step
+  CHECK(memory.peak_bytes_in_use > 0);
+  CHECK(memory.peak_bytes_in_use > before.bytes_in_use);  // the activations of a step
+  CHECK(cuda::conv_stats().algorithm_searches == convs.algorithm_searches);
 }
 
 #endif  // MDFF_WITH_CUDA
