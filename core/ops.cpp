@@ -256,24 +256,65 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
   return y;
 }
 
-Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
-                    const Tensor& running_var, bool training, double momentum, double eps) {
-  check_rank(x, 4, "batch_norm2d", "input (N,C,H,W)");
-  check_batch_norm("batch_norm2d", x, x.size(1), gamma, beta, running_mean, running_var);
-  MDFF_CHECK(!training || x.numel() / x.size(1) > 1, "batch_norm2d: training needs more than one value per channel, "
+namespace {
+// ReLU applied in place to a fresh op output y that nothing else holds, and the gradient through it:
+// relu(h) > 0 exactly where h > 0, so y itself serves as ReLU's input in backward, and the pre-ReLU tensor
+// need not be kept. That is the memory the fused ops below save: one activation per fusion.
+void relu_in_place(const Tensor& y) { backend_of(y).unary(UnaryOp::Relu, y, y); }
+Tensor relu_grad(const Tensor& y, const Tensor& g) {
+  Tensor gh = empty_like(g);
+  backend_of(g).unary_backward(UnaryOp::Relu, y, Tensor(), g, gh);
+  return gh;
+}
+
+Tensor batch_norm2d_impl(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                         const Tensor& running_var, bool training, double momentum, double eps, bool relu) {
+  const char* name = relu ? "batch_norm2d_relu" : "batch_norm2d";
+  check_rank(x, 4, name, "input (N,C,H,W)");
+  check_batch_norm(name, x, x.size(1), gamma, beta, running_mean, running_var);
+  MDFF_CHECK(!training || x.numel() / x.size(1) > 1, name, ": training needs more than one value per channel, "
              "got input shape ", shape_str(x.shape()), " (use a batch of at least 2, or evaluation mode)");
   const Shape channels{x.size(1)};
   Tensor y = empty_like(x), save_mean = empty_as(x, channels), save_invstd = empty_as(x, channels);
   backend_of(x).batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
                                    save_invstd);
+  if (relu) relu_in_place(y);
   const bool x_needs = x.requires_grad(), g_needs = gamma.requires_grad(), b_needs = beta.requires_grad();
   Tensor saved_x = x.detach(), saved_gamma = gamma.detach();
-  return record(y, "batch_norm2d", {x, gamma, beta}, [=](const Tensor& g) {
+  Tensor saved_y = relu ? y.detach() : Tensor();
+  return record(y, name, {x, gamma, beta}, [=](const Tensor& g) {
+    const Tensor gh = relu ? relu_grad(saved_y, g) : g;
     Tensor gx = x_needs ? empty_like(saved_x) : Tensor();
     Tensor gg = g_needs ? empty_like(saved_gamma) : Tensor();
     Tensor gb = b_needs ? empty_like(saved_gamma) : Tensor();
-    backend_of(g).batch_norm_backward(saved_x, saved_gamma, save_mean, save_invstd, g, training, gx, gg, gb);
+    backend_of(gh).batch_norm_backward(saved_x, saved_gamma, save_mean, save_invstd, gh, training, gx, gg, gb);
     return Grads{gx, gg, gb};
+  });
+}
+}  // namespace
+
+Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                    const Tensor& running_var, bool training, double momentum, double eps) {
+  return batch_norm2d_impl(x, gamma, beta, running_mean, running_var, training, momentum, eps, false);
+}
+
+Tensor batch_norm2d_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                         const Tensor& running_var, bool training, double momentum, double eps) {
+  return batch_norm2d_impl(x, gamma, beta, running_mean, running_var, training, momentum, eps, true);
+}
+
+Tensor add_relu(const Tensor& a, const Tensor& b) {
+  check_compatible("add_relu", {{"a", &a}, {"b", &b}});
+  MDFF_CHECK(a.shape() == b.shape(), "add_relu: a ", shape_str(a.shape()), " and b ", shape_str(b.shape()),
+             " must have the same shape (no broadcasting)");
+  Tensor y = empty_like(a);
+  backend_of(a).binary(BinaryOp::Add, a, b, y);
+  relu_in_place(y);
+  const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
+  Tensor saved_y = y.detach();
+  return record(y, "add_relu", {a, b}, [=](const Tensor& g) {
+    const Tensor gh = relu_grad(saved_y, g);
+    return Grads{a_needs ? gh : Tensor(), b_needs ? gh : Tensor()};
   });
 }
 

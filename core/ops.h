@@ -43,6 +43,12 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
 // place (momentum 0.1, unbiased variance, as PyTorch); evaluation: running statistics.
 Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                     const Tensor& running_var, bool training, double momentum = 0.1, double eps = 1e-5);
+// Fusions that save an activation each: relu(batch_norm2d(...)) and relu(a + b) (a, b of one shape), with
+// ReLU applied in place to the op's own output and its gradient taken from that output, so the pre-ReLU
+// tensor is never kept for backward. Equal bit for bit to the separate ops.
+Tensor batch_norm2d_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                         const Tensor& running_var, bool training, double momentum = 0.1, double eps = 1e-5);
+Tensor add_relu(const Tensor& a, const Tensor& b);
 Tensor max_pool2d(const Tensor& x, int kernel = 3, int stride = 2, int padding = 1);
 Tensor global_avg_pool(const Tensor& x);                        // (N,C,H,W) -> (N,C)
 Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width);  // to an exact size

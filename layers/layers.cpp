@@ -42,9 +42,12 @@ Tensor conv_bn(Conv2d& conv, BatchNorm2d& bn, const Tensor& x, bool relu, const 
   if (!bn.is_training() && !grad_enabled() && !conv.bias.defined())
     return ops::conv2d_bn_eval(x, conv.weight, {bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps},
                                conv.stride, conv.padding, residual, relu);
-  Tensor h = bn.forward(conv.forward(x));
-  if (residual.defined()) h = ops::add(h, residual);
-  return relu ? ops::relu(h) : h;
+  const Tensor h = conv.forward(x);
+  if (!residual.defined())
+    return relu ? ops::batch_norm2d_relu(h, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.is_training(),
+                                         bn.momentum, bn.eps)
+                : bn.forward(h);
+  return relu ? ops::add_relu(bn.forward(h), residual) : ops::add(bn.forward(h), residual);
 }
 
 Linear::Linear(int in_features, int out_features, bool with_bias, Rng& rng) {

@@ -27,8 +27,9 @@ class BatchNorm2d : public Layer {
 };
 
 // conv, then bn, then + residual when defined, then ReLU when asked: how ResNet chains them. Evaluation
-// without gradients (encoding) runs one fused kernel (ops::conv2d_bn_eval), anything else the separate
-// ops; the results are equal.
+// without gradients (encoding) runs one fused kernel (ops::conv2d_bn_eval); training runs the conv and
+// the fused ops::batch_norm2d_relu or ops::add_relu, which keep no pre-ReLU activation. The results are
+// equal to the separate ops.
 Tensor conv_bn(Conv2d& conv, BatchNorm2d& bn, const Tensor& x, bool relu, const Tensor& residual = Tensor());
 
 class Linear : public Layer {

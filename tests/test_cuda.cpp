@@ -854,6 +854,20 @@ TEST_CASE("batch_norm2d in training (running statistics updated) and evaluation 
       }
 }
 
+TEST_CASE("the fused batch_norm2d_relu and add_relu match the CPU forward and backward") {
+  for (DType dtype : kFloatTypes) {
+    Rng rng(33);
+    const double bound = product_bound(dtype);
+    check_op_parity([](const std::vector<Tensor>& in) {
+                      return ops::batch_norm2d_relu(in[0], in[1], in[2], in[3], in[4], true);
+                    },
+                    batch_norm_inputs({8, 16, 7, 7}, dtype, rng), {bound, bound, Scale::TensorMax},
+                    "batch_norm2d_relu training");
+    check_binary_parity([](const Tensor& a, const Tensor& b) { return ops::add_relu(a, b); }, {4, 8, 5, 5},
+                        {4, 8, 5, 5}, dtype, "add_relu");
+  }
+}
+
 TEST_CASE("max_pool2d 3/2/1 matches the CPU: odd sizes, ties (first maximum wins), padding, NaN") {
   const OpFn pool = [](const std::vector<Tensor>& in) { return ops::max_pool2d(in[0], 3, 2, 1); };
   const std::pair<const char*, std::function<double(double, size_t)>> inputs[] = {
@@ -1173,7 +1187,9 @@ TEST_CASE("allocator is thread-safe") {
 }
 
 TEST_CASE("running out of GPU memory is a clear error, and the device stays usable") {
-  CHECK_THROWS_WITH_AS(cuda::allocate(size_t(1) << 50), doctest::Contains("out of GPU memory: requested"), Error);
+  // OutOfMemory, which train_mdff catches to name the batch size and image size.
+  CHECK_THROWS_WITH_AS(cuda::allocate(size_t(1) << 50), doctest::Contains("out of GPU memory: requested"),
+                       OutOfMemory);
   const Tensor x = Tensor::full({10}, 2.0, DType::F32, Device::CUDA);
   CHECK(ops::sum(x).item() == 20.0);
 }

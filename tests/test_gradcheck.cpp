@@ -139,6 +139,17 @@ TEST_CASE("batch_norm2d in training and in evaluation") {
            [&](const Ts& t) { return ops::batch_norm2d(t[0], t[1], t[2], rm_eval, rv_eval, false); }, in);
 }
 
+TEST_CASE("the fused batch_norm2d_relu and add_relu") {
+  Rng rng(10);
+  Tensor rm = Tensor::zeros({3}, DType::F64), rv = Tensor::full({3}, 1.0, DType::F64);
+  const Ts in{param({4, 3, 3, 2}, rng, 2.0), param({3}, rng), param({3}, rng)};
+  for (bool training : {true, false})
+    check_op("batch_norm2d_relu",
+             [&](const Ts& t) { return ops::batch_norm2d_relu(t[0], t[1], t[2], rm, rv, training); }, in);
+  check_op("add_relu", [](const Ts& t) { return ops::add_relu(t[0], t[1]); },
+           {param({2, 3, 4}, rng), param({2, 3, 4}, rng)});
+}
+
 TEST_CASE("pooling and resizing") {
   Rng rng(10);
   check_op("max_pool2d", [](const Ts& t) { return ops::max_pool2d(t[0], 3, 2, 1); }, {test::distinct({2, 3, 7, 6}, rng)});

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -191,6 +192,33 @@ TEST_CASE("gather_rows and scatter_rows_ keep the U matrix") {
                        Error);
   CHECK_THROWS_WITH_AS(ops::scatter_rows_(u, rows, t64({1, 2, 3}, {1, 3})), doctest::Contains("source of shape"),
                        Error);
+}
+
+TEST_CASE("the fused ReLUs equal the separate ops bit for bit, forward and backward") {
+  Rng rng(4);
+  const Tensor rm = Tensor::zeros({3}), rv = Tensor::full({3}, 1.0);
+  Tensor x = Tensor::randn({4, 3, 5, 5}, rng), gamma = Tensor::randn({3}, rng), beta = Tensor::randn({3}, rng);
+  Tensor r = Tensor::randn({4, 3, 5, 5}, rng);
+  for (Tensor* t : {&x, &gamma, &beta, &r}) t->set_requires_grad(true);
+  const Tensor upstream = Tensor::randn({4, 3, 5, 5}, rng);
+  // Runs f, backpropagates `upstream` and returns the output and every input gradient, flattened.
+  auto run = [&](const std::function<Tensor()>& f) {
+    for (Tensor* t : {&x, &gamma, &beta, &r}) t->zero_grad();
+    const Tensor y = f();
+    y.backward(upstream);
+    std::vector<double> all = y.to_vector();
+    for (Tensor* t : {&x, &gamma, &beta, &r}) {
+      if (!t->grad().defined()) continue;  // r, until the second comparison uses it
+      const std::vector<double> g = t->grad().to_vector();
+      all.insert(all.end(), g.begin(), g.end());
+    }
+    return all;
+  };
+  CHECK(run([&] { return ops::batch_norm2d_relu(x, gamma, beta, rm, rv, true); }) ==
+        run([&] { return ops::relu(ops::batch_norm2d(x, gamma, beta, rm, rv, true)); }));
+  CHECK(run([&] { return ops::add_relu(ops::batch_norm2d(x, gamma, beta, rm, rv, false), r); }) ==
+        run([&] { return ops::relu(ops::add(ops::batch_norm2d(x, gamma, beta, rm, rv, false), r)); }));
+  CHECK_THROWS_WITH_AS(ops::add_relu(x, gamma), doctest::Contains("must have the same shape"), Error);
 }
 
 TEST_CASE("pack_signs and hamming_distances count differing signs") {
