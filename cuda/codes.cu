@@ -97,6 +97,7 @@ void pack_signs(const Tensor& x, const Tensor& codes) {
 
 void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) {
   const int64_t q_rows = queries.size(0), db_rows = database.size(0), words = queries.size(1);
+  if (q_rows == 0 || db_rows == 0) return;  // a grid dimension of 0 is an invalid launch
   MDFF_CHECK(q_rows <= 65535, "cuda hamming_distances: at most 65,535 queries per call (grid y), got ", q_rows,
              "; split the queries");
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((db_rows + kThreads - 1) / kThreads, 64)),

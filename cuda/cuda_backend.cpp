@@ -68,11 +68,12 @@ void cublas_gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, cons
 // Host-to-device copies without a device synchronisation. A copy from pageable memory may make the driver
 // wait for the stream (CUDA's "API synchronization behavior"); a copy from pinned memory does not. So
 // each upload is copied by the host into one of kSlots pinned buffers, and the DMA from there is queued
-// on the stream with an event after it. A slot is reused only after its event has completed: with two
-// slots the host waits at most for the upload before last, which the GPU has long finished.
+// on the stream with an event after it. A slot is reused only after its event has completed, so the host
+// can run kSlots uploads ahead of the GPU (a training step uploads 3 tensors, encoding 1 per batch).
 class StagingBuffers {
  public:
-  // Up to a batch of 256 images at 224x224 in F32 (154 MB); each slot grows to the largest upload seen.
+  // Up to a batch of 256 images at 224x224 in F32 (154 MB). Each slot grows to the largest upload it has
+  // carried: at most kSlots x the image batch of pinned host memory (616 MB at 128 x 224 x 224).
   static constexpr size_t kMaxBytes = size_t(256) << 20;
   void upload(void* dst, const void* host_src, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -93,7 +94,7 @@ class StagingBuffers {
   }
 
  private:
-  static constexpr int kSlots = 2;
+  static constexpr int kSlots = 8;
   struct Slot {
     void* host = nullptr;  // pinned, `capacity` bytes; grown on demand, kept for the process's life
     size_t capacity = 0;
