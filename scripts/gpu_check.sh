@@ -2,9 +2,9 @@
 # The GPU check, in one command, for a machine with an NVIDIA GPU (the lent H200).
 #
 #   here (no GPU):   scripts/gpu_check.sh --prepare
-#       builds build/ with CUDA and gathers into .gpu-bundle/ the test and benchmark executables and the
-#       CPU runtime libraries the GPU image lacks (OpenBLAS's OpenMP build and what it links): about
-#       50 MB, under the device tool's 64 MiB. Then, through the device tool:
+#       builds build/ with CUDA and packs into .gpu-bundle/bundle.tar.xz the test, benchmark and app
+#       executables and the CPU runtime libraries the GPU image lacks (OpenBLAS's OpenMP build and what it
+#       links): 14 MB, under the device tool's 64 MiB. Then, through the device tool:
 #   there:           bash scripts/gpu_check.sh            (carry: .gpu-bundle)
 #       runs, most valuable first, within GPU_CHECK_BUDGET seconds (default 540: the device tool allows 600
 #       a call; each step's time limit is cut to what is left, and a step with no time left is a FAIL line):
@@ -34,6 +34,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
   cp -L "$blas" "$bundle/lib/libopenblas.so.0"
   for lib in $(ldd "$blas" | awk '/libgfortran|libquadmath|libgomp/ {print $3}'); do cp -L "$lib" "$bundle/lib/"; done
   grep -qx "/$bundle/" .git/info/exclude 2>/dev/null || echo "/$bundle/" >> .git/info/exclude
+  # Compressed: the executables each link the whole engine (3-4 MB apiece, 130 MB with the libraries),
+  # 14 MB as xz, under the device tool's 64 MiB for everything that travels.
+  tar cf - -C "$bundle" bin lib | xz -T0 -6 > "$bundle.tar.xz"
+  rm -rf "$bundle/bin" "$bundle/lib" && mv "$bundle.tar.xz" "$bundle/bundle.tar.xz"
   du -sh "$bundle"
   echo "ready: run 'bash scripts/gpu_check.sh' on the GPU machine, carrying $bundle"
   exit 0
@@ -79,8 +83,19 @@ if [[ -n "$torch_python" ]]; then
   trap 'rm -f "$MDFF_TORCH_PYTHON"' EXIT
 fi
 
+# The bundle unpacks outside the carried folder, which stays as it travelled.
+if [[ ! -f "$bundle/bundle.tar.xz" ]]; then
+  echo "no $bundle/bundle.tar.xz: run 'scripts/gpu_check.sh --prepare' first and carry $bundle" | tee -a "$summary"
+  exit 1
+fi
+unpacked=$(mktemp -d /tmp/mdff-gpu-bundle.XXXXXX)
+tar xJf "$bundle/bundle.tar.xz" -C "$unpacked" 2>/dev/null ||
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$bundle/bundle.tar.xz" "$unpacked"
+bundle=$unpacked
+trap 'rm -rf "$unpacked" "${MDFF_TORCH_PYTHON:-}"' EXIT
+
 # CUDA and cuDNN libraries: the toolkit's, else those inside PyTorch's Python packages.
-libdirs=$PWD/$bundle/lib
+libdirs=$bundle/lib
 for name in libcudnn.so.9 libcublas.so.13 libcudart.so.13; do
   found=$(find /usr/local/cuda*/lib* /usr/lib/x86_64-linux-gnu "$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)" \
           -name "$name" 2>/dev/null | head -n 1)
@@ -91,10 +106,6 @@ export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
   echo "PyTorch for the GPU benchmark: ${torch_python:-none (no python3 can import torch)}"
   nvidia-smi; } > "$out/machine.txt" 2>&1
 
-if [[ ! -x "$bundle/bin/test_cuda" ]]; then
-  echo "no $bundle/bin/test_cuda: run 'scripts/gpu_check.sh --prepare' first and carry $bundle" | tee -a "$summary"
-  exit 1
-fi
 # The CUDA parity tests first: what only this machine can check. Each test executable runs directly
 # (CTest's files hold the build machine's absolute paths); 77 means skipped, which must not happen here.
 step test_cuda test_cuda.log 240 "$bundle/bin/test_cuda"
