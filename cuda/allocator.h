@@ -32,6 +32,23 @@ void deallocate(void* ptr, size_t bytes);
 void empty_cache();
 
 AllocatorStats allocator_stats();
+
+// A device block for one call's scratch (partial sums, an algorithm search's workspace), given back to the
+// cache when it goes out of scope. Safe without waiting for the device: the kernels that use it are queued
+// on the one stream before any later user of the block.
+class ScratchBuffer {
+ public:
+  explicit ScratchBuffer(size_t bytes) : bytes_(bytes), data_(allocate(bytes)) {}
+  ~ScratchBuffer() { deallocate(data_, bytes_); }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
 // Starts a new peak: peak_bytes_in_use becomes the current bytes_in_use.
 void reset_peak_bytes();
 

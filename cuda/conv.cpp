@@ -237,22 +237,6 @@ size_t largest_workspace(int algorithm_count, size_t budget, SizeOf size_of) {
   return largest;
 }
 
-// A temporary device block for one search, returned to the allocator's cache afterwards (in stream order,
-// so no synchronisation is needed).
-class ScratchBlock {
- public:
-  explicit ScratchBlock(size_t bytes) : bytes_(bytes), data_(allocate(bytes)) {}
-  ~ScratchBlock() { deallocate(data_, bytes_); }
-  ScratchBlock(const ScratchBlock&) = delete;
-  ScratchBlock& operator=(const ScratchBlock&) = delete;
-  void* data() const { return data_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  size_t bytes_;
-  void* data_;
-};
-
 // The device buffers a search measures on, in the descriptors' slots: x (N,C,H,W), w (Cout,C,kh,kw) and
 // y (N,Cout,Ho,Wo). The direction's output is overwritten with arbitrary values, which the real call that
 // follows replaces: forward writes y, backward-data x (grad_x), backward-filter w (grad_weight).
@@ -298,7 +282,7 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
         return cudnnGetConvolutionForwardWorkspaceSize(handle, d.x.get(), d.w.get(), conv, d.y.get(),
                                                        static_cast<cudnnConvolutionFwdAlgo_t>(algo), bytes);
       });
-      const ScratchBlock scratch(needed);
+      const ScratchBuffer scratch(needed);  // returned to the allocator after the search
       MDFF_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(handle, &max_count));
       std::vector<cudnnConvolutionFwdAlgoPerf_t> results(static_cast<size_t>(max_count));
       MDFF_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(handle, d.x.get(), buffers.x, d.w.get(), buffers.w,
@@ -313,7 +297,7 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
                                                                 static_cast<cudnnConvolutionBwdDataAlgo_t>(algo),
                                                                 bytes);
           });
-      const ScratchBlock scratch(needed);
+      const ScratchBuffer scratch(needed);  // returned to the allocator after the search
       MDFF_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle, &max_count));
       std::vector<cudnnConvolutionBwdDataAlgoPerf_t> results(static_cast<size_t>(max_count));
       MDFF_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(handle, d.w.get(), buffers.w, d.y.get(),
@@ -329,7 +313,7 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
                 handle, d.x.get(), d.y.get(), conv, d.w.get(), static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo),
                 bytes);
           });
-      const ScratchBlock scratch(needed);
+      const ScratchBuffer scratch(needed);  // returned to the allocator after the search
       MDFF_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(handle, &max_count));
       std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> results(static_cast<size_t>(max_count));
       MDFF_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(handle, d.x.get(), buffers.x, d.y.get(),
