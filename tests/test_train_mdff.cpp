@@ -23,6 +23,7 @@
 #include "core/autograd.h"
 #include "core/ops.h"
 #include "core/safetensors.h"
+#include "core/backend.h"
 #include "tests/run_program.h"
 #include "data/batch.h"
 #include "data/protocol.h"
@@ -136,7 +137,7 @@ TEST_CASE("bad options exit 2 with the reason") {
   for (const char* arguments : {"--epochs 0", "--taps fc2", "--bits 12,x", "--scales 1,a", "--recipe fast",
                                 "--batch-size 1", "--pairs all", "--no-such-option", "--crop 32", "--resize 40",
                                 "--resize 32 --crop 40", "--image-size 32 --resize 40 --crop 32",
-                                "--resize 40 --crop 32 --shift 2"}) {
+                                "--resize 40 --crop 32 --shift 2", "--precision fp16", "--device tpu"}) {
     CAPTURE(arguments);
     const Run r = run(arguments);
     CHECK(r.exit_code == 2);
@@ -147,8 +148,15 @@ TEST_CASE("bad options exit 2 with the reason") {
   CHECK(run("--resize 32 --crop 40").output.find("--crop 40 is larger than --resize 32") != std::string::npos);
   CHECK(run("--image-size 32 --resize 40 --crop 32").output.find("--crop replaces --image-size") != std::string::npos);
   CHECK(run("--resize 40 --crop 32 --shift 2").output.find("leave --shift out") != std::string::npos);
+  std::string why_no_gpu;
+  if (!cuda_available(&why_no_gpu)) {  // asking for the GPU where there is none: a usage error with the reason
+    const Run cuda = run("--device cuda");
+    CHECK(cuda.exit_code == 2);
+    CHECK(cuda.output.find("--device cuda: " + why_no_gpu) != std::string::npos);
+  }
   const Run help = run("--help");
   CHECK(help.exit_code == 0);
+  CHECK(help.output.find("--precision") != std::string::npos);
   CHECK(help.output.find("--weight-decay") != std::string::npos);
   CHECK(help.output.find("replaces --image-size") != std::string::npos);
 }
