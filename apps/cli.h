@@ -9,9 +9,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/error.h"
 
 namespace mdff::cli {
+
+// The device a --device value names: cpu, cuda (an error with the reason when no GPU is usable) or auto
+// (the GPU when one is usable).
+inline Device choose_device(const std::string& name) {
+  std::string why;
+  if (name == "cpu") return Device::CPU;
+  if (name == "cuda") {
+    MDFF_CHECK(cuda_available(&why), "--device cuda: ", why);
+    return Device::CUDA;
+  }
+  MDFF_CHECK(name == "auto", "unknown --device '", name, "': use auto, cpu or cuda");
+  return cuda_available(&why) ? Device::CUDA : Device::CPU;
+}
 
 // Parses argv into `app`. Returns the exit code when the program should stop now (help or error).
 inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {

@@ -1,10 +1,13 @@
 // mdff_search: image search over MDFF-SH hash codes, with a trained train_mdff checkpoint.
 //
 //   mdff_search index --checkpoint CKPT --out DB (--folder DIR | --list FILE [--classes K] [--list-root DIR])
+//                     [--device auto|cpu|cuda] [--precision tf32|fp32]
 //   mdff_search query --db DB [--checkpoint CKPT] IMAGE... [--top-k 20 | --radius R] [--json F] [--grid F.png]
+//                     [--device auto|cpu|cuda] [--precision tf32|fp32]
 //   mdff_search bench [--codes 1000000] [--bits 64] [--queries 1000] [--top-k 100] [--json F]
 //
-// index encodes every image into a code database (retrieval/code_db.h); query encodes the query images
+// index encodes every image into a code database (retrieval/code_db.h) on the device asked for; query
+// encodes the query images
 // with the same checkpoint and ranks the database by Hamming distance (popcount over 64-bit words, ties by
 // database index); bench times that ranking on random codes against NumPy doing the same, in one run.
 // Bad options exit 2 with the reason; a missing or damaged file exits 1 naming it.
@@ -45,13 +48,13 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 constexpr int64_t kEncodeBatch = 64;  // images encoded at once (index: the --batch-size default)
 
 struct IndexOptions {
-  std::string checkpoint, out, folder, list, list_root;
+  std::string checkpoint, out, folder, list, list_root, device = "auto", precision = "tf32";
   int classes = 0;
   int64_t batch_size = kEncodeBatch;
 };
 
 struct QueryOptions {
-  std::string db, checkpoint, json, grid;
+  std::string db, checkpoint, json, grid, device = "auto", precision = "tf32";
   std::vector<std::string> images;
   int64_t top_k = 20;
   int radius = -1;  // >= 0: every item within this distance instead of the top k
@@ -111,9 +114,16 @@ Tensor encode_all(LoadedCheckpoint& loaded, const data::Dataset& dataset, int64_
   });
 }
 
+// The model on the device asked for (--device, --precision), where encoding runs.
+void place(LoadedCheckpoint& loaded, const std::string& device, const std::string& precision) {
+  set_tf32_allowed(precision == "tf32");
+  loaded.model->to(cli::choose_device(device));
+}
+
 int run_index(const IndexOptions& o) {
   const auto start = Clock::now();
   LoadedCheckpoint loaded = load_model_checkpoint(o.checkpoint);
+  place(loaded, o.device, o.precision);
   data::Dataset dataset;
   if (!o.folder.empty()) {
     dataset = unlabeled_images(find_images(o.folder));
@@ -176,6 +186,7 @@ int run_query(const QueryOptions& o) {
   LoadedCheckpoint loaded = load_model_checkpoint(checkpoint);
   MDFF_CHECK(loaded.model->config().bits == db.codes.bits, checkpoint, " makes ", loaded.model->config().bits,
              "-bit codes but ", o.db, " holds ", db.codes.bits, "-bit codes");
+  place(loaded, o.device, o.precision);
 
   std::vector<std::string> images;
   for (const std::string& image : o.images) images.push_back(absolute_path(image));
@@ -468,6 +479,14 @@ int run_bench(const BenchOptions& o) {
   return 0;
 }
 
+void add_device_options(CLI::App& command, std::string& device, std::string& precision) {
+  command.add_option("--device", device, "where the images are encoded: auto (the GPU when there is one), cpu or cuda")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  command.add_option("--precision", precision, "GPU math: tf32 (tensor cores, about 1e-3 relative error: a code bit "
+                     "whose value is that close to 0 may flip) or fp32")->capture_default_str()
+      ->check(CLI::IsMember({"tf32", "fp32"}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -489,6 +508,7 @@ int main(int argc, char** argv) {
       ->needs(list);
   index->add_option("--batch-size", index_options.batch_size, "images encoded at once")->capture_default_str()
       ->check(CLI::Range(1, 100000));
+  add_device_options(*index, index_options.device, index_options.precision);
 
   QueryOptions query_options;
   CLI::App* query = app.add_subcommand("query", "find the database images whose codes are nearest the query images'");
@@ -505,6 +525,7 @@ int main(int argc, char** argv) {
                     "label agreement when the query is a labelled database image");
   query->add_option("--grid-results", query_options.grid_results, "results per query in the grid")->capture_default_str()
       ->check(CLI::Range(1, 1000));
+  add_device_options(*query, query_options.device, query_options.precision);
 
   BenchOptions bench_options;
   CLI::App* bench = app.add_subcommand("bench", "time the Hamming ranking on random codes, against NumPy");

@@ -66,17 +66,6 @@ data::Dataset load_dataset(const Options& o) {
                                o.classes);
 }
 
-Device choose_device(const std::string& name) {
-  std::string why;
-  if (name == "cpu") return Device::CPU;
-  if (name == "cuda") {
-    MDFF_CHECK(cuda_available(&why), "--device cuda: ", why);
-    return Device::CUDA;
-  }
-  MDFF_CHECK(name == "auto", "unknown --device '", name, "': use auto, cpu or cuda");
-  return cuda_available(&why) ? Device::CUDA : Device::CPU;
-}
-
 std::vector<uint8_t> labels_of(const data::Dataset& d, const std::vector<int64_t>& rows) {
   std::vector<uint8_t> out;
   out.reserve(rows.size() * d.classes);
@@ -200,7 +189,7 @@ Plan plan_from(const Options& o) {
   MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
              " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
   MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
-  plan.device = choose_device(o.device);
+  plan.device = cli::choose_device(o.device);
   set_tf32_allowed(o.precision == "tf32");
   return plan;
 }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/autograd.h"
+#include "core/backend.h"
 #include "core/error.h"
 #include "core/file_io.h"
 #include "core/safetensors.h"
@@ -415,7 +416,9 @@ TEST_CASE("mdff_search: bad options exit 2 with the reason") {
        {std::string(""), std::string("search"), std::string("index --checkpoint c --out d"),
         std::string("index --checkpoint c --out d --folder f --list l"), std::string("query --db d"),
         std::string("query --db d x.png --top-k 3 --radius 1"), std::string("bench --codes 0"),
-        std::string("index --checkpoint c --out d --folder f --classes 3")}) {
+        std::string("index --checkpoint c --out d --folder f --classes 3"),
+        std::string("index --checkpoint c --out d --folder f --device gpu"),
+        std::string("query --db d x.png --precision half")}) {
     CAPTURE(arguments);
     const Run r = run(arguments);
     CHECK(r.exit_code == 2);
@@ -511,6 +514,18 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   const Run wrong = run("query --db " + db_path + " --checkpoint " + other + " " + query_image);
   CHECK(wrong.exit_code == 1);
   CHECK(wrong.output.find("cannot be compared") != std::string::npos);
+
+  // the device: cpu gives the same results as the default here; cuda without a GPU names the reason
+  const Run on_cpu = run("query --db " + db_path + " " + query_image + " --radius " + std::to_string(radius) +
+                         " --json " + json_path + " --device cpu --precision fp32");
+  CHECK(on_cpu.exit_code == 0);
+  CHECK(on_cpu.output == within.output);
+  std::string why_no_gpu;
+  if (!cuda_available(&why_no_gpu)) {
+    const Run on_cuda = run("query --db " + db_path + " " + query_image + " --device cuda");
+    CHECK(on_cuda.exit_code == 1);
+    CHECK(on_cuda.output.find("--device cuda: " + why_no_gpu) != std::string::npos);
+  }
 
   // an image list keeps its labels; a query that is in the database is judged by them
   const fs::path list = root / "list.txt";
