@@ -4,9 +4,14 @@
 // follows the contract in core/backend.h: sums accumulate in double as the CPU's do, and per-element
 // formulas are written in the CPU's order of operations. Row indices out of range are recorded in a
 // device-side error word that check_device_errors() reads at the next synchronisation.
+// Batch norm spreads each channel's reduction over a (channel, slice) grid sized to fill the GPU: the
+// blocks' double partial sums are combined per channel in a fixed order (deterministic, no atomics),
+// and y and grad_x are written by elementwise kernels over the whole tensor (see its section).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "cuda/allocator.h"
 #include "cuda/check.h"
@@ -18,8 +23,13 @@ namespace mdff::cuda {
 namespace {
 
 constexpr int kThreads = 256;        // threads per block of the grid-stride kernels
-constexpr int kReduceThreads = 512;  // threads per block of the per-channel batch norm kernels
 constexpr int kWarp = 32;
+// Batch norm's (channel, slice) reduction grids: blocks of kReduceThreads, at least kReduceBlocksPerSm
+// of them resident per SM (__launch_bounds__: at most 64 registers), slices of at least kMinSlicePacks
+// packs.
+constexpr int kReduceThreads = 256;
+constexpr int kReduceBlocksPerSm = 4;
+constexpr int64_t kMinSlicePacks = 2 * kReduceThreads;
 
 // Blocks for a grid-stride loop over n items: one per kThreads items, capped at a few waves of the GPU.
 int blocks_for(int64_t n) {
@@ -122,91 +132,304 @@ void dispatch_word(DType dtype, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// batch norm: x (N,C,plane) with plane = H*W; one block per channel (blockIdx.x), whose threads
-// stride over the channel's N*plane values.
+// batch norm: x (N,C,plane) with plane = H*W (the product of the dimensions after C). A channel's
+// values are N runs of `plane` contiguous values at stride C*plane.
+//
+// Training forward, 5 kernels:
+//   1. batch_norm_partial_kernel (grid (C, S)): partial (C,S) = sums of x over slice s of channel c
+//   2. batch_norm_mean_kernel (a warp per channel): mean (C) = the partials' sum / (N*plane)
+//   3. batch_norm_partial_kernel again: partial (C,S) = sums of (x - mean)^2
+//   4. batch_norm_forward_finish_kernel (a warp per channel): running statistics, save_mean,
+//      save_invstd, and coef (C,2) = (scale, shift)
+//   5. batch_norm_forward_apply_kernel (grid-stride over all N*C*plane): y = x * scale + shift
+// Evaluation runs 4 (from the running statistics) and 5. Backward: batch_norm_backward_partial_kernel
+// (grid (C, S), partial (2,C,S): sums of dy and of dy*xhat) when sums are needed, then
+// batch_norm_backward_finish_kernel (grad_gamma, grad_beta, coef (C,4) = (a, b, c, mean)), then
+// batch_norm_backward_apply_kernel for grad_x.
+//
+// Each channel's N*plane values are cut into S slices (see slices_for: with C <= 4 x SMs the grid is
+// about 4 blocks per SM, one wave of equal blocks; with more channels S = 1 and C blocks): slice s is
+// a contiguous run of (sample, position) work, the block's threads stride over it. The partials are
+// combined in a fixed order (slice order per lane, then a butterfly over the warp) and there are no
+// atomics: the same inputs give the same bits on the same GPU (S depends on its SM count). Values are
+// read in packs of V (16 bytes) when plane is a multiple of V: the order of the sums depends on the
+// shape only, not on the tensors' alignment, which only chooses vector loads over V scalar loads.
+//
+// Traffic, (128,64,112,112) F32 (411 MB a tensor, larger than the 50 MB L2, so every pass goes to
+// memory): training forward reads x three times and writes y, 1.64 GB, ~0.55 ms at 3 TB/s; backward
+// reads dy and x twice and writes dx, 2.06 GB, ~0.69 ms. The per-channel partials and coefficients
+// are a few KB. The former design moved the same bytes with one 512-thread block per channel (64
+// blocks: under half of the 132 SMs, a quarter of each one's threads, and an emulated 64-bit division
+// per value), latency-bound at a fraction of the bandwidth: expect it several times slower (estimate,
+// not measured).
 
-// Flat index in x of value i (sample i / plane, position i % plane) of channel c.
-__device__ inline int64_t channel_offset(int64_t i, int64_t c, int64_t channels, int64_t plane) {
-  const int64_t sample = i / plane;
-  return (sample * channels + c) * plane + (i - sample * plane);
-}
-
-// Training: two passes in double (mean, then the sum of squared deviations), then the running
-// statistics (thread 0) and y. Evaluation: the running statistics; the grid may then have several
-// blocks per channel (gridDim.y), each recomputing the channel's coefficients and writing its share.
 template <class T>
-__global__ void __launch_bounds__(kReduceThreads)
-    batch_norm_forward_kernel(const T* x, const T* gamma, const T* beta, T* running_mean, T* running_var,
-                              bool training, double momentum, double eps, T* y, T* save_mean, T* save_invstd,
-                              int64_t n, int64_t channels, int64_t plane) {
-  const int64_t c = blockIdx.x, count = n * plane;
-  double mean, var;
-  if (training) {
-    double sum = 0;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += double(x[channel_offset(i, c, channels, plane)]);
-    mean = block_sum(sum) / count;
-    double squares = 0;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const double d = double(x[channel_offset(i, c, channels, plane)]) - mean;
-      squares += d * d;
-    }
-    const double sum_squares = block_sum(squares);
-    var = sum_squares / count;
-    if (threadIdx.x == 0) {
-      const double unbiased = count > 1 ? sum_squares / (count - 1) : var;
-      running_mean[c] = static_cast<T>((1 - momentum) * running_mean[c] + momentum * mean);
-      running_var[c] = static_cast<T>((1 - momentum) * running_var[c] + momentum * unbiased);
-    }
+constexpr int kPack = 16 / sizeof(T);  // values per 16-byte pack: 4 float, 2 double
+
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Pack `unit` (values [unit*V, unit*V + V)) of base: one vector access when kAligned, V scalar ones
+// otherwise.
+template <class T, int V, bool kAligned>
+__device__ inline Pack<T, V> load_pack(const T* base, int64_t unit) {
+  if constexpr (kAligned) {
+    return reinterpret_cast<const Pack<T, V>*>(base)[unit];
   } else {
-    mean = running_mean[c];
-    var = running_var[c];
-  }
-  const double invstd = 1.0 / sqrt(var + eps);
-  const double scale = invstd * gamma[c];
-  const double shift = fma(-mean, scale, double(beta[c]));  // as the CPU's batch_norm_shift
-  if (blockIdx.y == 0 && threadIdx.x == 0) {
-    save_mean[c] = static_cast<T>(mean);
-    save_invstd[c] = static_cast<T>(invstd);
-  }
-  for (int64_t i = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.y) * blockDim.x) {
-    const int64_t at = channel_offset(i, c, channels, plane);
-    y[at] = static_cast<T>(fma(double(x[at]), scale, shift));
+    Pack<T, V> p;
+#pragma unroll
+    for (int j = 0; j < V; ++j) p.v[j] = base[unit * V + j];
+    return p;
   }
 }
 
-// Sums (when need_sums) sum(gy) and sum(gy * xhat) over the channel in double; writes grad_gamma and
-// grad_beta when given; then grad_x when given: training dx = a*dy + b*(x - mean) + c with
-// a = gamma*invstd, b = -a/M * sum(dy*xhat) * invstd, c = -a/M * sum(dy); evaluation dx = a*dy.
+template <class T, int V, bool kAligned>
+__device__ inline void store_pack(T* base, int64_t unit, const Pack<T, V>& p) {
+  if constexpr (kAligned) {
+    reinterpret_cast<Pack<T, V>*>(base)[unit] = p;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) base[unit * V + j] = p.v[j];
+  }
+}
+
+// Calls fn(at) for this thread's packs of slice blockIdx.y (of gridDim.y) of channel blockIdx.x, at
+// being the pack's index in x seen as (N, C, units) packs, units = plane / V. The channel's n*units
+// packs, in (sample, position) order, are cut into gridDim.y contiguous runs; thread t takes packs
+// first + t, first + t + blockDim.x, ... The (sample, position) pair is carried from one pack to the
+// next by the step's quotient and remainder (no division per value).
+template <class Fn>
+__device__ inline void for_each_in_slice(int64_t n, int64_t channels, int64_t units, Fn&& fn) {
+  const int64_t c = blockIdx.x, count = n * units;
+  const int64_t first = count * blockIdx.y / gridDim.y, last = count * (blockIdx.y + 1) / gridDim.y;
+  int64_t k = first + threadIdx.x;
+  if (k >= last) return;  // (count > 0 from here, so units > 0)
+  const int64_t sample = k / units, row = channels * units;
+  int64_t position = k - sample * units, base = (sample * channels + c) * units;  // at = base + position
+  const int64_t step_samples = blockDim.x / units, step_position = blockDim.x - step_samples * units;
+  const int64_t step_base = step_samples * row;
+#pragma unroll 4
+  for (; k < last; k += blockDim.x) {
+    fn(base + position);
+    position += step_position;  // < 2*units: at most one carry
+    base += step_base;
+    if (position >= units) {
+      position -= units;
+      base += row;
+    }
+  }
+}
+
+// Calls fn(i, c) for this thread's packs i of a grid-stride loop over x seen as (N, C, units) packs,
+// c being the pack's channel; (position, channel) are carried from one pack to the next like above.
+template <class Fn>
+__device__ inline void for_each_pack(int64_t total, int64_t channels, int64_t units, Fn&& fn) {
+  int64_t i = grid_start();
+  if (i >= total) return;  // (total > 0 from here, so units > 0)
+  const int64_t step = grid_step(), planes = i / units, step_planes = step / units;
+  int64_t position = i - planes * units, c = planes % channels;
+  const int64_t step_position = step - step_planes * units, step_channel = step_planes % channels;
+  for (; i < total; i += step) {
+    fn(i, c);
+    position += step_position;  // < 2*units: at most one carry
+    c += step_channel;          // < 2*channels with the carry: at most one wrap
+    if (position >= units) {
+      position -= units;
+      ++c;
+    }
+    if (c >= channels) c -= channels;
+  }
+}
+
+// Sum over s of partial[c*slices + s] (partial (C,S)), in every lane of the warp: lane l adds slices
+// l, l + 32, ... in order, then the butterfly (a fixed order). Every lane must call it.
+__device__ inline double combine_partials(const double* partial, int64_t c, int64_t slices) {
+  double sum = 0;
+  for (int64_t s = threadIdx.x % kWarp; s < slices; s += kWarp) sum += partial[c * slices + s];
+  return warp_sum(sum);
+}
+
+// partial (C,S): the sum over slice (blockIdx.y) of channel blockIdx.x of x (kSquares false) or of
+// (x - mean)^2 (kSquares true; mean (C) in double). x (N,C,plane) in packs of V.
+template <class T, int V, bool kAligned, bool kSquares>
+__global__ void __launch_bounds__(kReduceThreads, kReduceBlocksPerSm)
+    batch_norm_partial_kernel(const T* x, const double* mean, double* partial, int64_t n, int64_t channels,
+                              int64_t units) {
+  const double m = kSquares ? mean[blockIdx.x] : 0.0;
+  double sum = 0;
+  for_each_in_slice(n, channels, units, [&](int64_t at) {
+    const Pack<T, V> p = load_pack<T, V, kAligned>(x, at);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if constexpr (kSquares) {
+        const double d = double(p.v[j]) - m;
+        sum += d * d;
+      } else {
+        sum += double(p.v[j]);
+      }
+    }
+  });
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partial[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = sum;
+}
+
+// mean (C) = sum of partial (C,S) / count, a warp per channel.
+__global__ void batch_norm_mean_kernel(const double* partial, int64_t slices, int64_t channels, int64_t count,
+                                       double* mean) {
+  for (int64_t c = grid_start() / kWarp; c < channels; c += grid_step() / kWarp) {
+    const double sum = combine_partials(partial, c, slices);
+    if (threadIdx.x % kWarp == 0) mean[c] = sum / count;
+  }
+}
+
+// A warp per channel. Training: var = sum of partial (C,S) (squared deviations from batch_mean (C)) /
+// count, running statistics updated; evaluation: the running statistics (partial and batch_mean
+// unused). Then save_mean, save_invstd (C) and coef (C,2) = (scale, shift) for y = x*scale + shift.
 template <class T>
-__global__ void __launch_bounds__(kReduceThreads)
-    batch_norm_backward_kernel(const T* x, const T* gamma, const T* mean, const T* invstd, const T* gy,
-                               bool training, bool need_sums, T* gx, T* grad_gamma, T* grad_beta, int64_t n,
-                               int64_t channels, int64_t plane) {
-  const int64_t c = blockIdx.x, count = n * plane;
-  const double m = mean[c], is = invstd[c];
+__global__ void batch_norm_forward_finish_kernel(const double* partial, int64_t slices, const double* batch_mean,
+                                                 const T* gamma, const T* beta, T* running_mean, T* running_var,
+                                                 bool training, double momentum, double eps, int64_t channels,
+                                                 int64_t count, T* save_mean, T* save_invstd, double* coef) {
+  for (int64_t c = grid_start() / kWarp; c < channels; c += grid_step() / kWarp) {
+    const double sum_squares = training ? combine_partials(partial, c, slices) : 0.0;  // (all lanes)
+    if (threadIdx.x % kWarp == 0) {
+      double mean, var;
+      if (training) {
+        mean = batch_mean[c];
+        var = sum_squares / count;
+        const double unbiased = count > 1 ? sum_squares / (count - 1) : var;
+        running_mean[c] = static_cast<T>((1 - momentum) * running_mean[c] + momentum * mean);
+        running_var[c] = static_cast<T>((1 - momentum) * running_var[c] + momentum * unbiased);
+      } else {
+        mean = running_mean[c];
+        var = running_var[c];
+      }
+      const double invstd = 1.0 / sqrt(var + eps);
+      const double scale = invstd * gamma[c];
+      save_mean[c] = static_cast<T>(mean);
+      save_invstd[c] = static_cast<T>(invstd);
+      coef[2 * c] = scale;
+      coef[2 * c + 1] = fma(-mean, scale, double(beta[c]));  // as the CPU's batch_norm_shift
+    }
+  }
+}
+
+// y = x * scale + shift (N,C,plane), coef (C,2), in the CPU's rounding (batch_norm_value).
+template <class T, int V, bool kAligned>
+__global__ void batch_norm_forward_apply_kernel(const T* x, const double* coef, T* y, int64_t total, int64_t channels,
+                                                int64_t units) {
+  for_each_pack(total, channels, units, [&](int64_t i, int64_t c) {
+    const double scale = coef[2 * c], shift = coef[2 * c + 1];
+    const Pack<T, V> in = load_pack<T, V, kAligned>(x, i);
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(fma(double(in.v[j]), scale, shift));
+    store_pack<T, V, kAligned>(y, i, out);
+  });
+}
+
+// partial (2,C,S): [0] the sums of dy, [1] the sums of dy * xhat, xhat = (x - mean) * invstd, over
+// slice blockIdx.y of channel blockIdx.x. x and gy (N,C,plane) in packs of V; mean, invstd (C).
+template <class T, int V, bool kAligned>
+__global__ void __launch_bounds__(kReduceThreads, kReduceBlocksPerSm)
+    batch_norm_backward_partial_kernel(const T* x, const T* gy, const T* mean, const T* invstd, double* partial,
+                                       int64_t n, int64_t channels, int64_t units) {
+  const double m = mean[blockIdx.x], is = invstd[blockIdx.x];
   double sum_gy = 0, sum_gy_xhat = 0;
-  if (need_sums) {
-    double partial_gy = 0, partial_gy_xhat = 0;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const int64_t at = channel_offset(i, c, channels, plane);
-      const double g = gy[at];
-      partial_gy += g;
-      partial_gy_xhat += g * (double(x[at]) - m) * is;
+  for_each_in_slice(n, channels, units, [&](int64_t at) {
+    const Pack<T, V> g = load_pack<T, V, kAligned>(gy, at), v = load_pack<T, V, kAligned>(x, at);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const double dy = g.v[j];
+      sum_gy += dy;
+      sum_gy_xhat += dy * (double(v.v[j]) - m) * is;
     }
-    sum_gy = block_sum(partial_gy);
-    sum_gy_xhat = block_sum(partial_gy_xhat);
-    if (threadIdx.x == 0) {
-      if (grad_gamma) grad_gamma[c] = static_cast<T>(sum_gy_xhat);
-      if (grad_beta) grad_beta[c] = static_cast<T>(sum_gy);
+  });
+  sum_gy = block_sum(sum_gy);
+  sum_gy_xhat = block_sum(sum_gy_xhat);
+  if (threadIdx.x == 0) {
+    const int64_t at = int64_t(blockIdx.x) * gridDim.y + blockIdx.y, stride = int64_t(gridDim.x) * gridDim.y;
+    partial[at] = sum_gy;
+    partial[stride + at] = sum_gy_xhat;
+  }
+}
+
+// A warp per channel. With slices > 0: sum(dy) and sum(dy * xhat) from partial (2,C,S), written to
+// grad_beta and grad_gamma when given (0 sums otherwise). With coef given: coef (C,4) = (a, b, c,
+// mean) for grad_x, training dx = a*dy + b*(x - mean) + c with a = gamma*invstd,
+// b = -a/M * sum(dy*xhat) * invstd, c = -a/M * sum(dy); evaluation dx = a*dy.
+template <class T>
+__global__ void batch_norm_backward_finish_kernel(const double* partial, int64_t slices, const T* gamma,
+                                                  const T* mean, const T* invstd, int64_t channels, int64_t count,
+                                                  T* grad_gamma, T* grad_beta, double* coef) {
+  for (int64_t c = grid_start() / kWarp; c < channels; c += grid_step() / kWarp) {
+    double sum_gy = 0, sum_gy_xhat = 0;
+    if (slices > 0) {
+      sum_gy = combine_partials(partial, c, slices);
+      sum_gy_xhat = combine_partials(partial + channels * slices, c, slices);
+    }
+    if (threadIdx.x % kWarp == 0) {
+      if (slices > 0 && grad_gamma) grad_gamma[c] = static_cast<T>(sum_gy_xhat);
+      if (slices > 0 && grad_beta) grad_beta[c] = static_cast<T>(sum_gy);
+      if (coef) {
+        const double is = invstd[c];
+        const double a = gamma[c] * is;
+        coef[4 * c] = a;
+        coef[4 * c + 1] = -a / count * sum_gy_xhat * is;
+        coef[4 * c + 2] = -a / count * sum_gy;
+        coef[4 * c + 3] = mean[c];
+      }
     }
   }
-  if (!gx) return;
-  const double a = gamma[c] * is;
-  const double b = -a / count * sum_gy_xhat * is, shift = -a / count * sum_gy;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const int64_t at = channel_offset(i, c, channels, plane);
-    gx[at] = training ? static_cast<T>(a * gy[at] + b * (double(x[at]) - m) + shift) : static_cast<T>(a * gy[at]);
+}
+
+// grad_x (N,C,plane) from gy and, in training, x; coef (C,4) from batch_norm_backward_finish_kernel.
+template <class T, int V, bool kAligned>
+__global__ void batch_norm_backward_apply_kernel(const T* x, const T* gy, const double* coef, bool training, T* gx,
+                                                 int64_t total, int64_t channels, int64_t units) {
+  for_each_pack(total, channels, units, [&](int64_t i, int64_t c) {
+    const double a = coef[4 * c];
+    const Pack<T, V> g = load_pack<T, V, kAligned>(gy, i);
+    Pack<T, V> out;
+    if (training) {
+      const double b = coef[4 * c + 1], shift = coef[4 * c + 2], m = coef[4 * c + 3];
+      const Pack<T, V> v = load_pack<T, V, kAligned>(x, i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(a * g.v[j] + b * (double(v.v[j]) - m) + shift);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(a * g.v[j]);
+    }
+    store_pack<T, V, kAligned>(gx, i, out);
+  });
+}
+
+// Slices per channel for the (C, S) reduction grids of batch norm: C*S at most the kReduceBlocksPerSm
+// blocks per SM that are sure to be resident (S rounded down: one wave of equal blocks, no tail wave of
+// a few; 512 of 528 blocks on an H200 for ResNet's 64 to 512 channels), each slice at least
+// kMinSlicePacks packs (two per thread), 1 <= S <= 65535 (the grid's y limit). S depends on the GPU's
+// SM count, and so do the sums' order and bits.
+int64_t slices_for(int64_t channels, int64_t packs_per_channel) {
+  const int64_t resident = std::max(1, device_info().multiprocessors) * int64_t(kReduceBlocksPerSm);
+  return std::clamp<int64_t>(std::min(resident / channels, packs_per_channel / kMinSlicePacks), 1, 65535);
+}
+
+// Calls fn(std::integral_constant<int, V>, std::bool_constant<aligned>) for the batch norm kernels over
+// planes of `plane` values of T: V = kPack<T> when plane is a multiple of it, 1 otherwise (the shape
+// alone fixes the sums' order); aligned when V > 1 and every pointer (nullptr counts as aligned) is on
+// a 16-byte boundary (vector loads and stores).
+template <class T, class Fn>
+void dispatch_pack(int64_t plane, std::initializer_list<const void*> pointers, Fn&& fn) {
+  if (plane % kPack<T> != 0) {
+    fn(std::integral_constant<int, 1>{}, std::false_type{});
+    return;
   }
+  bool aligned = true;
+  for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (aligned) fn(std::integral_constant<int, kPack<T>>{}, std::true_type{});
+  else fn(std::integral_constant<int, kPack<T>>{}, std::false_type{});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -559,19 +782,40 @@ void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta
   check_tensor(save_invstd, dt, per_channel, kernel, "save_invstd");
   if (channels == 0) return;  // (an empty batch still writes the per-channel statistics)
   MDFF_CHECK(channels <= INT32_MAX, "cuda batch_norm_forward: ", channels, " channels exceed the grid");
-  // Evaluation splits each channel over several blocks (no reduction), enough to fill the GPU.
-  const int64_t count = n * plane, waves = std::max(1, device_info().multiprocessors) * int64_t(16);
-  const int64_t splits = training ? 1
-                                  : std::clamp<int64_t>(std::min((count + kReduceThreads - 1) / kReduceThreads,
-                                                                 waves / channels),
-                                                        1, 65535);
-  const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(splits));
+  const int64_t count = n * plane;
+  const int finish_blocks = blocks_for(channels * kWarp);
   dispatch_float(dt, [&](auto zero) {
     using T = decltype(zero);
-    batch_norm_forward_kernel<T><<<grid, kReduceThreads, 0, stream()>>>(
-        x.data<T>(), gamma.data<T>(), beta.data<T>(), running_mean.data<T>(), running_var.data<T>(), training,
-        momentum, eps, y.data<T>(), save_mean.data<T>(), save_invstd.data<T>(), n, channels, plane);
-    MDFF_CUDA_CHECK_LAUNCH();
+    dispatch_pack<T>(plane, {x.raw(), y.raw()}, [&](auto pack, auto aligned) {
+      constexpr int V = decltype(pack)::value;
+      constexpr bool kAligned = decltype(aligned)::value;
+      const int64_t units = plane / V, total = n * channels * units;
+      const int64_t slices = training ? slices_for(channels, n * units) : 0;
+      // coef (C,2), then in training batch_mean (C) and partial (C,S), in double
+      Scratch scratch(sizeof(double) * static_cast<size_t>(channels * (training ? 3 + slices : 2)));
+      double* coef = static_cast<double*>(scratch.get());
+      double* batch_mean = training ? coef + 2 * channels : nullptr;
+      double* partial = training ? batch_mean + channels : nullptr;
+      if (training) {
+        const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(slices));
+        batch_norm_partial_kernel<T, V, kAligned, false>
+            <<<grid, kReduceThreads, 0, stream()>>>(x.data<T>(), nullptr, partial, n, channels, units);
+        MDFF_CUDA_CHECK_LAUNCH();
+        batch_norm_mean_kernel<<<finish_blocks, kThreads, 0, stream()>>>(partial, slices, channels, count, batch_mean);
+        MDFF_CUDA_CHECK_LAUNCH();
+        batch_norm_partial_kernel<T, V, kAligned, true>
+            <<<grid, kReduceThreads, 0, stream()>>>(x.data<T>(), batch_mean, partial, n, channels, units);
+        MDFF_CUDA_CHECK_LAUNCH();
+      }
+      batch_norm_forward_finish_kernel<T><<<finish_blocks, kThreads, 0, stream()>>>(
+          partial, slices, batch_mean, gamma.data<T>(), beta.data<T>(), running_mean.data<T>(), running_var.data<T>(),
+          training, momentum, eps, channels, count, save_mean.data<T>(), save_invstd.data<T>(), coef);
+      MDFF_CUDA_CHECK_LAUNCH();
+      if (total == 0) return;
+      batch_norm_forward_apply_kernel<T, V, kAligned>
+          <<<blocks_for(total), kThreads, 0, stream()>>>(x.data<T>(), coef, y.data<T>(), total, channels, units);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
   });
 }
 
@@ -594,13 +838,36 @@ void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mea
   const bool need_sums = grad_gamma.defined() || grad_beta.defined() || (grad_x.defined() && training);
   if (channels == 0 || (!need_sums && !grad_x.defined())) return;
   MDFF_CHECK(channels <= INT32_MAX, "cuda batch_norm_backward: ", channels, " channels exceed the grid");
+  const int64_t count = n * plane;
+  const int finish_blocks = blocks_for(channels * kWarp);
   dispatch_float(dt, [&](auto zero) {
     using T = decltype(zero);
     auto optional = [](const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; };
-    batch_norm_backward_kernel<T><<<static_cast<unsigned>(channels), kReduceThreads, 0, stream()>>>(
-        x.data<T>(), gamma.data<T>(), mean.data<T>(), invstd.data<T>(), grad_y.data<T>(), training, need_sums,
-        optional(grad_x), optional(grad_gamma), optional(grad_beta), n, channels, plane);
-    MDFF_CUDA_CHECK_LAUNCH();
+    T* gx = optional(grad_x);
+    dispatch_pack<T>(plane, {x.raw(), grad_y.raw(), static_cast<const void*>(gx)}, [&](auto pack, auto aligned) {
+      constexpr int V = decltype(pack)::value;
+      constexpr bool kAligned = decltype(aligned)::value;
+      const int64_t units = plane / V, total = n * channels * units;
+      const int64_t slices = need_sums ? slices_for(channels, n * units) : 0;
+      // partial (2,C,S), then coef (C,4) when grad_x is wanted, in double
+      Scratch scratch(sizeof(double) * static_cast<size_t>(channels * (2 * slices + (gx ? 4 : 0))));
+      double* partial = static_cast<double*>(scratch.get());
+      double* coef = gx ? partial + 2 * channels * slices : nullptr;
+      if (need_sums) {
+        const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(slices));
+        batch_norm_backward_partial_kernel<T, V, kAligned><<<grid, kReduceThreads, 0, stream()>>>(
+            x.data<T>(), grad_y.data<T>(), mean.data<T>(), invstd.data<T>(), partial, n, channels, units);
+        MDFF_CUDA_CHECK_LAUNCH();
+      }
+      batch_norm_backward_finish_kernel<T><<<finish_blocks, kThreads, 0, stream()>>>(
+          partial, slices, gamma.data<T>(), mean.data<T>(), invstd.data<T>(), channels, count, optional(grad_gamma),
+          optional(grad_beta), coef);
+      MDFF_CUDA_CHECK_LAUNCH();
+      if (!gx || total == 0) return;
+      batch_norm_backward_apply_kernel<T, V, kAligned><<<blocks_for(total), kThreads, 0, stream()>>>(
+          x.data<T>(), grad_y.data<T>(), coef, training, gx, total, channels, units);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
   });
 }
 
