@@ -705,21 +705,6 @@ __global__ void scatter_rows_assign_kernel(const T* src, const int32_t* index, c
   }
 }
 
-// A device buffer for one call's scratch: returned to the allocator's cache at the end of the call,
-// which is safe because the kernels using it are queued on the same stream before any later user.
-class Scratch {
- public:
-  explicit Scratch(size_t bytes) : bytes_(bytes), ptr_(allocate(bytes)) {}
-  ~Scratch() { deallocate(ptr_, bytes_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  size_t bytes_;
-  void* ptr_;
-};
-
 // index is a 1-D I32 tensor of M rows; rows and other have the same dtype and trailing shape (width).
 void check_rows(const Tensor& index, const Tensor& rows, const Tensor& other, const char* kernel) {
   check_tensor(index, DType::I32, {index.numel()}, kernel, "index");
@@ -792,8 +777,8 @@ void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta
       const int64_t units = plane / V, total = n * channels * units;
       const int64_t slices = training ? slices_for(channels, n * units) : 0;
       // coef (C,2), then in training batch_mean (C) and partial (C,S), in double
-      Scratch scratch(sizeof(double) * static_cast<size_t>(channels * (training ? 3 + slices : 2)));
-      double* coef = static_cast<double*>(scratch.get());
+      ScratchBuffer scratch(sizeof(double) * static_cast<size_t>(channels * (training ? 3 + slices : 2)));
+      double* coef = static_cast<double*>(scratch.data());
       double* batch_mean = training ? coef + 2 * channels : nullptr;
       double* partial = training ? batch_mean + channels : nullptr;
       if (training) {
@@ -850,8 +835,8 @@ void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mea
       const int64_t units = plane / V, total = n * channels * units;
       const int64_t slices = need_sums ? slices_for(channels, n * units) : 0;
       // partial (2,C,S), then coef (C,4) when grad_x is wanted, in double
-      Scratch scratch(sizeof(double) * static_cast<size_t>(channels * (2 * slices + (gx ? 4 : 0))));
-      double* partial = static_cast<double*>(scratch.get());
+      ScratchBuffer scratch(sizeof(double) * static_cast<size_t>(channels * (2 * slices + (gx ? 4 : 0))));
+      double* partial = static_cast<double*>(scratch.data());
       double* coef = gx ? partial + 2 * channels * slices : nullptr;
       if (need_sums) {
         const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(slices));
@@ -1080,8 +1065,8 @@ void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, boo
       return;
     }
     // winner (R) I32, -1 where no index points (all-ones bits)
-    Scratch winner(static_cast<size_t>(limit) * sizeof(int32_t));
-    int32_t* winner_rows = static_cast<int32_t*>(winner.get());
+    ScratchBuffer winner(static_cast<size_t>(limit) * sizeof(int32_t));
+    int32_t* winner_rows = static_cast<int32_t*>(winner.data());
     if (limit > 0) MDFF_CUDA_CHECK(cudaMemsetAsync(winner_rows, 0xff, limit * sizeof(int32_t), stream()));
     scatter_rows_winner_kernel<<<blocks_for(rows), kThreads, 0, stream()>>>(index.data<int32_t>(), winner_rows, rows,
                                                                             limit, launch);
