@@ -113,6 +113,12 @@ void Backend::resize_bilinear(const Tensor&, const Tensor&) { missing("resize_bi
 void Backend::copy_block(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, bool) {
   missing("copy_block");
 }
+void Backend::pairwise_logistic_forward(const Tensor&, const Tensor&, const Tensor&) {
+  missing("pairwise_logistic_forward");
+}
+void Backend::pairwise_logistic_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  missing("pairwise_logistic_backward");
+}
 void Backend::log_softmax_forward(const Tensor&, const Tensor&) { missing("log_softmax_forward"); }
 void Backend::log_softmax_backward(const Tensor&, const Tensor&, const Tensor&) { missing("log_softmax_backward"); }
 void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { missing("gather_rows"); }

@@ -129,6 +129,17 @@ class Backend {
   virtual void copy_block(const Tensor& part, const Tensor& whole, int64_t outer, int64_t part_inner,
                           int64_t whole_inner, int64_t offset, bool into_whole);
 
+  // ---- losses ----
+  // The pairwise likelihood of MDFF-SH in one pass: out (0-dim) = the mean over all elements of
+  // softplus(theta) - s * theta, softplus in the stable form max(x,0) + log1p(e^-|x|), each element
+  // computed in the tensors' dtype and the sum accumulated in double in a fixed order (the same bits on
+  // every run). theta and s have one shape.
+  virtual void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out);
+  // Writes grad_theta = grad_out * (sigmoid(theta) - s) / numel, with grad_out the 0-dim gradient of the
+  // mean, read on this device (a GPU backend does not wait for it). s is a constant: it gets no gradient.
+  virtual void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                          const Tensor& grad_theta);
+
   // ---- rows ----
   virtual void log_softmax_forward(const Tensor& x, const Tensor& y);  // over the last dim of (N,K)
   virtual void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x);

@@ -891,6 +891,46 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out) override {
+    dispatch_float(theta.dtype(), "pairwise_logistic_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const T* tp = ptr<T>(theta);
+      const T* sp = ptr<T>(s);
+      const int64_t n = theta.numel();
+      // Each element in T, as the separate ops compute it; the sum in double, over fixed chunks that the
+      // threads share and whose sums are then added in order: the same bits for any number of threads
+      // (an OpenMP reduction adds the threads' sums in the order they finish).
+      constexpr int64_t kChunk = 1 << 14;
+      std::vector<double> chunk_sums(static_cast<size_t>((n + kChunk - 1) / kChunk));
+      const int64_t chunks = static_cast<int64_t>(chunk_sums.size());
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+      for (int64_t c = 0; c < chunks; ++c) {
+        double sum = 0;
+        const int64_t end = std::min(n, (c + 1) * kChunk);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = c * kChunk; i < end; ++i)
+          sum += static_cast<double>(stable_softplus(tp[i]) - sp[i] * tp[i]);
+        chunk_sums[c] = sum;
+      }
+      double sum = 0;
+      for (double chunk : chunk_sums) sum += chunk;
+      *ptr<T>(out) = static_cast<T>(sum / static_cast<double>(n));
+    });
+  }
+
+  void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                  const Tensor& grad_theta) override {
+    dispatch_float(theta.dtype(), "pairwise_logistic_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const T* tp = ptr<T>(theta);
+      const T* sp = ptr<T>(s);
+      T* gp = ptr<T>(grad_theta);
+      const int64_t n = theta.numel();
+      const T g = static_cast<T>(static_cast<double>(*ptr<T>(grad_out)) / static_cast<double>(n));  // per element
+      for_each_index(n, [=](int64_t i) { gp[i] = g * (stable_sigmoid(tp[i]) - sp[i]); });
+    });
+  }
+
   void log_softmax_forward(const Tensor& x, const Tensor& y) override {
     dispatch_float(x.dtype(), "log_softmax_forward", [&](auto zero) {
       using T = decltype(zero);

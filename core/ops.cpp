@@ -443,6 +443,23 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target) {
   return scale(sum(mul(target, log_softmax(logits))), -1.0 / static_cast<double>(logits.size(0)));
 }
 
+Tensor pairwise_logistic_loss(const Tensor& theta, const Tensor& s) {
+  check_compatible("pairwise_logistic_loss", {{"theta", &theta}, {"s", &s}});
+  MDFF_CHECK(theta.shape() == s.shape(), "pairwise_logistic_loss: theta ", shape_str(theta.shape()), " and s ",
+             shape_str(s.shape()), " must have the same shape");
+  MDFF_CHECK(theta.numel() > 0, "pairwise_logistic_loss: no pairs (theta is empty)");
+  MDFF_CHECK(!s.requires_grad(), "pairwise_logistic_loss: s holds constant similarities and gets no gradient; "
+             "it must not require grad (detach it)");
+  Tensor out = empty_as(theta, Shape{});
+  backend_of(theta).pairwise_logistic_forward(theta, s, out);
+  Tensor saved_theta = theta.detach(), saved_s = s.detach();
+  return record(out, "pairwise_logistic_loss", {theta}, [=](const Tensor& g) {
+    Tensor gt = empty_like(saved_theta);
+    backend_of(g).pairwise_logistic_backward(saved_theta, saved_s, g, gt);
+    return Grads{gt};
+  });
+}
+
 namespace {
 void check_index(const Tensor& index, const Tensor& rows, const char* op) {
   check_defined(index, op, "index");

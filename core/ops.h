@@ -62,6 +62,13 @@ Tensor log_softmax(const Tensor& x);  // over the last dim of (N,K)
 // Mean over rows of -sum_k target[n,k] log_softmax(logits)[n,k]; targets are probabilities (soft or one-hot).
 Tensor cross_entropy(const Tensor& logits, const Tensor& target);
 
+// ---- losses ----
+// The pairwise likelihood of MDFF-SH (losses/hash_losses.h) as one op: the 0-dim mean over all elements
+// of softplus(theta) - s * theta, equal to mean(sub(softplus(theta), mul(s, theta))) within rounding but
+// without their (N,M) temporaries, forward or backward. s (theta's shape, dtype and device) holds the
+// constant similarities: it must not require grad. Gradient: (sigmoid(theta) - s) / numel per element.
+Tensor pairwise_logistic_loss(const Tensor& theta, const Tensor& s);
+
 // ---- rows (the U matrix of the pairwise loss) ----
 Tensor gather_rows(const Tensor& src, const Tensor& index);  // (R,D...), I32 (M) -> (M,D...)
 void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src);  // dst[index[i]] = src[i]; no grad

@@ -303,6 +303,19 @@ void ProfilingBackend::copy_block(const Tensor& part, const Tensor& whole, int64
         [&] { wrapped_.copy_block(part, whole, outer, part_inner, whole_inner, offset, into_whole); });
 }
 
+void ProfilingBackend::pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out) {
+  timed(wrapped_, "pairwise_logistic_forward", &theta,
+        [&] { return Cost{arrow(theta, out), 0, moved({&theta, &s}, {&out})}; },
+        [&] { wrapped_.pairwise_logistic_forward(theta, s, out); });
+}
+
+void ProfilingBackend::pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                                  const Tensor& grad_theta) {
+  timed(wrapped_, "pairwise_logistic_backward", &theta,
+        [&] { return Cost{dims(theta), 0, moved({&theta, &s, &grad_out}, {&grad_theta})}; },
+        [&] { wrapped_.pairwise_logistic_backward(theta, s, grad_out, grad_theta); });
+}
+
 void ProfilingBackend::log_softmax_forward(const Tensor& x, const Tensor& y) {
   timed(wrapped_, "log_softmax_forward", &x, [&] { return Cost{dims(x), 0, moved({&x}, {&y})}; },
         [&] { wrapped_.log_softmax_forward(x, y); });

@@ -82,6 +82,9 @@ class ProfilingBackend final : public Backend {
   void resize_bilinear(const Tensor& x, const Tensor& y) override;
   void copy_block(const Tensor& part, const Tensor& whole, int64_t outer, int64_t part_inner, int64_t whole_inner,
                   int64_t offset, bool into_whole) override;
+  void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out) override;
+  void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                  const Tensor& grad_theta) override;
   void log_softmax_forward(const Tensor& x, const Tensor& y) override;
   void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x) override;
   void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out) override;

@@ -224,6 +224,15 @@ class CudaBackend : public Backend {
     cuda::sgd_step(param, grad, buffer, lr, momentum, weight_decay, first_step);
   }
 
+  // ---- losses (losses.cu) ----
+  void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out) override {
+    cuda::pairwise_logistic_forward(theta, s, out);
+  }
+  void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                  const Tensor& grad_theta) override {
+    cuda::pairwise_logistic_backward(theta, s, grad_out, grad_theta);
+  }
+
   // ---- binary codes (codes.cu) ----
   void pack_signs(const Tensor& x, const Tensor& codes) override { cuda::pack_signs(x, codes); }
   void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override {

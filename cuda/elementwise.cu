@@ -1,38 +1,20 @@
 // CUDA kernels for the elementwise family and sum_to: fill, cast, binary (with broadcasting), scale,
 // unary, unary_backward. Each is the twin of the CPU kernel of the same name and follows the contract
-// in core/backend.h. Every kernel is a grid-stride loop over the output, in float and double.
+// in core/backend.h. Every kernel is a grid-stride loop over the output, in float and double (the
+// loop's helpers and the math, softplus and sigmoid among it, are in kernel_helpers.cuh).
 #include <algorithm>
 #include <vector>
 
 #include "cuda/check.h"
 #include "cuda/device.h"
+#include "cuda/kernel_helpers.cuh"
 #include "cuda/kernels.h"
 
 namespace mdff::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;  // threads per block
-constexpr int kMaxDims = 8;    // dimensions a broadcast or reduction can index (after merging)
-
-// Blocks for a grid-stride loop over n items: one per kThreads items, capped at a few waves of the GPU
-// (each thread then handles several items).
-int blocks_for(int64_t n) {
-  const int64_t cap = std::max(1, device_info().multiprocessors) * int64_t(16);
-  return static_cast<int>(std::min((n + kThreads - 1) / kThreads, cap));
-}
-
-// Index of this thread in a grid-stride loop, and the step between its items.
-__device__ inline int64_t grid_start() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
-__device__ inline int64_t grid_step() { return int64_t(gridDim.x) * blockDim.x; }
-
-// The math library in both precisions, under one name.
-__device__ inline float dev_exp(float x) { return expf(x); }
-__device__ inline double dev_exp(double x) { return exp(x); }
-__device__ inline float dev_log1p(float x) { return log1pf(x); }
-__device__ inline double dev_log1p(double x) { return log1p(x); }
-__device__ inline float dev_tanh(float x) { return tanhf(x); }
-__device__ inline double dev_tanh(double x) { return tanh(x); }
+constexpr int kMaxDims = 8;  // dimensions a broadcast or reduction can index (after merging)
 
 void check_float(const Tensor& t, const char* kernel) {
   MDFF_CHECK(is_floating(t.dtype()), "cuda ", kernel, ": needs a float32 or float64 tensor, got ",
@@ -198,21 +180,6 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
 
 // ---------------------------------------------------------------------------------------------------
 // unary and its backward
-
-// softplus(x) = log(1 + e^x), written so that e^x never overflows: max(x,0) + log1p(e^-|x|).
-template <class T>
-__device__ inline T softplus(T x) {
-  const T neg_abs = x > T(0) ? -x : x;
-  return (x > T(0) ? x : T(0)) + dev_log1p(dev_exp(neg_abs));
-}
-
-// sigmoid(x) = 1 / (1 + e^-x), the derivative of softplus, with the exponent always <= 0.
-template <class T>
-__device__ inline T sigmoid(T x) {
-  if (x >= T(0)) return T(1) / (T(1) + dev_exp(-x));
-  const T e = dev_exp(x);
-  return e / (T(1) + e);
-}
 
 template <UnaryOp Op, class T>
 __device__ inline T apply_unary(T x) {

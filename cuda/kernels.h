@@ -1,8 +1,8 @@
 // The hand-written CUDA kernels, one function per Backend method (core/backend.h documents each
 // contract; the CPU twin in core/ is the reference). Each function checks dtypes and shapes, picks the
 // kernel for the dtype and queues it on stream(). The elementwise family is defined in elementwise.cu,
-// the network layers, rows and optimizers in layers.cu, the binary-code kernels in codes.cu; the
-// convolutions (cuDNN) have their own header, conv.h.
+// the network layers, rows and optimizers in layers.cu, the binary-code kernels in codes.cu, the fused
+// losses in losses.cu; the convolutions (cuDNN) have their own header, conv.h.
 #pragma once
 #include "core/backend.h"
 
@@ -52,5 +52,10 @@ void check_device_errors();
 void count_non_finite(const Tensor& x, const Tensor& count);  // adds
 void pack_signs(const Tensor& x, const Tensor& codes);
 void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances);
+
+// ---- losses.cu ----
+void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out);  // writes the 0-dim mean
+void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
+                                const Tensor& grad_theta);  // writes grad_theta; grad_out stays on the device
 
 }  // namespace mdff::cuda

@@ -1,5 +1,5 @@
 // The MDFF-SH losses (see hash_losses.h), composed from core ops so that they run on any device and
-// get their gradients from autograd.
+// get their gradients from autograd; J1's likelihood is the fused ops::pairwise_logistic_loss.
 #include "losses/hash_losses.h"
 
 #include "core/autograd.h"
@@ -31,11 +31,6 @@ void PairMemory::write(const Tensor& index, const Tensor& u) {
 namespace {
 Tensor scalar_like(const Tensor& t, double value) { return Tensor::full({}, value, t.dtype(), t.device()); }
 
-// mean of softplus(theta) - s theta: the pairwise negative log-likelihood
-Tensor likelihood(const Tensor& theta, const Tensor& s) {
-  return ops::mean(ops::sub(ops::softplus(theta), ops::mul(s, theta)));
-}
-
 void check_codes(const Tensor& u, const Tensor& labels, const char* loss) {
   MDFF_CHECK(u.dim() == 2 && labels.dim() == 2 && u.size(0) == labels.size(0), loss, ": codes ",
              shape_str(u.shape()), " and labels ", shape_str(labels.shape()), " must be (N,L) and (N,K)");
@@ -54,7 +49,7 @@ Tensor pairwise_loss(const Tensor& u, const Tensor& labels, const Tensor& codes,
   check_codes(u, labels, "pairwise_loss");
   MDFF_CHECK(!codes.requires_grad(), "pairwise_loss: the codes paired with u are constants (detach them)");
   const Tensor theta = ops::scale(ops::matmul(u, codes, false, true), 0.5);  // (N,M)
-  return likelihood(theta, similarity(labels, code_labels));
+  return ops::pairwise_logistic_loss(theta, similarity(labels, code_labels));
 }
 
 Tensor pairwise_loss_dataset(const Tensor& u, const Tensor& labels, const Tensor& index, PairMemory& memory) {
@@ -65,7 +60,7 @@ Tensor pairwise_loss_dataset(const Tensor& u, const Tensor& labels, const Tensor
 Tensor pairwise_loss_batch(const Tensor& u, const Tensor& labels) {
   check_codes(u, labels, "pairwise_loss_batch");
   const Tensor theta = ops::scale(ops::matmul(u, u, false, true), 0.5);  // (N,N), both sides differentiable
-  return likelihood(theta, similarity(labels, labels));
+  return ops::pairwise_logistic_loss(theta, similarity(labels, labels));
 }
 
 Tensor quantization_loss(const Tensor& u) {

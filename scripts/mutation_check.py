@@ -20,6 +20,8 @@ MUTATIONS = [
     ("relu", "core/cpu_backend.cpp", "gx[i] = xp[i] > T(0) ? gy[i] : T(0);", "gx[i] = gy[i];"),
     ("tanh", "core/cpu_backend.cpp", "gy[i] * (T(1) - yp[i] * yp[i])", "gy[i] * (T(1) - yp[i])"),
     ("softplus", "core/cpu_backend.cpp", "gy[i] * stable_sigmoid(xp[i])", "gy[i] * stable_sigmoid(-xp[i])"),
+    ("pairwise_logistic_loss", "core/cpu_backend.cpp", "gp[i] = g * (stable_sigmoid(tp[i]) - sp[i]);",
+     "gp[i] = g * stable_sigmoid(tp[i]);"),
     ("conv2d (input gradient)", "core/cpu_backend.cpp", "if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] += in[ow];",
      "if (iw >= 0 && iw < g.w) dst[ih * g.w + iw] = in[ow];"),
     ("conv2d (weight gradient)", "core/cpu_backend.cpp",

@@ -7,6 +7,7 @@
 //   cache; conv2d_bn_eval against the separate ops; conv2d and matmul with TF32 on, at TF32's accuracy;
 // - batch_norm2d (training, with its running statistics, and evaluation), max_pool2d (ties, padding,
 //   NaN), global_avg_pool, upsample_nearest, resize_bilinear, concat, log_softmax, cross_entropy,
+//   pairwise_logistic_loss (the fused J1 likelihood: saturated theta, a deterministic mean),
 //   gather_rows (repeated rows) and scatter_rows_, and a row index out of range, reported at the next
 //   synchronisation through the deferred device-error channel;
 // - RMSProp and SGD over a ParameterBuffer; pack_signs, hamming_distances and count_non_finite_ (exact);
@@ -299,6 +300,13 @@ Tensor soft_targets(int64_t n, int64_t k, DType dtype, Rng& rng) {
     for (int64_t j = 0; j < k; ++j) values[r * k + j] /= total;
   }
   return as_leaf(Tensor::from_vector(values, {n, k}, dtype));
+}
+
+// Pair similarities in {0,1}, about a quarter of them 1 (constants: no gradient).
+Tensor similarities(const Shape& shape, DType dtype, Rng& rng) {
+  std::vector<double> values = Tensor::uniform(shape, rng, 0.0, 1.0, DType::F64).to_vector();
+  for (double& v : values) v = v < 0.25 ? 1.0 : 0.0;
+  return Tensor::from_vector(values, shape, dtype);
 }
 
 Tensor index_tensor(const std::vector<int32_t>& rows, Device device = Device::CPU) {
@@ -954,6 +962,27 @@ TEST_CASE("log_softmax and cross_entropy with soft targets match the CPU forward
     check_op_parity(log_softmax, {{"x", cpu_leaf({8, 10}, rng, dtype, 50.0)}}, bounds, "log_softmax of large logits");
     const Tensor logits = cpu_leaf({8, 10}, rng, dtype), target = soft_targets(8, 10, dtype, rng);
     check_op_parity(cross_entropy, {{"logits", logits}, {"target", target}}, bounds, "cross_entropy");
+  }
+}
+
+TEST_CASE("pairwise_logistic_loss matches the CPU forward and backward, and its mean is deterministic") {
+  const OpFn loss = [](const std::vector<Tensor>& in) { return ops::pairwise_logistic_loss(in[0], in[1]); };
+  for (DType dtype : kFloatTypes) {
+    Rng rng(43);
+    const Bounds bounds{product_bound(dtype), product_bound(dtype)};  // a mean in double; softplus, sigmoid
+    // one block; batch pairs (N,N); dataset pairs over many blocks (a partial sum each)
+    for (const Shape& shape : {Shape{3, 7}, Shape{32, 32}, Shape{128, 5000}})
+      check_op_parity(loss, {{"theta", cpu_leaf(shape, rng, dtype, 8.0)}, {"s", similarities(shape, dtype, rng)}},
+                      bounds, "pairwise_logistic_loss");
+    // Saturated: softplus must not overflow, sigmoid - s must be exactly 0 or +-1 (before the 1/numel).
+    const auto extremes = [](double, size_t i) { return i % 2 ? -1e3 : 1e3; };
+    const ParityRun run = check_op_parity(loss, {{"theta", mapped_leaf({4, 6}, dtype, rng, extremes)},
+                                                 {"s", similarities({4, 6}, dtype, rng)}},
+                                          bounds, "pairwise_logistic_loss at |theta| = 1e3");
+    for (double g : run.cuda[0].grad().to_vector()) CHECK(std::isfinite(g));
+    const Tensor theta = Tensor::randn({128, 5000}, rng, 8.0, dtype).to(Device::CUDA);
+    const Tensor s = similarities({128, 5000}, dtype, rng).to(Device::CUDA);
+    CHECK(ops::pairwise_logistic_loss(theta, s).item() == ops::pairwise_logistic_loss(theta, s).item());
   }
 }
 

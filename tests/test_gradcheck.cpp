@@ -61,6 +61,21 @@ TEST_CASE("reductions") {
   CHECK(f32_vs_f64([](const Ts& t) { return ops::mean(t[0]); }, {param({1000}, rng)}) < kF32Tolerance);
 }
 
+TEST_CASE("the fused pairwise logistic loss, at ordinary and at large |theta|") {
+  Rng rng(14);
+  std::vector<double> pattern(35);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = i % 3 == 0 ? 1.0 : 0.0;
+  const Tensor s = Tensor::from_vector(pattern, {5, 7}, DType::F64);  // constant similarities: no gradient
+  const auto loss = [](const Ts& t) { return ops::pairwise_logistic_loss(t[0], t[1]); };
+  const Ts in{param({5, 7}, rng, 3.0), s};
+  check_op("pairwise_logistic_loss", loss, in);
+  CHECK(f32_vs_f64(loss, in) < kF32Tolerance);
+  // saturated sigmoids, each way, with and without a shared label: gradients near 0 and near +-1/4
+  check_op("pairwise_logistic_loss", loss,
+           {Tensor::from_vector(std::vector<double>{-40, -25, 25, 40}, {2, 2}, DType::F64).set_requires_grad(),
+            Tensor::from_vector(std::vector<double>{0, 1, 0, 1}, {2, 2}, DType::F64)});
+}
+
 TEST_CASE("matmul with every transpose combination") {
   Rng rng(5);
   for (bool ta : {false, true})

@@ -20,7 +20,8 @@ TEST_CASE("J1, J2 and J3 gradients") {
   const Tensor u = Tensor::uniform({4, 8}, rng, -0.9, 0.9, DType::F64).set_requires_grad();
   const Tensor codes = Tensor::uniform({6, 8}, rng, -1, 1, DType::F64);
   const Tensor code_labels = t64({1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1}, {6, 3});
-  test::check_op("softplus", [&](const Ts& t) { return pairwise_loss(t[0], kLabels, codes, code_labels); }, {u});
+  test::check_op("pairwise_logistic_loss", [&](const Ts& t) { return pairwise_loss(t[0], kLabels, codes, code_labels); },
+                 {u});
   test::check_op("matmul", [&](const Ts& t) { return pairwise_loss_batch(t[0], kLabels); }, {u});
   test::check_op("mul", [](const Ts& t) { return quantization_loss(t[0]); }, {u});
   const Tensor logits = Tensor::randn({4, 3}, rng, 2.0, DType::F64).set_requires_grad();

@@ -1,10 +1,14 @@
 // Op values on hand-computed cases (PyTorch's conventions where they matter: batch-norm running
-// statistics, nearest and bilinear indexing, max-pool padding) and the clear errors for bad shapes.
+// statistics, nearest and bilinear indexing, max-pool padding), fused ops against the ops they replace,
+// and the clear errors for bad shapes.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <utility>
+#include <vector>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -24,6 +28,12 @@ void check_close(const Tensor& t, const std::vector<double>& expected, double ep
   const std::vector<double> got = t.to_vector();
   REQUIRE(got.size() == expected.size());
   for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == doctest::Approx(expected[i]).epsilon(eps));
+}
+// Pair similarities in {0,1}, about a quarter of them 1, as similarity() makes them (no gradient).
+Tensor similarities(const Shape& shape, Rng& rng, DType dtype) {
+  std::vector<double> v = Tensor::uniform(shape, rng, 0.0, 1.0, DType::F64).to_vector();
+  for (double& x : v) x = x < 0.25 ? 1.0 : 0.0;
+  return Tensor::from_vector(v, shape, dtype);
 }
 }  // namespace
 
@@ -168,6 +178,62 @@ TEST_CASE("unary values: sign(0) = +1, softplus is stable at large |x|") {
   CHECK(sp[1] == doctest::Approx(std::log(2.0)));
   CHECK(sp[2] == 50);
   CHECK(sp[3] == 100);
+}
+
+TEST_CASE("pairwise_logistic_loss equals mean(softplus(theta) - s theta), forward and backward") {
+  Rng rng(6);
+  for (DType dtype : {DType::F64, DType::F32}) {
+    // (64,600) is above the CPU's parallel grain: the reduction and the backward run over the threads
+    for (const Shape& shape : {Shape{3, 5}, Shape{64, 600}}) {
+      CAPTURE(dtype_name(dtype));
+      CAPTURE(shape_str(shape));
+      Tensor theta = Tensor::randn(shape, rng, 8.0, dtype).set_requires_grad();  // |theta| reaches L/2 = 24
+      const Tensor s = similarities(shape, rng, dtype), upstream = Tensor::full({}, 1.7, dtype);
+      // The loss and theta's gradient for an upstream gradient other than 1.
+      auto run = [&](const std::function<Tensor()>& f) {
+        theta.zero_grad();
+        const Tensor loss = f();
+        loss.backward(upstream);
+        return std::make_pair(loss.item(), theta.grad().to_vector());
+      };
+      const auto [fused, fused_grad] = run([&] { return ops::pairwise_logistic_loss(theta, s); });
+      const auto [composed, composed_grad] =
+          run([&] { return ops::mean(ops::sub(ops::softplus(theta), ops::mul(s, theta))); });
+      CHECK(std::abs(fused - composed) <= 1e-6 * std::abs(composed));
+      // Gradients relative to the largest: where sigmoid(theta) ~ s, the composition's two rounded
+      // products g sigmoid(theta) and g s cancel, and its element-wise relative error is large in float32.
+      double largest = 0, worst = 0;
+      for (size_t i = 0; i < composed_grad.size(); ++i) {
+        largest = std::max(largest, std::abs(composed_grad[i]));
+        worst = std::max(worst, std::abs(fused_grad[i] - composed_grad[i]));
+      }
+      CHECK(largest > 0);
+      CHECK(worst <= 1e-6 * largest);
+    }
+  }
+}
+
+TEST_CASE("pairwise_logistic_loss is stable at large |theta| and checks its operands") {
+  for (DType dtype : {DType::F64, DType::F32}) {
+    CAPTURE(dtype_name(dtype));
+    Tensor theta = Tensor::from_vector(std::vector<double>{1e3, 1e3, -1e3, -1e3}, {2, 2}, dtype).set_requires_grad();
+    const Tensor s = Tensor::from_vector(std::vector<double>{1, 0, 1, 0}, {2, 2}, dtype);
+    const Tensor loss = ops::pairwise_logistic_loss(theta, s);
+    // softplus(1e3) - 1e3 = 0, softplus(1e3) = 1e3, softplus(-1e3) + 1e3 = 1e3, softplus(-1e3) = 0
+    CHECK(loss.item() == 500.0);
+    loss.backward();
+    check_close(theta.grad(), {0, 0.25, -0.25, 0});  // (sigmoid(theta) - s) / 4
+  }
+  Rng rng(7);
+  const Tensor theta = Tensor::randn({2, 3}, rng).set_requires_grad();
+  CHECK_THROWS_WITH_AS(ops::pairwise_logistic_loss(theta, Tensor::zeros({3, 2})),
+                       doctest::Contains("theta (2,3) and s (3,2) must have the same shape"), Error);
+  CHECK_THROWS_WITH_AS(ops::pairwise_logistic_loss(theta, Tensor::zeros({2, 3}, DType::F64)),
+                       doctest::Contains("different dtypes"), Error);
+  CHECK_THROWS_WITH_AS(ops::pairwise_logistic_loss(theta, Tensor::zeros({2, 3}).set_requires_grad()),
+                       doctest::Contains("must not require grad"), Error);
+  CHECK_THROWS_WITH_AS(ops::pairwise_logistic_loss(Tensor::zeros({0, 3}), Tensor::zeros({0, 3})),
+                       doctest::Contains("no pairs"), Error);
 }
 
 TEST_CASE("log_softmax and cross-entropy") {

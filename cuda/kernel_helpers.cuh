@@ -1,0 +1,75 @@
+// Device-side helpers shared by the hand-written kernels of elementwise.cu and losses.cu: the launch
+// and indices of a grid-stride loop, the math library in both precisions, the stable softplus and
+// sigmoid (the CPU's formulas, core/cpu_backend.cpp), and a deterministic block sum. For .cu files.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/device.h"
+
+namespace mdff::cuda {
+
+constexpr int kThreads = 256;  // threads per block of the grid-stride kernels
+constexpr int kWarp = 32;
+
+// Blocks for a grid-stride loop over n items: one per kThreads items, capped at a few waves of the GPU
+// (each thread then handles several items).
+inline int blocks_for(int64_t n) {
+  const int64_t cap = std::max(1, device_info().multiprocessors) * int64_t(16);
+  return static_cast<int>(std::min((n + kThreads - 1) / kThreads, cap));
+}
+
+// Index of this thread in a grid-stride loop, and the step between its items.
+__device__ inline int64_t grid_start() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
+__device__ inline int64_t grid_step() { return int64_t(gridDim.x) * blockDim.x; }
+
+// The math library in both precisions, under one name.
+__device__ inline float dev_exp(float x) { return expf(x); }
+__device__ inline double dev_exp(double x) { return exp(x); }
+__device__ inline float dev_log1p(float x) { return log1pf(x); }
+__device__ inline double dev_log1p(double x) { return log1p(x); }
+__device__ inline float dev_tanh(float x) { return tanhf(x); }
+__device__ inline double dev_tanh(double x) { return tanh(x); }
+
+// softplus(x) = log(1 + e^x), written so that e^x never overflows: max(x,0) + log1p(e^-|x|).
+template <class T>
+__device__ inline T softplus(T x) {
+  const T neg_abs = x > T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + dev_log1p(dev_exp(neg_abs));
+}
+
+// sigmoid(x) = 1 / (1 + e^-x), the derivative of softplus, with the exponent always <= 0.
+template <class T>
+__device__ inline T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + dev_exp(-x));
+  const T e = dev_exp(x);
+  return e / (T(1) + e);
+}
+
+// Sum of v over the warp, returned in every lane (butterfly: each lane adds the same pairs, so all
+// lanes hold the same bits). Every lane of the warp must call it.
+__device__ inline double warp_sum(double v) {
+  for (int lane_mask = kWarp / 2; lane_mask > 0; lane_mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, lane_mask);
+  return v;
+}
+
+// Sum of v over the block, returned in every thread, in a fixed order (deterministic). Every thread
+// of the block must call it; blockDim.x is a multiple of 32. Two barriers suffice for back-to-back
+// calls: a call's writes of `partial` and of `total` come after the previous call's last reads of
+// each, with a barrier between.
+__device__ inline double block_sum(double v) {
+  __shared__ double partial[kWarp];
+  __shared__ double total;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = warp_sum(lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : 0.0);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+}  // namespace mdff::cuda
