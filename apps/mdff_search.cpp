@@ -4,7 +4,7 @@
 //                     [--device auto|cpu|cuda] [--precision tf32|fp32]
 //   mdff_search query --db DB [--checkpoint CKPT] IMAGE... [--top-k 20 | --radius R] [--json F] [--grid F.png]
 //                     [--device auto|cpu|cuda] [--precision tf32|fp32]
-//   mdff_search bench [--codes 1000000] [--bits 64] [--queries 1000] [--top-k 100] [--json F]
+//   mdff_search bench [--codes 1000000] [--bits 64] [--queries 1000] [--top-k 100] [--json F] [--device cuda]
 //
 // index encodes every image into a code database (retrieval/code_db.h) on the device asked for; query
 // encodes the query images
@@ -28,6 +28,7 @@
 #include "apps/progress.h"
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/ops.h"
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "models/checkpoint.h"
@@ -65,7 +66,7 @@ struct BenchOptions {
   int64_t codes = 1'000'000, queries = 1000, top_k = 100;
   int bits = 64;
   uint64_t seed = 0;
-  std::string json, python = "/usr/bin/python3";
+  std::string json, python = "/usr/bin/python3", device = "cpu";
 };
 
 std::string absolute_path(const std::string& path) { return fs::absolute(path).lexically_normal().string(); }
@@ -114,10 +115,12 @@ Tensor encode_all(LoadedCheckpoint& loaded, const data::Dataset& dataset, int64_
   });
 }
 
-// The model on the device asked for (--device, --precision), where encoding runs.
-void place(LoadedCheckpoint& loaded, const std::string& device, const std::string& precision) {
+// The model on the device asked for (--device, --precision), where encoding (and query's ranking) runs.
+Device place(LoadedCheckpoint& loaded, const std::string& device, const std::string& precision) {
   set_tf32_allowed(precision == "tf32");
-  loaded.model->to(cli::choose_device(device));
+  const Device chosen = cli::choose_device(device);
+  loaded.model->to(chosen);
+  return chosen;
 }
 
 int run_index(const IndexOptions& o) {
@@ -186,7 +189,7 @@ int run_query(const QueryOptions& o) {
   LoadedCheckpoint loaded = load_model_checkpoint(checkpoint);
   MDFF_CHECK(loaded.model->config().bits == db.codes.bits, checkpoint, " makes ", loaded.model->config().bits,
              "-bit codes but ", o.db, " holds ", db.codes.bits, "-bit codes");
-  place(loaded, o.device, o.precision);
+  const Device device = place(loaded, o.device, o.precision);
 
   std::vector<std::string> images;
   for (const std::string& image : o.images) images.push_back(absolute_path(image));
@@ -202,10 +205,11 @@ int run_query(const QueryOptions& o) {
   else report["top_k"] = o.top_k;
   report["queries"] = json::array();
   std::vector<retrieval::GridRow> grid;
+  std::vector<std::vector<retrieval::Match>> top;  // --top-k: every query's, ranked at once on the device
+  if (o.radius < 0) top = retrieval::nearest_all(db.codes, queries, o.top_k, device);
   for (int64_t q = 0; q < queries.count; ++q) {
-    const std::vector<retrieval::Match> matches = o.radius >= 0
-                                                      ? retrieval::within_radius(db.codes, queries, q, o.radius)
-                                                      : retrieval::nearest(db.codes, queries, q, o.top_k);
+    const std::vector<retrieval::Match> matches =
+        o.radius >= 0 ? retrieval::within_radius(db.codes, queries, q, o.radius) : top[q];
     // A query that is itself in a labelled database has labels, and each result is relevant or not.
     const auto found = index_of.find(images[q]);
     const bool judged = db.classes > 0 && found != index_of.end();
@@ -425,7 +429,35 @@ std::string time_text(double seconds) {
   return text;
 }
 
+// The GPU's ranking (ops::hamming_top_k, one query per warp) of every query, its results copied back: the
+// median of kRepeats runs after one warm-up, the codes already on the GPU. Checked against the CPU's top k
+// of query 0; false (after saying so) when they differ.
+bool bench_gpu(const retrieval::PackedCodes& database, const retrieval::PackedCodes& queries, int64_t top_k,
+               const BenchCheck& check, json& report) {
+  const Tensor db = retrieval::codes_tensor(database).to(Device::CUDA);
+  const Tensor q = retrieval::codes_tensor(queries).to(Device::CUDA);
+  std::pair<Tensor, Tensor> ranked;
+  auto rank_all = [&] {
+    ranked = ops::hamming_top_k(q, db, top_k);
+    ranked.first = ranked.first.cpu();
+    ranked.second = ranked.second.cpu();
+  };
+  rank_all();
+  const double seconds = median_seconds(rank_all);
+  const Tensor& first = ranked.first;
+  const std::vector<int64_t> gpu_first(first.data<int32_t>(), first.data<int32_t>() + first.size(1));
+  const bool agree = gpu_first == check.first_top_k;
+  std::printf("%-34s %12s   (GPU: ranking + copy back; results %s the CPU's)\n",
+              detail::concat(queries.count, " queries, top ", top_k, " each").c_str(), time_text(seconds).c_str(),
+              agree ? "agree with" : "DIFFER from");
+  report["gpu"] = {{"queries_top_k_s", seconds}, {"agree", agree}};
+  if (!agree) std::fprintf(stderr, "mdff_search bench: error: the GPU's top %lld of query 0 differ from the CPU's\n",
+                           static_cast<long long>(top_k));
+  return agree;
+}
+
 int run_bench(const BenchOptions& o) {
+  const Device device = cli::choose_device(o.device);  // before the work: no GPU is an error at once
   Rng rng(o.seed);
   const retrieval::PackedCodes database = random_codes(o.codes, o.bits, rng);
   const retrieval::PackedCodes queries = random_codes(o.queries, o.bits, rng);
@@ -475,6 +507,7 @@ int run_bench(const BenchOptions& o) {
       return 1;
     }
   }
+  if (device == Device::CUDA && !bench_gpu(database, queries, o.top_k, check, report)) return 1;
   if (!o.json.empty()) io::write_file_atomic(o.json, json_text(report));
   return 0;
 }
@@ -539,6 +572,8 @@ int main(int argc, char** argv) {
   bench->add_option("--seed", bench_options.seed, "seed of the random codes")->capture_default_str();
   bench->add_option("--json", bench_options.json, "also write the results as JSON to this file");
   bench->add_option("--python", bench_options.python, "the Python with NumPy to compare with")->capture_default_str();
+  bench->add_option("--device", bench_options.device, "cuda: also time the GPU's ranking of every query")
+      ->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
 
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   if (index->parsed() && index_options.folder.empty() && index_options.list.empty()) {

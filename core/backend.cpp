@@ -131,6 +131,9 @@ void Backend::sgd_step(const Tensor&, const Tensor&, const Tensor&, double, doub
 }
 void Backend::pack_signs(const Tensor&, const Tensor&) { missing("pack_signs"); }
 void Backend::hamming_distances(const Tensor&, const Tensor&, const Tensor&) { missing("hamming_distances"); }
+void Backend::hamming_top_k(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&) {
+  missing("hamming_top_k");
+}
 
 namespace {
 std::atomic<bool> tf32{true};

@@ -163,6 +163,10 @@ class Backend {
   virtual void pack_signs(const Tensor& x, const Tensor& codes);
   // distances (Q,N) I32: popcount(query[q] xor database[n]) summed over the W words.
   virtual void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances);
+  // The first k (1 <= k <= N) of each query's ranking of the database by Hamming distance, ties by database
+  // index: indices and distances (Q,k) I32, row q in ranking order.
+  virtual void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                             const Tensor& distances);
 
  protected:
   [[noreturn]] void missing(const char* kernel) const;

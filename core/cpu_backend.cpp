@@ -1032,6 +1032,36 @@ class CpuBackend final : public Backend {
         out[i * db_rows + j] = d;
       }
   }
+  // Per query: the distances, their histogram, and a stable counting sort that stops at k places.
+  void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                     const Tensor& distances) override {
+    const int64_t q_rows = queries.size(0), db_rows = database.size(0), words = queries.size(1);
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(ptr<int32_t>(queries));
+    const uint32_t* db = reinterpret_cast<const uint32_t*>(ptr<int32_t>(database));
+    const int64_t bins = 32 * words + 1;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t i = 0; i < q_rows; ++i) {
+      std::vector<int32_t> distance(static_cast<size_t>(db_rows));
+      std::vector<int64_t> next(static_cast<size_t>(bins) + 1, 0);  // next[d]: the place of the next item at d
+      for (int64_t j = 0; j < db_rows; ++j) {
+        int32_t d = 0;
+        for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(q[i * words + w] ^ db[j * words + w]);
+        distance[j] = d;
+        ++next[d + 1];
+      }
+      for (int64_t d = 1; d <= bins; ++d) next[d] += next[d - 1];
+      int32_t* index_row = ptr<int32_t>(indices) + i * k;
+      int32_t* distance_row = ptr<int32_t>(distances) + i * k;
+      for (int64_t j = 0; j < db_rows; ++j) {
+        const int64_t place = next[distance[j]]++;
+        if (place < k) {
+          index_row[place] = static_cast<int32_t>(j);
+          distance_row[place] = distance[j];
+        }
+      }
+    }
+  }
+
 
   void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
                     double eps, double weight_decay) override {

@@ -504,15 +504,31 @@ Tensor pack_signs(const Tensor& x) {
   return codes;
 }
 
-Tensor hamming_distances(const Tensor& queries, const Tensor& database) {
-  check_same_device(queries, database, "hamming_distances");
+namespace {
+void check_codes_pair(const Tensor& queries, const Tensor& database, const char* op) {
+  check_same_device(queries, database, op);
   MDFF_CHECK(queries.dim() == 2 && database.dim() == 2 && queries.dtype() == DType::I32 &&
                  database.dtype() == DType::I32 && queries.size(1) == database.size(1),
-             "hamming_distances: needs I32 codes (Q,W) and (N,W) from pack_signs, got ", shape_str(queries.shape()), " ",
+             op, ": needs I32 codes (Q,W) and (N,W) from pack_signs, got ", shape_str(queries.shape()), " ",
              dtype_name(queries.dtype()), " and ", shape_str(database.shape()), " ", dtype_name(database.dtype()));
+}
+}  // namespace
+
+Tensor hamming_distances(const Tensor& queries, const Tensor& database) {
+  check_codes_pair(queries, database, "hamming_distances");
   Tensor distances = Tensor::empty({queries.size(0), database.size(0)}, DType::I32, queries.device());
   if (distances.numel() > 0) backend_of(queries).hamming_distances(queries, database, distances);
   return distances;
+}
+
+std::pair<Tensor, Tensor> hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k) {
+  check_codes_pair(queries, database, "hamming_top_k");
+  MDFF_CHECK(k >= 1, "hamming_top_k: k must be at least 1, got ", k);
+  k = std::min(k, database.size(0));
+  Tensor indices = Tensor::empty({queries.size(0), k}, DType::I32, queries.device());
+  Tensor distances = Tensor::empty({queries.size(0), k}, DType::I32, queries.device());
+  if (indices.numel() > 0) backend_of(queries).hamming_top_k(queries, database, k, indices, distances);
+  return {indices, distances};
 }
 
 void count_non_finite_(const Tensor& x, Tensor& count) {

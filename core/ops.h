@@ -3,6 +3,7 @@
 // new tensor and records the autograd graph when an input requires grad; ops ending in `_` change a
 // tensor in place and never record.
 #pragma once
+#include <utility>
 #include <vector>
 
 #include "core/backend.h"
@@ -78,6 +79,9 @@ void scatter_rows_(Tensor& dst, const Tensor& index, const Tensor& src);  // dst
 Tensor pack_signs(const Tensor& x);
 // (Q,W), (N,W) I32 codes of pack_signs -> (Q,N) I32 Hamming distances.
 Tensor hamming_distances(const Tensor& queries, const Tensor& database);
+// The first k (clipped to N) of each query's ranking by Hamming distance, ties by database index:
+// {indices, distances}, each (Q,k) I32. On the GPU one warp ranks each query.
+std::pair<Tensor, Tensor> hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k);
 // count (an I32 scalar on x's device) += the number of NaN and infinite elements of x; nothing waits.
 void count_non_finite_(const Tensor& x, Tensor& count);
 

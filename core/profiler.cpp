@@ -371,6 +371,13 @@ void ProfilingBackend::hamming_distances(const Tensor& queries, const Tensor& da
         [&] { wrapped_.hamming_distances(queries, database, distances); });
 }
 
+void ProfilingBackend::hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                                     const Tensor& distances) {
+  timed(wrapped_, "hamming_top_k", &indices,
+        [&] { return Cost{arrow(database, indices), 0, moved({&queries, &database}, {&indices, &distances})}; },
+        [&] { wrapped_.hamming_top_k(queries, database, k, indices, distances); });
+}
+
 // ---- the records ----
 
 namespace profiler {

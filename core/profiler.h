@@ -95,6 +95,8 @@ class ProfilingBackend final : public Backend {
                 double weight_decay, bool first_step) override;
   void pack_signs(const Tensor& x, const Tensor& codes) override;
   void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override;
+  void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                     const Tensor& distances) override;
 
  private:
   Backend& wrapped_;

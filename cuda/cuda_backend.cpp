@@ -238,6 +238,10 @@ class CudaBackend : public Backend {
   void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override {
     cuda::hamming_distances(queries, database, distances);
   }
+  void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                     const Tensor& distances) override {
+    cuda::hamming_top_k(queries, database, k, indices, distances);
+  }
 
  private:
   StagingBuffers staging_;

@@ -52,6 +52,8 @@ void check_device_errors();
 void count_non_finite(const Tensor& x, const Tensor& count);  // adds
 void pack_signs(const Tensor& x, const Tensor& codes);
 void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances);
+void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,
+                   const Tensor& distances);
 
 // ---- losses.cu ----
 void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out);  // writes the 0-dim mean

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/ops.h"
 #include "core/safetensors.h"
 
 // The words are copied to and from the file as they are; the format stores them little-endian.
@@ -209,6 +210,32 @@ std::vector<Match> within_radius(const PackedCodes& database, const PackedCodes&
   // The items within the radius are exactly the first `inside` of the ranking.
   const int64_t inside = std::count_if(d.begin(), d.end(), [&](int distance) { return distance <= radius; });
   return matches_of(d, database.bits, inside);
+}
+
+Tensor codes_tensor(const PackedCodes& codes) {
+  Tensor t = Tensor::empty({codes.count, 2 * static_cast<int64_t>(codes.words)}, DType::I32);
+  if (t.numel() > 0) std::memcpy(t.data<int32_t>(), codes.data.data(), codes.data.size() * sizeof(uint64_t));
+  return t;
+}
+
+std::vector<std::vector<Match>> nearest_all(const PackedCodes& database, const PackedCodes& queries, int64_t top_k,
+                                            Device device) {
+  MDFF_CHECK(top_k >= 0, "nearest_all: top_k must be a count, got ", top_k);
+  MDFF_CHECK(database.words == queries.words, "nearest_all: ", queries.bits, "-bit queries against ", database.bits,
+             "-bit codes");
+  std::vector<std::vector<Match>> all(static_cast<size_t>(queries.count));
+  if (device == Device::CPU || top_k == 0 || database.count == 0) {
+    for (int64_t q = 0; q < queries.count; ++q) all[q] = nearest(database, queries, q, top_k);
+    return all;
+  }
+  const auto [indices, distances] =
+      ops::hamming_top_k(codes_tensor(queries).to(device), codes_tensor(database).to(device), top_k);
+  const Tensor index_host = indices.cpu(), distance_host = distances.cpu();
+  const int64_t k = index_host.size(1);
+  for (int64_t q = 0; q < queries.count; ++q)
+    for (int64_t r = 0; r < k; ++r)
+      all[q].push_back({index_host.data<int32_t>()[q * k + r], distance_host.data<int32_t>()[q * k + r]});
+  return all;
 }
 
 }  // namespace mdff::retrieval

@@ -58,4 +58,13 @@ std::vector<Match> nearest(const PackedCodes& database, const PackedCodes& queri
 // Every database item within Hamming distance `radius` (>= 0) of query q, in ranking order.
 std::vector<Match> within_radius(const PackedCodes& database, const PackedCodes& queries, int64_t q, int radius);
 
+// nearest() for every query, ranked on `device`: one query per warp on the GPU (ops::hamming_top_k),
+// the same ranking as the CPU's. [q] holds query q's matches.
+std::vector<std::vector<Match>> nearest_all(const PackedCodes& database, const PackedCodes& queries, int64_t top_k,
+                                            Device device);
+
+// The codes as an I32 tensor (count, 2 words) on the CPU, each 64-bit word as its low then its high
+// 32 bits: the layout ops::hamming_distances and ops::hamming_top_k read (the distances are unchanged).
+Tensor codes_tensor(const PackedCodes& codes);
+
 }  // namespace mdff::retrieval

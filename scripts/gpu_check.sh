@@ -122,6 +122,10 @@ step "GPU benchmark (TF32 grid)" bench_gpu.log 240 "${gpu_bench[@]}" --precision
   --json "$out/bench_gpu.json"
 step "GPU benchmark (FP32, 224 b32)" bench_gpu_fp32.log 90 "${gpu_bench[@]}" --precision fp32 \
   --batch 32 --image-size 224 --json "$out/bench_gpu_fp32.json"
+# The Hamming ranking on the GPU against the CPU's (and NumPy's, where the python3 has it): 1M 64-bit codes,
+# 100 queries (NumPy takes ~60 ms a query).
+step "GPU ranking benchmark" bench_ranking.log 60 "$bundle/bin/mdff_search" bench --queries 100 --device cuda \
+  --python "${MDFF_TORCH_PYTHON:-python3}" --json "$out/bench_ranking.json"
 step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log 120 env MDFF_CUDA_SYNC=1 "$bundle/bin/test_cuda"
 # compute-sanitizer over the CUDA tests (test_cuda is the only test executable that touches the GPU): memcheck
 # (out-of-bounds and misaligned device accesses, leaks of device memory) and racecheck (shared-memory data

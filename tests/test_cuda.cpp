@@ -10,7 +10,7 @@
 //   pairwise_logistic_loss (the fused J1 likelihood: saturated theta, a deterministic mean),
 //   gather_rows (repeated rows) and scatter_rows_, and a row index out of range, reported at the next
 //   synchronisation through the deferred device-error channel;
-// - RMSProp and SGD over a ParameterBuffer; pack_signs, hamming_distances and count_non_finite_ (exact);
+// - RMSProp and SGD over a ParameterBuffer; pack_signs, hamming_distances, hamming_top_k and count_non_finite_ (exact);
 // - the whole ResNet50-MDFF-SH of train_mdff: three training steps in float64 (losses, every gradient,
 //   running statistics, RMSProp's updates), a float32 forward and backward in evaluation mode, and
 //   inference through the fused conv-bn path (why not a float32 training step: see the model tests);
@@ -1037,7 +1037,7 @@ TEST_CASE("RMSProp and SGD steps over a ParameterBuffer match the CPU, parameter
   }
 }
 
-TEST_CASE("pack_signs and hamming_distances equal the CPU's exactly; zeros set their bit") {
+TEST_CASE("pack_signs, hamming_distances and hamming_top_k equal the CPU's exactly; zeros set their bit") {
   for (DType dtype : kFloatTypes) {
     Rng rng(39);
     for (int64_t d : {1, 32, 48, 64, 70, 100}) {  // whole words and a partial last word
@@ -1048,9 +1048,27 @@ TEST_CASE("pack_signs and hamming_distances equal the CPU's exactly; zeros set t
       const Tensor db = ops::pack_signs(database), db_gpu = ops::pack_signs(database.to(Device::CUDA));
       check_close(ops::hamming_distances(codes, db), ops::hamming_distances(codes_gpu, db_gpu), 0.0,
                   "hamming_distances " + what);
+      // The ranking, ties by index (D = 1 or 32: nearly every distance ties), cut at several k.
+      for (int64_t k : {1, 7, 300}) {
+        const auto [indices, distances] = ops::hamming_top_k(codes, db, k);
+        const auto [indices_gpu, distances_gpu] = ops::hamming_top_k(codes_gpu, db_gpu, k);
+        check_close(indices, indices_gpu, 0.0, "hamming_top_k indices " + what + " k = " + std::to_string(k));
+        check_close(distances, distances_gpu, 0.0, "hamming_top_k distances " + what + " k = " + std::to_string(k));
+      }
     }
     // 70 zeros: two full words of ones, then bits 0..5 of the third; the unused high bits stay 0.
     CHECK(ops::pack_signs(Tensor::zeros({1, 70}, dtype, Device::CUDA)).to_vector() == std::vector<double>{-1, -1, 63});
+  }
+}
+
+TEST_CASE("hamming_top_k over 20,000 codes of 64 bits equals the CPU's ranking") {
+  Rng rng(40);
+  const Tensor db = ops::pack_signs(Tensor::randn({20000, 64}, rng)), queries = ops::pack_signs(Tensor::randn({5, 64}, rng));
+  for (int64_t k : {100, 20000}) {  // a top list, and the whole ranking (what mAP@ALL walks)
+    const auto [indices, distances] = ops::hamming_top_k(queries, db, k);
+    const auto [indices_gpu, distances_gpu] = ops::hamming_top_k(queries.to(Device::CUDA), db.to(Device::CUDA), k);
+    check_close(indices, indices_gpu, 0.0, "hamming_top_k indices k = " + std::to_string(k));
+    check_close(distances, distances_gpu, 0.0, "hamming_top_k distances k = " + std::to_string(k));
   }
 }
 

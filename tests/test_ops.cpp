@@ -313,6 +313,33 @@ TEST_CASE("pack_signs and hamming_distances count differing signs") {
                        doctest::Contains("hamming_distances: needs I32 codes"), Error);
 }
 
+TEST_CASE("hamming_top_k ranks by distance with ties by index, and stops at k") {
+  Rng rng(5);
+  // 40-bit codes from few distinct values, so that many distances tie.
+  Tensor db = Tensor::randn({300, 40}, rng), queries = Tensor::randn({4, 40}, rng);
+  for (Tensor* t : {&db, &queries})
+    for (int64_t i = 0; i < t->numel(); ++i) t->data<float>()[i] = (i % 40 < 34) ? 1.0f : t->data<float>()[i];
+  const Tensor db_codes = ops::pack_signs(db), query_codes = ops::pack_signs(queries);
+  const Tensor all = ops::hamming_distances(query_codes, db_codes);
+  for (int64_t k : {1, 17, 300, 1000}) {
+    const auto [indices, distances] = ops::hamming_top_k(query_codes, db_codes, k);
+    const int64_t kept = std::min<int64_t>(k, 300);
+    REQUIRE(indices.shape() == Shape{4, kept});
+    for (int64_t q = 0; q < 4; ++q) {
+      std::vector<std::pair<int32_t, int32_t>> expected;  // (distance, index), sorted: the reference ranking
+      for (int32_t j = 0; j < 300; ++j) expected.emplace_back(all.data<int32_t>()[q * 300 + j], j);
+      std::sort(expected.begin(), expected.end());
+      for (int64_t r = 0; r < kept; ++r) {
+        CAPTURE(q);
+        CAPTURE(r);
+        CHECK(indices.data<int32_t>()[q * kept + r] == expected[r].second);
+        CHECK(distances.data<int32_t>()[q * kept + r] == expected[r].first);
+      }
+    }
+  }
+  CHECK_THROWS_WITH_AS(ops::hamming_top_k(query_codes, db_codes, 0), doctest::Contains("k must be at least 1"), Error);
+}
+
 TEST_CASE("count_non_finite_ adds the NaN and infinite elements") {
   Tensor x = Tensor::zeros({100000});  // above the parallel grain
   x.data<float>()[7] = std::nanf("");

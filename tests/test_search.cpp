@@ -522,9 +522,13 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   CHECK(on_cpu.output == within.output);
   std::string why_no_gpu;
   if (!cuda_available(&why_no_gpu)) {
-    const Run on_cuda = run("query --db " + db_path + " " + query_image + " --device cuda");
-    CHECK(on_cuda.exit_code == 1);
-    CHECK(on_cuda.output.find("--device cuda: " + why_no_gpu) != std::string::npos);
+    for (const std::string& arguments : {"query --db " + db_path + " " + query_image + " --device cuda",
+                                         std::string("bench --codes 100 --queries 2 --device cuda")}) {
+      CAPTURE(arguments);
+      const Run on_cuda = run(arguments);
+      CHECK(on_cuda.exit_code == 1);
+      CHECK(on_cuda.output.find("--device cuda: " + why_no_gpu) != std::string::npos);
+    }
   }
 
   // an image list keeps its labels; a query that is in the database is judged by them
