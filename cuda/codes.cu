@@ -7,18 +7,12 @@
 
 #include "cuda/check.h"
 #include "cuda/device.h"
+#include "cuda/kernel_helpers.cuh"
 #include "cuda/kernels.h"
 
 namespace mdff::cuda {
 
 namespace {
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n, int64_t waves = 8) {
-  const int64_t cap = std::max(1, device_info().multiprocessors) * waves;
-  return static_cast<int>(std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, cap)));
-}
 
 // ---------------------------------------------------------------------------------------------------
 // count_non_finite: each block counts its share, one atomicAdd per block.
@@ -26,8 +20,7 @@ int blocks_for(int64_t n, int64_t waves = 8) {
 template <class T>
 __global__ void count_non_finite_kernel(const T* x, int64_t n, int32_t* count) {
   int found = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    found += !isfinite(x[i]);
+  for (int64_t i = grid_start(); i < n; i += grid_step()) found += !isfinite(x[i]);
   if (__syncthreads_or(found) == 0) return;  // the usual case: nothing to add (uniform across the block)
   __shared__ int block_total;
   if (threadIdx.x == 0) block_total = 0;
@@ -43,7 +36,7 @@ __global__ void count_non_finite_kernel(const T* x, int64_t n, int32_t* count) {
 template <class T>
 __global__ void pack_signs_kernel(const T* x, int64_t rows, int64_t bits, int64_t words, uint32_t* codes) {
   const int64_t total = rows * words;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = grid_start(); i < total; i += grid_step()) {
     const int64_t row = i / words, word = i % words;
     const int64_t first = word * 32, last = min(bits, first + 32);
     const T* values = x + row * bits;
@@ -63,7 +56,7 @@ __global__ void hamming_kernel(const uint32_t* queries, const uint32_t* database
                                int64_t words, int32_t* distances) {
   const int64_t q = blockIdx.y;
   const uint32_t* query = queries + q * words;
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < db_rows; j += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t j = grid_start(); j < db_rows; j += grid_step()) {
     const uint32_t* row = database + j * words;
     int d = 0;
     for (int64_t w = 0; w < words; ++w) d += __popc(query[w] ^ row[w]);
@@ -78,8 +71,9 @@ __global__ void hamming_kernel(const uint32_t* queries, const uint32_t* database
 // Pass 2 walks the database in index order, 32 items at a time, and places each kept item at
 //   start[d] + (items at distance d before this chunk) + (lanes below it in this chunk at distance d),
 // the in-chunk part from __match_any_sync: a stable counting sort, so ties keep the database order exactly
-// as on the CPU. The database's words are read twice per query; for 1M 64-bit codes that is 16 MB, which
-// the 50 MB L2 cache keeps for the next queries.
+// as on the CPU. The database's words are read twice per query: for 1M 64-bit codes, 8 MB that the 50 MB
+// L2 cache keeps for the next queries. With few queries most SMs idle (one warp each); the ranking pays
+// for many queries at once.
 
 __device__ inline int hamming_distance(const uint32_t* a, const uint32_t* b, int64_t words) {
   int d = 0;

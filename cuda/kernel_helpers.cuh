@@ -1,6 +1,6 @@
-// Device-side helpers shared by the hand-written kernels of elementwise.cu and losses.cu: the launch
-// and indices of a grid-stride loop, the math library in both precisions, the stable softplus and
-// sigmoid (the CPU's formulas, core/cpu_backend.cpp), and a deterministic block sum. For .cu files.
+// Device-side helpers shared by the hand-written kernels (elementwise.cu, layers.cu, losses.cu, codes.cu):
+// the launch and indices of a grid-stride loop, the math library in both precisions, the stable softplus
+// and sigmoid (the CPU's formulas, core/cpu_backend.cpp), and deterministic warp and block sums.
 #pragma once
 #include <algorithm>
 #include <cstdint>

@@ -16,14 +16,13 @@
 #include "cuda/allocator.h"
 #include "cuda/check.h"
 #include "cuda/device.h"
+#include "cuda/kernel_helpers.cuh"
 #include "cuda/kernels.h"
 
 namespace mdff::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;        // threads per block of the grid-stride kernels
-constexpr int kWarp = 32;
 // Batch norm's (channel, slice) reduction grids: blocks of kReduceThreads, at least kReduceBlocksPerSm
 // of them resident per SM (__launch_bounds__: at most 64 registers), slices of at least kMinSlicePacks
 // packs.
@@ -31,27 +30,10 @@ constexpr int kReduceThreads = 256;
 constexpr int kReduceBlocksPerSm = 4;
 constexpr int64_t kMinSlicePacks = 2 * kReduceThreads;
 
-// Blocks for a grid-stride loop over n items: one per kThreads items, capped at a few waves of the GPU.
-int blocks_for(int64_t n) {
-  const int64_t cap = std::max(1, device_info().multiprocessors) * int64_t(16);
-  return static_cast<int>(std::min((n + kThreads - 1) / kThreads, cap));
-}
-
-__device__ inline int64_t grid_start() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
-__device__ inline int64_t grid_step() { return int64_t(gridDim.x) * blockDim.x; }
 __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-__device__ inline float dev_exp(float x) { return expf(x); }
-__device__ inline double dev_exp(double x) { return exp(x); }
 __device__ inline float dev_sqrt(float x) { return sqrtf(x); }
 __device__ inline double dev_sqrt(double x) { return sqrt(x); }
-
-// Sum of v over the warp, returned in every lane (butterfly: each lane adds the same pairs, so all
-// lanes hold the same bits). Every lane of the warp must call it.
-__device__ inline double warp_sum(double v) {
-  for (int lane_mask = kWarp / 2; lane_mask > 0; lane_mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, lane_mask);
-  return v;
-}
 
 template <class T>
 __device__ inline T warp_max(T v) {
@@ -60,25 +42,6 @@ __device__ inline T warp_max(T v) {
     v = other > v ? other : v;
   }
   return v;
-}
-
-// Sum of v over the block, returned in every thread, in a fixed order (deterministic). Every thread
-// of the block must call it; blockDim.x is a multiple of 32.
-// Two barriers suffice for back-to-back calls: a call's writes of `partial` and of `total` come after
-// the previous call's last reads of each, with a barrier between.
-__device__ double block_sum(double v) {
-  __shared__ double partial[kWarp];
-  __shared__ double total;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  v = warp_sum(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = warp_sum(lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : 0.0);
-    if (lane == 0) total = v;
-  }
-  __syncthreads();
-  return total;
 }
 
 // ---- checks ----
