@@ -66,6 +66,7 @@ step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left
   printf '%-34s %s (%ds, log %s)\n' "$name" "$([[ $rc == 0 ]] && echo PASS || echo "FAIL rc=$rc")" \
     $((SECONDS - start)) "$log" | tee -a "$summary"
   [[ $rc == 0 ]] || status=1
+  last_rc=$rc
 }
 
 # PyTorch for the GPU benchmark, found before LD_LIBRARY_PATH changes below: bench_model starts it through
@@ -109,6 +110,17 @@ export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
 # The CUDA parity tests first: what only this machine can check. Each test executable runs directly
 # (CTest's files hold the build machine's absolute paths); 77 means skipped, which must not happen here.
 step test_cuda test_cuda.log 240 "$bundle/bin/test_cuda"
+# doctest exits 1 when checks fail; anything else (a crash, a timeout) hides the cases after the one that
+# stopped it, so then each case runs on its own process (commas in a name are escaped for -tc).
+if [[ $last_rc != 0 && $last_rc != 1 ]]; then
+  echo "test_cuda stopped early (rc=$last_rc): every case on its own" | tee -a "$summary"
+  case_number=0
+  while IFS= read -r name; do
+    [[ -z "$name" || "$name" == "[doctest]"* || "$name" == "==="* ]] && continue
+    case_number=$((case_number + 1))
+    step "  ${name:0:60}" "test_cuda_case_$case_number.log" 60 "$bundle/bin/test_cuda" -tc="${name//,/\\,}"
+  done < <("$bundle/bin/test_cuda" -ltc 2>&1)
+fi
 # The GPU benchmark: the engine and PyTorch (same model, same precision) take turns on the training step and
 # encoding, at batch 32 and 128, 224x224 and 32x32: img/s, ratio, each side's peak GPU memory (allocator level),
 # and a per-layer profile wherever the engine is slower. Estimate on the H200, TF32 grid: PyTorch's start (import,
