@@ -101,7 +101,7 @@ struct BatchNorm {
     forward();
   }
   void forward() const {
-    cpu().batch_norm_forward(x, gamma, beta, running_mean, running_var, true, 0.1, 1e-5, y, mean, invstd);
+    cpu().batch_norm_forward(x, gamma, beta, running_mean, running_var, true, 0.1, 1e-5, y, mean, invstd, false);
   }
 };
 

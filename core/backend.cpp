@@ -83,10 +83,13 @@ void Backend::conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Con
   conv2d_forward(x, weight, Tensor(), p, conv);
   const Shape channels{y.size(1)};
   const Tensor mean = Tensor::empty(channels, y.dtype(), y.device()), invstd = Tensor::empty(channels, y.dtype(), y.device());
-  const Tensor normalised = residual.defined() ? Tensor::empty(y.shape(), y.dtype(), y.device()) : y;
+  if (!residual.defined())
+    return batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, y, mean,
+                              invstd, relu);
+  const Tensor normalised = Tensor::empty(y.shape(), y.dtype(), y.device());
   batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, normalised, mean,
-                     invstd);
-  if (residual.defined()) binary(BinaryOp::Add, normalised, residual, y);
+                     invstd, false);
+  binary(BinaryOp::Add, normalised, residual, y);
   if (relu) unary(UnaryOp::Relu, y, y);
 }
 void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&,
@@ -94,7 +97,7 @@ void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const
   missing("conv2d_backward");
 }
 void Backend::batch_norm_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
-                                 double, double, const Tensor&, const Tensor&, const Tensor&) {
+                                 double, double, const Tensor&, const Tensor&, const Tensor&, bool) {
   missing("batch_norm_forward");
 }
 void Backend::batch_norm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,

@@ -100,11 +100,12 @@ class Backend {
   // training: normalises with batch statistics (biased variance) and updates running_mean /
   // running_var in place as PyTorch does (r <- (1-momentum) r + momentum * batch statistic, with the
   // unbiased variance). Evaluation: normalises with the running statistics, which stay untouched.
-  // Both write save_mean and save_invstd (C): the mean and 1/sqrt(var+eps) that were used.
+  // Both write save_mean and save_invstd (C): the mean and 1/sqrt(var+eps) that were used. relu: y is
+  // max(normalised, 0) as it is written (ops::batch_norm2d_relu), equal to a separate ReLU bit for bit.
   virtual void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                   const Tensor& running_mean, const Tensor& running_var, bool training,
                                   double momentum, double eps, const Tensor& y, const Tensor& save_mean,
-                                  const Tensor& save_invstd);
+                                  const Tensor& save_invstd, bool relu);
   // training = true: mean/invstd are batch statistics and depend on x; false: they are constants.
   virtual void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
                                    const Tensor& grad_y, bool training, const Tensor& grad_x,

@@ -114,6 +114,11 @@ template <class T>
 inline T batch_norm_value(T v, double scale, double shift) {
   return static_cast<T>(std::fma(static_cast<double>(v), scale, shift));
 }
+// ReLU as the unary kernel computes it, for the fused batch_norm2d_relu.
+template <class T>
+inline T relu_value(T v) {
+  return v > T(0) ? v : T(0);
+}
 
 // ---- batch norm: (N,C,H,W) seen as N rows of C*H*W values, cut into tiles of whole channels ----
 // A thread takes a tile (channels [c0, c0 + k)) and walks its N row pieces, each k*plane contiguous
@@ -174,7 +179,7 @@ inline void spread_over_plane(const ChannelTile& t, const double* per_channel, d
 template <class T>
 void batch_norm_forward_tile(const ChannelTile& t, const T* x, const T* gamma, const T* beta, T* running_mean,
                              T* running_var, bool training, double momentum, double eps, T* y, T* save_mean,
-                             T* save_invstd, double* scratch) {
+                             T* save_invstd, bool relu, double* scratch) {
   const int64_t width = t.width(), count = t.n * t.plane;
   double* col_a = scratch;          // per column: accumulator, then the scale
   double* col_b = scratch + width;  // per column: the mean, then the shift
@@ -210,8 +215,13 @@ void batch_norm_forward_tile(const ChannelTile& t, const T* x, const T* gamma, c
   spread_over_plane(t, shift.data(), col_b);
   for (int64_t i = 0; i < t.n; ++i) {
     const int64_t base = i * t.row_stride + t.offset();
+    if (relu) {
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) y[base + j] = batch_norm_value(x[base + j], col_a[j], col_b[j]);
+      for (int64_t j = 0; j < width; ++j) y[base + j] = relu_value(batch_norm_value(x[base + j], col_a[j], col_b[j]));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) y[base + j] = batch_norm_value(x[base + j], col_a[j], col_b[j]);
+    }
   }
 }
 
@@ -734,13 +744,14 @@ class CpuBackend final : public Backend {
 
   void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                           const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
-                          const Tensor& save_mean, const Tensor& save_invstd) override {
+                          const Tensor& save_mean, const Tensor& save_invstd, bool relu) override {
     dispatch_float(x.dtype(), "batch_norm_forward", [&](auto zero) {
       using T = decltype(zero);
       const int64_t n = x.size(0), c = x.size(1), plane = x.numel() / (n * c);
       for_each_channel_tile(n, c, plane, 2, [&](const ChannelTile& t, double* scratch) {
         batch_norm_forward_tile(t, ptr<T>(x), ptr<T>(gamma), ptr<T>(beta), ptr<T>(running_mean), ptr<T>(running_var),
-                                training, momentum, eps, ptr<T>(y), ptr<T>(save_mean), ptr<T>(save_invstd), scratch);
+                                training, momentum, eps, ptr<T>(y), ptr<T>(save_mean), ptr<T>(save_invstd), relu,
+                                scratch);
       });
     });
   }

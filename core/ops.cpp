@@ -257,9 +257,10 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
 }
 
 namespace {
-// ReLU applied in place to a fresh op output y that nothing else holds, and the gradient through it:
-// relu(h) > 0 exactly where h > 0, so y itself serves as ReLU's input in backward, and the pre-ReLU tensor
-// need not be kept. That is the memory the fused ops below save: one activation per fusion.
+// ReLU applied to a fresh op output y that nothing else holds (by batch norm's kernel as it writes y, in
+// place after the add), and the gradient through it: relu(h) > 0 exactly where h > 0, so y itself serves
+// as ReLU's input in backward, and the pre-ReLU tensor need not be kept. That is the memory the fused ops
+// below save: one activation per fusion.
 void relu_in_place(const Tensor& y) { backend_of(y).unary(UnaryOp::Relu, y, y); }
 Tensor relu_grad(const Tensor& y, const Tensor& g) {
   Tensor gh = empty_like(g);
@@ -277,8 +278,7 @@ Tensor batch_norm2d_impl(const Tensor& x, const Tensor& gamma, const Tensor& bet
   const Shape channels{x.size(1)};
   Tensor y = empty_like(x), save_mean = empty_as(x, channels), save_invstd = empty_as(x, channels);
   backend_of(x).batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
-                                   save_invstd);
-  if (relu) relu_in_place(y);
+                                   save_invstd, relu);
   const bool x_needs = x.requires_grad(), g_needs = gamma.requires_grad(), b_needs = beta.requires_grad();
   Tensor saved_x = x.detach(), saved_gamma = gamma.detach();
   Tensor saved_y = relu ? y.detach() : Tensor();

@@ -45,8 +45,9 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
 Tensor batch_norm2d(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                     const Tensor& running_var, bool training, double momentum = 0.1, double eps = 1e-5);
 // Fusions that save an activation each: relu(batch_norm2d(...)) and relu(a + b) (a, b of one shape), with
-// ReLU applied in place to the op's own output and its gradient taken from that output, so the pre-ReLU
-// tensor is never kept for backward. Equal bit for bit to the separate ops.
+// ReLU applied to the op's own output (batch norm's kernel applies it as it writes, saving a pass too) and
+// its gradient taken from that output, so the pre-ReLU tensor is never kept for backward. Equal bit for
+// bit to the separate ops.
 Tensor batch_norm2d_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                          const Tensor& running_var, bool training, double momentum = 0.1, double eps = 1e-5);
 Tensor add_relu(const Tensor& a, const Tensor& b);

@@ -224,18 +224,18 @@ void ProfilingBackend::conv2d_backward(const Tensor& x, const Tensor& weight, co
 void ProfilingBackend::batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                           const Tensor& running_mean, const Tensor& running_var, bool training,
                                           double momentum, double eps, const Tensor& y, const Tensor& save_mean,
-                                          const Tensor& save_invstd) {
+                                          const Tensor& save_invstd, bool relu) {
   timed(wrapped_, "batch_norm_forward", &x,
         [&] {
           const Tensor none;  // evaluation leaves the running statistics untouched
-          return Cost{dims(x) + (training ? " train" : " eval"), 0,
+          return Cost{dims(x) + (training ? " train" : " eval") + (relu ? " relu" : ""), 0,
                       moved({&x, &gamma, &beta, &running_mean, &running_var},
                             {&y, &save_mean, &save_invstd, training ? &running_mean : &none,
                              training ? &running_var : &none})};
         },
         [&] {
           wrapped_.batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
-                                      save_invstd);
+                                      save_invstd, relu);
         });
 }
 

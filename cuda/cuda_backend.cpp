@@ -177,9 +177,9 @@ class CudaBackend : public Backend {
   // ---- layers, rows and optimizers (layers.cu) ----
   void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                           const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
-                          const Tensor& save_mean, const Tensor& save_invstd) override {
+                          const Tensor& save_mean, const Tensor& save_invstd, bool relu) override {
     cuda::batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, y, save_mean,
-                             save_invstd);
+                             save_invstd, relu);
   }
   void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
                            const Tensor& grad_y, bool training, const Tensor& grad_x, const Tensor& grad_gamma,

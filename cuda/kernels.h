@@ -20,7 +20,7 @@ void sum_to(const Tensor& src, const Tensor& out);                              
 // ---- layers.cu ----
 void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                         const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
-                        const Tensor& save_mean, const Tensor& save_invstd);
+                        const Tensor& save_mean, const Tensor& save_invstd, bool relu);
 void batch_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& mean, const Tensor& invstd,
                          const Tensor& grad_y, bool training, const Tensor& grad_x, const Tensor& grad_gamma,
                          const Tensor& grad_beta);

@@ -104,7 +104,8 @@ void dispatch_word(DType dtype, Fn&& fn) {
 //   3. batch_norm_partial_kernel again: partial (C,S) = sums of (x - mean)^2
 //   4. batch_norm_forward_finish_kernel (a warp per channel): running statistics, save_mean,
 //      save_invstd, and coef (C,2) = (scale, shift)
-//   5. batch_norm_forward_apply_kernel (grid-stride over all N*C*plane): y = x * scale + shift
+//   5. batch_norm_forward_apply_kernel (grid-stride over all N*C*plane): y = x * scale + shift (then
+//      max(y, 0) for batch_norm2d_relu)
 // Evaluation runs 4 (from the running statistics) and 5. Backward: batch_norm_backward_partial_kernel
 // (grid (C, S), partial (2,C,S): sums of dy and of dy*xhat) when sums are needed, then
 // batch_norm_backward_finish_kernel (grad_gamma, grad_beta, coef (C,4) = (a, b, c, mean)), then
@@ -280,7 +281,8 @@ __global__ void batch_norm_forward_finish_kernel(const double* partial, int64_t 
 }
 
 // y = x * scale + shift (N,C,plane), coef (C,2), in the CPU's rounding (batch_norm_value).
-template <class T, int V, bool kAligned>
+// kRelu: y = max(y, 0) as it is written (batch_norm2d_relu), the unary ReLU's expression.
+template <class T, int V, bool kAligned, bool kRelu>
 __global__ void batch_norm_forward_apply_kernel(const T* x, const double* coef, T* y, int64_t total, int64_t channels,
                                                 int64_t units) {
   for_each_pack(total, channels, units, [&](int64_t i, int64_t c) {
@@ -288,7 +290,10 @@ __global__ void batch_norm_forward_apply_kernel(const T* x, const double* coef, 
     const Pack<T, V> in = load_pack<T, V, kAligned>(x, i);
     Pack<T, V> out;
 #pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(fma(double(in.v[j]), scale, shift));
+    for (int j = 0; j < V; ++j) {
+      const T v = static_cast<T>(fma(double(in.v[j]), scale, shift));
+      out.v[j] = kRelu ? (v > T(0) ? v : T(0)) : v;
+    }
     store_pack<T, V, kAligned>(y, i, out);
   });
 }
@@ -714,7 +719,7 @@ __global__ void sgd_kernel(T* param, const T* grad, T* buffer, int64_t n, T lr, 
 
 void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                         const Tensor& running_var, bool training, double momentum, double eps, const Tensor& y,
-                        const Tensor& save_mean, const Tensor& save_invstd) {
+                        const Tensor& save_mean, const Tensor& save_invstd, bool relu) {
   const char* kernel = "batch_norm_forward";
   check_float(x, kernel, "input");
   MDFF_CHECK(x.dim() >= 2, "cuda batch_norm_forward: input must be (N,C,...), got ", shape_str(x.shape()));
@@ -760,8 +765,12 @@ void batch_norm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta
           training, momentum, eps, channels, count, save_mean.data<T>(), save_invstd.data<T>(), coef);
       MDFF_CUDA_CHECK_LAUNCH();
       if (total == 0) return;
-      batch_norm_forward_apply_kernel<T, V, kAligned>
-          <<<blocks_for(total), kThreads, 0, stream()>>>(x.data<T>(), coef, y.data<T>(), total, channels, units);
+      if (relu)
+        batch_norm_forward_apply_kernel<T, V, kAligned, true>
+            <<<blocks_for(total), kThreads, 0, stream()>>>(x.data<T>(), coef, y.data<T>(), total, channels, units);
+      else
+        batch_norm_forward_apply_kernel<T, V, kAligned, false>
+            <<<blocks_for(total), kThreads, 0, stream()>>>(x.data<T>(), coef, y.data<T>(), total, channels, units);
       MDFF_CUDA_CHECK_LAUNCH();
     });
   });
