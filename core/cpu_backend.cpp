@@ -114,6 +114,13 @@ template <class T>
 inline T batch_norm_value(T v, double scale, double shift) {
   return static_cast<T>(std::fma(static_cast<double>(v), scale, shift));
 }
+// The Hamming distance of two codes of `words` 32-bit words.
+inline int32_t hamming_distance(const uint32_t* a, const uint32_t* b, int64_t words) {
+  int32_t d = 0;
+  for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(a[w] ^ b[w]);
+  return d;
+}
+
 // ReLU as the unary kernel computes it, for the fused batch_norm2d_relu.
 template <class T>
 inline T relu_value(T v) {
@@ -1038,9 +1045,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static) if (q_rows * db_rows > kParallelGrain)
     for (int64_t i = 0; i < q_rows; ++i)
       for (int64_t j = 0; j < db_rows; ++j) {
-        int32_t d = 0;
-        for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(q[i * words + w] ^ db[j * words + w]);
-        out[i * db_rows + j] = d;
+        out[i * db_rows + j] = hamming_distance(q + i * words, db + j * words, words);
       }
   }
   // Per query: the distances, their histogram, and a stable counting sort that stops at k places.
@@ -1055,10 +1060,8 @@ class CpuBackend final : public Backend {
       std::vector<int32_t> distance(static_cast<size_t>(db_rows));
       std::vector<int64_t> next(static_cast<size_t>(bins) + 1, 0);  // next[d]: the place of the next item at d
       for (int64_t j = 0; j < db_rows; ++j) {
-        int32_t d = 0;
-        for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(q[i * words + w] ^ db[j * words + w]);
-        distance[j] = d;
-        ++next[d + 1];
+        distance[j] = hamming_distance(q + i * words, db + j * words, words);
+        ++next[distance[j] + 1];
       }
       for (int64_t d = 1; d <= bins; ++d) next[d] += next[d - 1];
       int32_t* index_row = ptr<int32_t>(indices) + i * k;

@@ -48,6 +48,13 @@ __global__ void pack_signs_kernel(const T* x, int64_t rows, int64_t bits, int64_
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The Hamming distance of two codes of `words` 32-bit words.
+__device__ inline int hamming_distance(const uint32_t* a, const uint32_t* b, int64_t words) {
+  int d = 0;
+  for (int64_t w = 0; w < words; ++w) d += __popc(a[w] ^ b[w]);
+  return d;
+}
+
 // hamming_distances: a 2-D grid over (query, database row); the query's words are read by every
 // thread of a block from cache, the database row by one thread. Codes are short (W <= 4 for 128 bits),
 // so the kernel is bound by writing the (Q,N) distances.
@@ -56,12 +63,8 @@ __global__ void hamming_kernel(const uint32_t* queries, const uint32_t* database
                                int64_t words, int32_t* distances) {
   const int64_t q = blockIdx.y;
   const uint32_t* query = queries + q * words;
-  for (int64_t j = grid_start(); j < db_rows; j += grid_step()) {
-    const uint32_t* row = database + j * words;
-    int d = 0;
-    for (int64_t w = 0; w < words; ++w) d += __popc(query[w] ^ row[w]);
-    distances[q * db_rows + j] = d;
-  }
+  for (int64_t j = grid_start(); j < db_rows; j += grid_step())
+    distances[q * db_rows + j] = hamming_distance(query, database + j * words, words);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -74,12 +77,6 @@ __global__ void hamming_kernel(const uint32_t* queries, const uint32_t* database
 // as on the CPU. The database's words are read twice per query: for 1M 64-bit codes, 8 MB that the 50 MB
 // L2 cache keeps for the next queries. With few queries most SMs idle (one warp each); the ranking pays
 // for many queries at once.
-
-__device__ inline int hamming_distance(const uint32_t* a, const uint32_t* b, int64_t words) {
-  int d = 0;
-  for (int64_t w = 0; w < words; ++w) d += __popc(a[w] ^ b[w]);
-  return d;
-}
 
 __global__ void hamming_top_k_kernel(const uint32_t* queries, const uint32_t* database, int64_t db_rows, int64_t words,
                                      int bins, int64_t k, int32_t* out_index, int32_t* out_distance) {
