@@ -89,8 +89,7 @@ void Backend::conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Con
   const Tensor normalised = Tensor::empty(y.shape(), y.dtype(), y.device());
   batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, normalised, mean,
                      invstd, false);
-  binary(BinaryOp::Add, normalised, residual, y);
-  if (relu) unary(UnaryOp::Relu, y, y);
+  binary(relu ? BinaryOp::AddRelu : BinaryOp::Add, normalised, residual, y);
 }
 void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&,
                               const Tensor&, const Tensor&) {
@@ -121,6 +120,14 @@ void Backend::pairwise_logistic_forward(const Tensor&, const Tensor&, const Tens
 }
 void Backend::pairwise_logistic_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
   missing("pairwise_logistic_backward");
+}
+void Backend::quantization_forward(const Tensor&, const Tensor&) { missing("quantization_forward"); }
+void Backend::quantization_backward(const Tensor&, const Tensor&, const Tensor&) { missing("quantization_backward"); }
+void Backend::cross_entropy_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  missing("cross_entropy_forward");
+}
+void Backend::cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  missing("cross_entropy_backward");
 }
 void Backend::log_softmax_forward(const Tensor&, const Tensor&) { missing("log_softmax_forward"); }
 void Backend::log_softmax_backward(const Tensor&, const Tensor&, const Tensor&) { missing("log_softmax_backward"); }

@@ -39,7 +39,8 @@ struct MemoryStats {
   int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc): cache misses
 };
 
-enum class BinaryOp { Add, Sub, Mul, Div };
+// AddRelu: max(a + b, 0), the residual join of a bottleneck block in one pass (ops::add_relu).
+enum class BinaryOp { Add, Sub, Mul, Div, AddRelu };
 enum class UnaryOp { Relu, Tanh, Sign, Softplus };
 
 class Backend {
@@ -140,6 +141,21 @@ class Backend {
   // mean, read on this device (a GPU backend does not wait for it). s is a constant: it gets no gradient.
   virtual void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
                                           const Tensor& grad_theta);
+  // J2 in one pass: out (0-dim) = the sum over all elements of u (N,L) of (sign(u) - u)^2, divided by N,
+  // with sign(0) = +1; each element in u's dtype, the sum in double in a fixed order.
+  virtual void quantization_forward(const Tensor& u, const Tensor& out);
+  // Writes grad_u = (grad_out / N) * 2 (u - sign(u)), sign(u) a constant; grad_out read on this device.
+  virtual void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u);
+  // Cross-entropy against soft targets in one pass: out (0-dim) = (1/N) sum over rows n of
+  // sum_k target[n,k] (lse[n] - logits[n,k]), lse[n] the row's log-sum-exp as log_softmax_forward computes
+  // it (written to log_sum_exp (N) for backward), each row's sum in double, rows added in order.
+  // logits and target (N,K).
+  virtual void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
+                                     const Tensor& log_sum_exp);
+  // Writes grad_logits[n,k] = (grad_out / N) (exp(logits[n,k] - lse[n]) sum_j target[n,j] - target[n,k]);
+  // target is a constant.
+  virtual void cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                                      const Tensor& grad_out, const Tensor& grad_logits);
 
   // ---- rows ----
   virtual void log_softmax_forward(const Tensor& x, const Tensor& y);  // over the last dim of (N,K)

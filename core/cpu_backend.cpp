@@ -85,6 +85,49 @@ int64_t broadcast_offset(int64_t flat, const Shape& out, const std::vector<int64
   return offset;
 }
 
+// ReLU as the unary kernel computes it, for the fused batch_norm2d_relu and add_relu.
+template <class T>
+inline T relu_value(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+// sign(x) as the unary kernel computes it: +1 for x >= 0 (sign(0) = +1), -1 otherwise.
+template <class T>
+inline T sign_value(T v) {
+  return v >= T(0) ? T(1) : T(-1);
+}
+
+// log(sum_j e^row[j]) over a row of k values, as top + log(sum e^(row[j] - top)), the sum in double:
+// log_softmax and the fused cross-entropy share it.
+template <class T>
+T row_log_sum_exp(const T* row, int64_t k) {
+  const T top = *std::max_element(row, row + k);
+  double sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j] - top));
+  return static_cast<T>(top + std::log(sum));
+}
+
+// The sum over i < n of term(i) (a double), over fixed chunks that the threads share and whose sums are
+// then added in order: the same bits for any number of threads (an OpenMP reduction adds the threads'
+// sums in the order they finish).
+template <class Term>
+double ordered_sum(int64_t n, const Term& term) {
+  constexpr int64_t kChunk = 1 << 14;
+  std::vector<double> chunk_sums(static_cast<size_t>((n + kChunk - 1) / kChunk));
+  const int64_t chunks = static_cast<int64_t>(chunk_sums.size());
+#pragma omp parallel for schedule(static) if (n > kParallelGrain)
+  for (int64_t c = 0; c < chunks; ++c) {
+    double sum = 0;
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = c * kChunk; i < end; ++i) sum += term(i);
+    chunk_sums[c] = sum;
+  }
+  double sum = 0;
+  for (double chunk : chunk_sums) sum += chunk;
+  return sum;
+}
+
 // Calls fn(f) with f a function object computing `op` (one switch per call, not per element).
 template <class Fn>
 void with_binary_op(BinaryOp op, Fn&& fn) {
@@ -93,6 +136,7 @@ void with_binary_op(BinaryOp op, Fn&& fn) {
     case BinaryOp::Sub: return fn([](auto a, auto b) { return a - b; });
     case BinaryOp::Mul: return fn([](auto a, auto b) { return a * b; });
     case BinaryOp::Div: return fn([](auto a, auto b) { return a / b; });
+    case BinaryOp::AddRelu: return fn([](auto a, auto b) { return relu_value(a + b); });
   }
 }
 
@@ -119,12 +163,6 @@ inline int32_t hamming_distance(const uint32_t* a, const uint32_t* b, int64_t wo
   int32_t d = 0;
   for (int64_t w = 0; w < words; ++w) d += __builtin_popcount(a[w] ^ b[w]);
   return d;
-}
-
-// ReLU as the unary kernel computes it, for the fused batch_norm2d_relu.
-template <class T>
-inline T relu_value(T v) {
-  return v > T(0) ? v : T(0);
 }
 
 // ---- batch norm: (N,C,H,W) seen as N rows of C*H*W values, cut into tiles of whole channels ----
@@ -665,7 +703,7 @@ class CpuBackend final : public Backend {
       switch (op) {
         case UnaryOp::Relu: for_each_index(n, [=](int64_t i) { yp[i] = xp[i] > T(0) ? xp[i] : T(0); }); break;
         case UnaryOp::Tanh: for_each_index(n, [=](int64_t i) { yp[i] = std::tanh(xp[i]); }); break;
-        case UnaryOp::Sign: for_each_index(n, [=](int64_t i) { yp[i] = xp[i] >= T(0) ? T(1) : T(-1); }); break;
+        case UnaryOp::Sign: for_each_index(n, [=](int64_t i) { yp[i] = sign_value(xp[i]); }); break;
         case UnaryOp::Softplus: for_each_index(n, [=](int64_t i) { yp[i] = stable_softplus(xp[i]); }); break;
       }
     });
@@ -915,23 +953,9 @@ class CpuBackend final : public Backend {
       const T* tp = ptr<T>(theta);
       const T* sp = ptr<T>(s);
       const int64_t n = theta.numel();
-      // Each element in T, as the separate ops compute it; the sum in double, over fixed chunks that the
-      // threads share and whose sums are then added in order: the same bits for any number of threads
-      // (an OpenMP reduction adds the threads' sums in the order they finish).
-      constexpr int64_t kChunk = 1 << 14;
-      std::vector<double> chunk_sums(static_cast<size_t>((n + kChunk - 1) / kChunk));
-      const int64_t chunks = static_cast<int64_t>(chunk_sums.size());
-#pragma omp parallel for schedule(static) if (n > kParallelGrain)
-      for (int64_t c = 0; c < chunks; ++c) {
-        double sum = 0;
-        const int64_t end = std::min(n, (c + 1) * kChunk);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = c * kChunk; i < end; ++i)
-          sum += static_cast<double>(stable_softplus(tp[i]) - sp[i] * tp[i]);
-        chunk_sums[c] = sum;
-      }
-      double sum = 0;
-      for (double chunk : chunk_sums) sum += chunk;
+      // each element in T, as the separate ops compute it
+      const double sum =
+          ordered_sum(n, [=](int64_t i) { return static_cast<double>(stable_softplus(tp[i]) - sp[i] * tp[i]); });
       *ptr<T>(out) = static_cast<T>(sum / static_cast<double>(n));
     });
   }
@@ -949,6 +973,71 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void quantization_forward(const Tensor& u, const Tensor& out) override {
+    dispatch_float(u.dtype(), "quantization_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const T* up = ptr<T>(u);
+      const double sum = ordered_sum(u.numel(), [=](int64_t i) {
+        const T d = sign_value(up[i]) - up[i];
+        return static_cast<double>(d * d);
+      });
+      *ptr<T>(out) = static_cast<T>(sum / static_cast<double>(u.size(0)));
+    });
+  }
+
+  void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u) override {
+    dispatch_float(u.dtype(), "quantization_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const T* up = ptr<T>(u);
+      T* gp = ptr<T>(grad_u);
+      const T g = static_cast<T>(2.0 * static_cast<double>(*ptr<T>(grad_out)) / static_cast<double>(u.size(0)));
+      for_each_index(u.numel(), [=](int64_t i) { gp[i] = g * (up[i] - sign_value(up[i])); });
+    });
+  }
+
+  void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
+                             const Tensor& log_sum_exp) override {
+    dispatch_float(logits.dtype(), "cross_entropy_forward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t rows = logits.size(0), k = logits.size(1);
+      const T* xp = ptr<T>(logits);
+      const T* tp = ptr<T>(target);
+      T* lp = ptr<T>(log_sum_exp);
+      double total = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* in = xp + r * k;
+        const T lse = row_log_sum_exp(in, k);
+        lp[r] = lse;
+        double row = 0;
+        for (int64_t j = 0; j < k; ++j) row += static_cast<double>(tp[r * k + j]) * static_cast<double>(lse - in[j]);
+        total += row;
+      }
+      *ptr<T>(out) = static_cast<T>(total / static_cast<double>(rows));
+    });
+  }
+
+  void cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                              const Tensor& grad_out, const Tensor& grad_logits) override {
+    dispatch_float(logits.dtype(), "cross_entropy_backward", [&](auto zero) {
+      using T = decltype(zero);
+      const int64_t rows = logits.size(0), k = logits.size(1);
+      const T* xp = ptr<T>(logits);
+      const T* tp = ptr<T>(target);
+      const T* lp = ptr<T>(log_sum_exp);
+      T* gp = ptr<T>(grad_logits);
+      const double g = static_cast<double>(*ptr<T>(grad_out)) / static_cast<double>(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        double mass = 0;  // the row's target total (1 for probabilities)
+        for (int64_t j = 0; j < k; ++j) mass += tp[r * k + j];
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t i = r * k + j;
+          const double softmax = std::exp(static_cast<double>(xp[i] - lp[r]));
+          gp[i] = static_cast<T>(g * (softmax * mass - static_cast<double>(tp[i])));
+        }
+      }
+    });
+  }
+
   void log_softmax_forward(const Tensor& x, const Tensor& y) override {
     dispatch_float(x.dtype(), "log_softmax_forward", [&](auto zero) {
       using T = decltype(zero);
@@ -957,10 +1046,7 @@ class CpuBackend final : public Backend {
       T* yp = ptr<T>(y);
       for (int64_t r = 0; r < rows; ++r) {
         const T* in = xp + r * k;
-        const T top = *std::max_element(in, in + k);
-        double sum = 0;
-        for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(in[j] - top));
-        const T log_sum = static_cast<T>(top + std::log(sum));
+        const T log_sum = row_log_sum_exp(in, k);
         for (int64_t j = 0; j < k; ++j) yp[r * k + j] = in[j] - log_sum;
       }
     });

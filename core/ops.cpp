@@ -61,16 +61,27 @@ Tensor reduce_to(const Tensor& g, const Shape& shape) {
   return out;
 }
 
+// The gradient through a ReLU that the fused ops apply as they write their output y (batch norm's
+// kernel, the AddRelu binary kernel): relu(h) > 0 exactly where h > 0, so y itself serves as ReLU's input
+// in backward, and the pre-ReLU tensor need not be kept. That is the memory the fused ops save: one
+// activation per fusion.
+Tensor relu_grad(const Tensor& y, const Tensor& g) {
+  Tensor gh = empty_like(g);
+  backend_of(g).unary_backward(UnaryOp::Relu, y, Tensor(), g, gh);
+  return gh;
+}
+
 Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
   check_compatible(name, {{"a", &a}, {"b", &b}});
   Tensor out = empty_as(a, broadcast_shape(a.shape(), b.shape(), name));
   backend_of(a).binary(op, a, b, out);
   const Shape sa = a.shape(), sb = b.shape();
   const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
-  // Mul and Div save the inputs their gradients need; Add and Sub save nothing.
+  // Mul and Div save the inputs their gradients need, AddRelu its output; Add and Sub save nothing.
   const bool mul_or_div = op == BinaryOp::Mul || op == BinaryOp::Div;
   Tensor saved_a = mul_or_div && b_needs ? a.detach() : Tensor();
   Tensor saved_b = (op == BinaryOp::Mul && a_needs) || (op == BinaryOp::Div && (a_needs || b_needs)) ? b.detach() : Tensor();
+  Tensor saved_out = op == BinaryOp::AddRelu ? out.detach() : Tensor();  // ReLU's gradient reads its output
   return record(out, name, {a, b}, [=](const Tensor& g) {
     Tensor ga, gb;
     switch (op) {
@@ -90,6 +101,12 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
         ga = a_needs ? reduce_to(div(g, saved_b), sa) : Tensor();
         gb = b_needs ? reduce_to(scale(div(mul(g, saved_a), mul(saved_b, saved_b)), -1.0), sb) : Tensor();
         break;
+      case BinaryOp::AddRelu: {
+        const Tensor gh = relu_grad(saved_out, g);
+        ga = a_needs ? reduce_to(gh, sa) : Tensor();
+        gb = b_needs ? reduce_to(gh, sb) : Tensor();
+        break;
+      }
     }
     return Grads{ga, gb};
   });
@@ -257,16 +274,6 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
 }
 
 namespace {
-// ReLU applied to a fresh op output y that nothing else holds (by batch norm's kernel as it writes y, in
-// place after the add), and the gradient through it: relu(h) > 0 exactly where h > 0, so y itself serves
-// as ReLU's input in backward, and the pre-ReLU tensor need not be kept. That is the memory the fused ops
-// below save: one activation per fusion.
-void relu_in_place(const Tensor& y) { backend_of(y).unary(UnaryOp::Relu, y, y); }
-Tensor relu_grad(const Tensor& y, const Tensor& g) {
-  Tensor gh = empty_like(g);
-  backend_of(g).unary_backward(UnaryOp::Relu, y, Tensor(), g, gh);
-  return gh;
-}
 
 Tensor batch_norm2d_impl(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                          const Tensor& running_var, bool training, double momentum, double eps, bool relu) {
@@ -307,15 +314,7 @@ Tensor add_relu(const Tensor& a, const Tensor& b) {
   check_compatible("add_relu", {{"a", &a}, {"b", &b}});
   MDFF_CHECK(a.shape() == b.shape(), "add_relu: a ", shape_str(a.shape()), " and b ", shape_str(b.shape()),
              " must have the same shape (no broadcasting)");
-  Tensor y = empty_like(a);
-  backend_of(a).binary(BinaryOp::Add, a, b, y);
-  relu_in_place(y);
-  const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
-  Tensor saved_y = y.detach();
-  return record(y, "add_relu", {a, b}, [=](const Tensor& g) {
-    const Tensor gh = relu_grad(saved_y, g);
-    return Grads{a_needs ? gh : Tensor(), b_needs ? gh : Tensor()};
-  });
+  return binary(BinaryOp::AddRelu, a, b, "add_relu");
 }
 
 Tensor max_pool2d(const Tensor& x, int kernel, int stride, int padding) {
@@ -440,7 +439,19 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target) {
   check_compatible("cross_entropy", {{"logits", &logits}, {"target", &target}});
   MDFF_CHECK(logits.shape() == target.shape(), "cross_entropy: logits ", shape_str(logits.shape()),
              " and target ", shape_str(target.shape()), " must have the same shape (N,K)");
-  return scale(sum(mul(target, log_softmax(logits))), -1.0 / static_cast<double>(logits.size(0)));
+  MDFF_CHECK(logits.dim() == 2 && logits.numel() > 0, "cross_entropy: logits must be (N,K) with N, K >= 1, got ",
+             shape_str(logits.shape()));
+  MDFF_CHECK(!target.requires_grad(), "cross_entropy: the target is a constant and gets no gradient; it must not "
+             "require grad (detach it)");
+  Tensor out = empty_as(logits, Shape{});
+  Tensor log_sum_exp = empty_as(logits, Shape{logits.size(0)});
+  backend_of(logits).cross_entropy_forward(logits, target, out, log_sum_exp);
+  Tensor saved_logits = logits.detach(), saved_target = target.detach();
+  return record(out, "cross_entropy", {logits}, [=](const Tensor& g) {
+    Tensor gl = empty_like(saved_logits);
+    backend_of(g).cross_entropy_backward(saved_logits, saved_target, log_sum_exp, g, gl);
+    return Grads{gl};
+  });
 }
 
 Tensor pairwise_logistic_loss(const Tensor& theta, const Tensor& s) {
@@ -457,6 +468,20 @@ Tensor pairwise_logistic_loss(const Tensor& theta, const Tensor& s) {
     Tensor gt = empty_like(saved_theta);
     backend_of(g).pairwise_logistic_backward(saved_theta, saved_s, g, gt);
     return Grads{gt};
+  });
+}
+
+Tensor quantization_loss(const Tensor& u) {
+  check_float(u, "quantization_loss", "u");
+  check_rank(u, 2, "quantization_loss", "u (N,L)");
+  MDFF_CHECK(u.numel() > 0, "quantization_loss: u ", shape_str(u.shape()), " holds no codes");
+  Tensor out = empty_as(u, Shape{});
+  backend_of(u).quantization_forward(u, out);
+  Tensor saved_u = u.detach();
+  return record(out, "quantization_loss", {u}, [=](const Tensor& g) {
+    Tensor gu = empty_like(saved_u);
+    backend_of(g).quantization_backward(saved_u, g, gu);
+    return Grads{gu};
   });
 }
 

@@ -61,7 +61,9 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t dim);
 
 // ---- classification ----
 Tensor log_softmax(const Tensor& x);  // over the last dim of (N,K)
-// Mean over rows of -sum_k target[n,k] log_softmax(logits)[n,k]; targets are probabilities (soft or one-hot).
+// Mean over rows of -sum_k target[n,k] log_softmax(logits)[n,k]; targets are probabilities (soft or one-hot)
+// and constants (target must not require grad). One fused op (J3 of MDFF-SH): it keeps each row's
+// log-sum-exp, not the (N,K) log-probabilities. Gradient: (softmax(logits) sum_k target - target) / N.
 Tensor cross_entropy(const Tensor& logits, const Tensor& target);
 
 // ---- losses ----
@@ -70,6 +72,10 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target);
 // without their (N,M) temporaries, forward or backward. s (theta's shape, dtype and device) holds the
 // constant similarities: it must not require grad. Gradient: (sigmoid(theta) - s) / numel per element.
 Tensor pairwise_logistic_loss(const Tensor& theta, const Tensor& s);
+// The quantization loss of MDFF-SH (J2) as one op: the 0-dim sum over u (N,L) of (sign(u) - u)^2 divided
+// by N, with sign(u) a constant (sign(0) = +1); equal within rounding to
+// scale(sum(mul(d, d)), 1/N), d = sub(sign(u), u). Gradient: 2 (u - sign(u)) / N.
+Tensor quantization_loss(const Tensor& u);
 
 // ---- rows (the U matrix of the pairwise loss) ----
 Tensor gather_rows(const Tensor& src, const Tensor& index);  // (R,D...), I32 (M) -> (M,D...)

@@ -73,6 +73,7 @@ const char* binary_symbol(BinaryOp op) {
     case BinaryOp::Sub: return " - ";
     case BinaryOp::Mul: return " * ";
     case BinaryOp::Div: return " / ";
+    case BinaryOp::AddRelu: return " +relu ";
   }
   return " ? ";
 }
@@ -314,6 +315,30 @@ void ProfilingBackend::pairwise_logistic_backward(const Tensor& theta, const Ten
   timed(wrapped_, "pairwise_logistic_backward", &theta,
         [&] { return Cost{dims(theta), 0, moved({&theta, &s, &grad_out}, {&grad_theta})}; },
         [&] { wrapped_.pairwise_logistic_backward(theta, s, grad_out, grad_theta); });
+}
+
+void ProfilingBackend::quantization_forward(const Tensor& u, const Tensor& out) {
+  timed(wrapped_, "quantization_forward", &u, [&] { return Cost{arrow(u, out), 0, moved({&u}, {&out})}; },
+        [&] { wrapped_.quantization_forward(u, out); });
+}
+
+void ProfilingBackend::quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u) {
+  timed(wrapped_, "quantization_backward", &u, [&] { return Cost{dims(u), 0, moved({&u, &grad_out}, {&grad_u})}; },
+        [&] { wrapped_.quantization_backward(u, grad_out, grad_u); });
+}
+
+void ProfilingBackend::cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
+                                             const Tensor& log_sum_exp) {
+  timed(wrapped_, "cross_entropy_forward", &logits,
+        [&] { return Cost{arrow(logits, out), 0, moved({&logits, &target}, {&out, &log_sum_exp})}; },
+        [&] { wrapped_.cross_entropy_forward(logits, target, out, log_sum_exp); });
+}
+
+void ProfilingBackend::cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                                              const Tensor& grad_out, const Tensor& grad_logits) {
+  timed(wrapped_, "cross_entropy_backward", &logits,
+        [&] { return Cost{dims(logits), 0, moved({&logits, &target, &log_sum_exp, &grad_out}, {&grad_logits})}; },
+        [&] { wrapped_.cross_entropy_backward(logits, target, log_sum_exp, grad_out, grad_logits); });
 }
 
 void ProfilingBackend::log_softmax_forward(const Tensor& x, const Tensor& y) {

@@ -85,6 +85,12 @@ class ProfilingBackend final : public Backend {
   void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out) override;
   void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
                                   const Tensor& grad_theta) override;
+  void quantization_forward(const Tensor& u, const Tensor& out) override;
+  void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u) override;
+  void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
+                             const Tensor& log_sum_exp) override;
+  void cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                              const Tensor& grad_out, const Tensor& grad_logits) override;
   void log_softmax_forward(const Tensor& x, const Tensor& y) override;
   void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x) override;
   void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out) override;

@@ -232,6 +232,18 @@ class CudaBackend : public Backend {
                                   const Tensor& grad_theta) override {
     cuda::pairwise_logistic_backward(theta, s, grad_out, grad_theta);
   }
+  void quantization_forward(const Tensor& u, const Tensor& out) override { cuda::quantization_forward(u, out); }
+  void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u) override {
+    cuda::quantization_backward(u, grad_out, grad_u);
+  }
+  void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
+                             const Tensor& log_sum_exp) override {
+    cuda::cross_entropy_forward(logits, target, out, log_sum_exp);
+  }
+  void cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                              const Tensor& grad_out, const Tensor& grad_logits) override {
+    cuda::cross_entropy_backward(logits, target, log_sum_exp, grad_out, grad_logits);
+  }
 
   // ---- binary codes (codes.cu) ----
   void pack_signs(const Tensor& x, const Tensor& codes) override { cuda::pack_signs(x, codes); }

@@ -128,7 +128,8 @@ __device__ inline T apply_binary(T a, T b) {
   if constexpr (Op == BinaryOp::Add) return a + b;
   else if constexpr (Op == BinaryOp::Sub) return a - b;
   else if constexpr (Op == BinaryOp::Mul) return a * b;
-  else return a / b;
+  else if constexpr (Op == BinaryOp::Div) return a / b;
+  else return relu_value(a + b);  // AddRelu
 }
 
 // Fast path: a, b and out have the same number of elements (same shape up to leading 1s).
@@ -175,6 +176,7 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
     case BinaryOp::Sub: return launch_binary<BinaryOp::Sub, T>(a, b, out);
     case BinaryOp::Mul: return launch_binary<BinaryOp::Mul, T>(a, b, out);
     case BinaryOp::Div: return launch_binary<BinaryOp::Div, T>(a, b, out);
+    case BinaryOp::AddRelu: return launch_binary<BinaryOp::AddRelu, T>(a, b, out);
   }
 }
 
@@ -183,9 +185,9 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
 
 template <UnaryOp Op, class T>
 __device__ inline T apply_unary(T x) {
-  if constexpr (Op == UnaryOp::Relu) return x > T(0) ? x : T(0);
+  if constexpr (Op == UnaryOp::Relu) return relu_value(x);
   else if constexpr (Op == UnaryOp::Tanh) return dev_tanh(x);
-  else if constexpr (Op == UnaryOp::Sign) return x >= T(0) ? T(1) : T(-1);  // sign(0) = +1
+  else if constexpr (Op == UnaryOp::Sign) return sign_value(x);
   else return softplus(x);
 }
 

@@ -1,6 +1,7 @@
 // Device-side helpers shared by the hand-written kernels (elementwise.cu, layers.cu, losses.cu, codes.cu):
-// the launch and indices of a grid-stride loop, the math library in both precisions, the stable softplus
-// and sigmoid (the CPU's formulas, core/cpu_backend.cpp), and deterministic warp and block sums.
+// the launch and indices of a grid-stride loop, the math library in both precisions, ReLU, sign, the stable
+// softplus and sigmoid (the CPU's formulas, core/cpu_backend.cpp), deterministic warp and block sums, and a
+// row's log-sum-exp.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -31,6 +32,19 @@ __device__ inline double dev_log1p(double x) { return log1p(x); }
 __device__ inline float dev_tanh(float x) { return tanhf(x); }
 __device__ inline double dev_tanh(double x) { return tanh(x); }
 
+// ReLU as every kernel applies it (the unary op, batch norm's fused ReLU, AddRelu): NaN maps to 0, as on
+// the CPU.
+template <class T>
+__device__ inline T relu_value(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+// sign(x) as the unary op computes it: +1 for x >= 0 (sign(0) = +1), -1 otherwise.
+template <class T>
+__device__ inline T sign_value(T x) {
+  return x >= T(0) ? T(1) : T(-1);
+}
+
 // softplus(x) = log(1 + e^x), written so that e^x never overflows: max(x,0) + log1p(e^-|x|).
 template <class T>
 __device__ inline T softplus(T x) {
@@ -51,6 +65,29 @@ __device__ inline T sigmoid(T x) {
 __device__ inline double warp_sum(double v) {
   for (int lane_mask = kWarp / 2; lane_mask > 0; lane_mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, lane_mask);
   return v;
+}
+
+// Maximum of v over the warp, in every lane. Every lane of the warp must call it.
+template <class T>
+__device__ inline T warp_max(T v) {
+  for (int lane_mask = kWarp / 2; lane_mask > 0; lane_mask /= 2) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, lane_mask);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// log(sum_j e^row[j]) over a row of k values, computed by a whole warp (lane = threadIdx.x % 32) and
+// returned in every lane: top + log(sum e^(row[j] - top)), the exponentials and the sum in double (the
+// CPU's row_log_sum_exp). log_softmax and the fused cross-entropy share it.
+template <class T>
+__device__ inline T warp_log_sum_exp(const T* row, int64_t k, int lane) {
+  T top = T(-INFINITY);
+  for (int64_t j = lane; j < k; j += kWarp) top = row[j] > top ? row[j] : top;
+  top = warp_max(top);
+  double sum = 0;
+  for (int64_t j = lane; j < k; j += kWarp) sum += exp(double(row[j] - top));
+  return static_cast<T>(top + log(warp_sum(sum)));
 }
 
 // Sum of v over the block, returned in every thread, in a fixed order (deterministic). Every thread

@@ -59,5 +59,10 @@ void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, con
 void pairwise_logistic_forward(const Tensor& theta, const Tensor& s, const Tensor& out);  // writes the 0-dim mean
 void pairwise_logistic_backward(const Tensor& theta, const Tensor& s, const Tensor& grad_out,
                                 const Tensor& grad_theta);  // writes grad_theta; grad_out stays on the device
+void quantization_forward(const Tensor& u, const Tensor& out);  // writes the 0-dim J2; backward reads grad_out there
+void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u);
+void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out, const Tensor& log_sum_exp);
+void cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& log_sum_exp,
+                            const Tensor& grad_out, const Tensor& grad_logits);
 
 }  // namespace mdff::cuda

@@ -35,15 +35,6 @@ __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ inline float dev_sqrt(float x) { return sqrtf(x); }
 __device__ inline double dev_sqrt(double x) { return sqrt(x); }
 
-template <class T>
-__device__ inline T warp_max(T v) {
-  for (int lane_mask = kWarp / 2; lane_mask > 0; lane_mask /= 2) {
-    const T other = __shfl_xor_sync(0xffffffffu, v, lane_mask);
-    v = other > v ? other : v;
-  }
-  return v;
-}
-
 // ---- checks ----
 
 void check_float(const Tensor& t, const char* kernel, const char* what) {
@@ -292,7 +283,7 @@ __global__ void batch_norm_forward_apply_kernel(const T* x, const double* coef, 
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const T v = static_cast<T>(fma(double(in.v[j]), scale, shift));
-      out.v[j] = kRelu ? (v > T(0) ? v : T(0)) : v;
+      out.v[j] = kRelu ? relu_value(v) : v;
     }
     store_pack<T, V, kAligned>(y, i, out);
   });
@@ -545,18 +536,13 @@ __global__ void copy_block_kernel(const U* src, U* dst, int64_t total, int64_t i
 // ---------------------------------------------------------------------------------------------------
 // log_softmax over the last dimension of (N,K): one warp per row
 
-// y = x - (top + log(sum(exp(x - top)))), the sum (and the exp) in double as on the CPU.
+// y = x - log_sum_exp(x), as on the CPU.
 template <class T>
 __global__ void log_softmax_forward_kernel(const T* x, T* y, int64_t rows, int64_t k) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t r = grid_start() / kWarp; r < rows; r += grid_step() / kWarp) {
     const T* in = x + r * k;
-    T top = T(-INFINITY);
-    for (int64_t j = lane; j < k; j += kWarp) top = in[j] > top ? in[j] : top;
-    top = warp_max(top);
-    double sum = 0;
-    for (int64_t j = lane; j < k; j += kWarp) sum += exp(double(in[j] - top));
-    const T log_sum = static_cast<T>(top + log(warp_sum(sum)));
+    const T log_sum = warp_log_sum_exp(in, k, lane);
     for (int64_t j = lane; j < k; j += kWarp) y[r * k + j] = in[j] - log_sum;
   }
 }

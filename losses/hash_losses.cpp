@@ -1,5 +1,6 @@
 // The MDFF-SH losses (see hash_losses.h), composed from core ops so that they run on any device and
-// get their gradients from autograd; J1's likelihood is the fused ops::pairwise_logistic_loss.
+// get their gradients from autograd; each loss's pass over its (N, ...) matrix is one fused op:
+// ops::pairwise_logistic_loss (J1), ops::quantization_loss (J2), ops::cross_entropy (J3).
 #include "losses/hash_losses.h"
 
 #include "core/autograd.h"
@@ -63,10 +64,7 @@ Tensor pairwise_loss_batch(const Tensor& u, const Tensor& labels) {
   return ops::pairwise_logistic_loss(theta, similarity(labels, labels));
 }
 
-Tensor quantization_loss(const Tensor& u) {
-  const Tensor diff = ops::sub(ops::sign(u), u);  // b - u, with b constant
-  return ops::scale(ops::sum(ops::mul(diff, diff)), 1.0 / static_cast<double>(u.size(0)));
-}
+Tensor quantization_loss(const Tensor& u) { return ops::quantization_loss(u); }
 
 Tensor classification_loss(const Tensor& logits, const Tensor& labels) {
   MDFF_CHECK(logits.shape() == labels.shape(), "classification_loss: logits ", shape_str(logits.shape()),

@@ -6,8 +6,9 @@
 //   stride-2 shortcut, a 3x3 on a 1x1 map), with and without bias, batch 1 and 4, and its algorithm
 //   cache; conv2d_bn_eval against the separate ops; conv2d and matmul with TF32 on, at TF32's accuracy;
 // - batch_norm2d (training, with its running statistics, and evaluation), max_pool2d (ties, padding,
-//   NaN), global_avg_pool, upsample_nearest, resize_bilinear, concat, log_softmax, cross_entropy,
-//   pairwise_logistic_loss (the fused J1 likelihood: saturated theta, a deterministic mean),
+//   NaN), global_avg_pool, upsample_nearest, resize_bilinear, concat, log_softmax, the fused losses
+//   pairwise_logistic_loss (J1's likelihood: saturated theta, a deterministic mean), quantization_loss
+//   (J2) and cross_entropy (J3, soft targets),
 //   gather_rows (repeated rows) and scatter_rows_, and a row index out of range, reported at the next
 //   synchronisation through the deferred device-error channel;
 // - RMSProp and SGD over a ParameterBuffer; pack_signs, hamming_distances, hamming_top_k and count_non_finite_ (exact);
@@ -299,7 +300,7 @@ Tensor soft_targets(int64_t n, int64_t k, DType dtype, Rng& rng) {
     for (int64_t j = 0; j < k; ++j) total += values[r * k + j];
     for (int64_t j = 0; j < k; ++j) values[r * k + j] /= total;
   }
-  return as_leaf(Tensor::from_vector(values, {n, k}, dtype));
+  return Tensor::from_vector(values, {n, k}, dtype);  // a constant, as cross_entropy requires
 }
 
 // Pair similarities in {0,1}, about a quarter of them 1 (constants: no gradient).
@@ -960,8 +961,27 @@ TEST_CASE("log_softmax and cross_entropy with soft targets match the CPU forward
       check_op_parity(log_softmax, {{"x", cpu_leaf(shape, rng, dtype)}}, bounds, "log_softmax");
     // Logits far apart: exp would overflow without subtracting the row's maximum.
     check_op_parity(log_softmax, {{"x", cpu_leaf({8, 10}, rng, dtype, 50.0)}}, bounds, "log_softmax of large logits");
-    const Tensor logits = cpu_leaf({8, 10}, rng, dtype), target = soft_targets(8, 10, dtype, rng);
-    check_op_parity(cross_entropy, {{"logits", logits}, {"target", target}}, bounds, "cross_entropy");
+    // the fused J3: CIFAR-10's classes at a small batch, NUS-WIDE's 21 at batch 128 (four rows per
+    // warp-stride step of the grid), one class
+    for (const Shape& shape : {Shape{8, 10}, Shape{128, 21}, Shape{5, 1}}) {
+      const Tensor logits = cpu_leaf(shape, rng, dtype, 3.0), target = soft_targets(shape[0], shape[1], dtype, rng);
+      check_op_parity(cross_entropy, {{"logits", logits}, {"target", target}}, bounds, "cross_entropy");
+    }
+  }
+}
+
+TEST_CASE("quantization_loss (the fused J2) matches the CPU forward and backward, and its sum is deterministic") {
+  const OpFn loss = [](const std::vector<Tensor>& in) { return ops::quantization_loss(in[0]); };
+  for (DType dtype : kFloatTypes) {
+    Rng rng(44);
+    const Bounds bounds{product_bound(dtype), elementwise_bound(dtype)};  // a sum in double; 2 (u - sign(u))
+    // one block; a batch of 64-bit codes; many blocks (a partial sum each)
+    for (const Shape& shape : {Shape{3, 7}, Shape{128, 64}, Shape{4096, 128}})
+      check_op_parity(loss, {{"u", cpu_leaf(shape, rng, dtype, 0.6)}}, bounds, "quantization_loss");
+    // exact zeros: sign(0) = +1 on both devices
+    check_op_parity(loss, {{"u", as_leaf(Tensor::zeros({4, 8}, dtype))}}, {0.0, 0.0}, "quantization_loss at u = 0");
+    const Tensor u = Tensor::randn({4096, 128}, rng, 0.6, dtype).to(Device::CUDA);
+    CHECK(ops::quantization_loss(u).item() == ops::quantization_loss(u).item());
   }
 }
 

@@ -76,6 +76,15 @@ TEST_CASE("the fused pairwise logistic loss, at ordinary and at large |theta|") 
             Tensor::from_vector(std::vector<double>{0, 1, 0, 1}, {2, 2}, DType::F64)});
 }
 
+TEST_CASE("the fused quantization loss") {
+  Rng rng(15);
+  const auto loss = [](const Ts& t) { return ops::quantization_loss(t[0]); };
+  // away from 0, where sign(u) jumps and a finite difference across the jump would see it
+  const Ts in{test::away_from_zero({4, 6}, rng)};
+  check_op("quantization_loss", loss, in);
+  CHECK(f32_vs_f64(loss, in) < kF32Tolerance);
+}
+
 TEST_CASE("matmul with every transpose combination") {
   Rng rng(5);
   for (bool ta : {false, true})
@@ -196,7 +205,10 @@ TEST_CASE("log_softmax and cross-entropy with soft targets") {
   // a normalised multi-hot target (multi-label J3) and a one-hot one
   Tensor target = Tensor::from_vector(std::vector<double>{0.5, 0, 0.5, 0, 0, 0, 1, 0, 1.0 / 3, 1.0 / 3, 1.0 / 3, 0},
                                       {3, 4}, DType::F64);
-  check_op("log_softmax", [&](const Ts& t) { return ops::cross_entropy(t[0], target); }, {param({3, 4}, rng, 2.0)});
+  check_op("cross_entropy", [&](const Ts& t) { return ops::cross_entropy(t[0], target); }, {param({3, 4}, rng, 2.0)});
+  // rows whose target does not sum to 1 (raw multi-hot labels): the gradient's softmax term scales with it
+  const Tensor multi_hot = Tensor::from_vector(std::vector<double>{1, 0, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0}, {3, 4}, DType::F64);
+  check_op("cross_entropy", [&](const Ts& t) { return ops::cross_entropy(t[0], multi_hot); }, {param({3, 4}, rng, 2.0)});
   CHECK(f32_vs_f64([](const Ts& t) { return ops::cross_entropy(t[0], t[1]); }, {param({3, 4}, rng), target}) <
         kF32Tolerance);
 }

@@ -23,9 +23,9 @@ TEST_CASE("J1, J2 and J3 gradients") {
   test::check_op("pairwise_logistic_loss", [&](const Ts& t) { return pairwise_loss(t[0], kLabels, codes, code_labels); },
                  {u});
   test::check_op("matmul", [&](const Ts& t) { return pairwise_loss_batch(t[0], kLabels); }, {u});
-  test::check_op("mul", [](const Ts& t) { return quantization_loss(t[0]); }, {u});
+  test::check_op("quantization_loss", [](const Ts& t) { return quantization_loss(t[0]); }, {u});
   const Tensor logits = Tensor::randn({4, 3}, rng, 2.0, DType::F64).set_requires_grad();
-  test::check_op("log_softmax", [](const Ts& t) { return classification_loss(t[0], kLabels); }, {logits});
+  test::check_op("cross_entropy", [](const Ts& t) { return classification_loss(t[0], kLabels); }, {logits});
 }
 
 TEST_CASE("hand-computed values") {

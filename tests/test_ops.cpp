@@ -236,6 +236,68 @@ TEST_CASE("pairwise_logistic_loss is stable at large |theta| and checks its oper
                        doctest::Contains("no pairs"), Error);
 }
 
+// The largest difference between two gradient vectors, relative to the largest |composed| element.
+double relative_gap(const std::vector<double>& fused, const std::vector<double>& composed) {
+  REQUIRE(fused.size() == composed.size());
+  double largest = 0, worst = 0;
+  for (size_t i = 0; i < composed.size(); ++i) {
+    largest = std::max(largest, std::abs(composed[i]));
+    worst = std::max(worst, std::abs(fused[i] - composed[i]));
+  }
+  REQUIRE(largest > 0);
+  return worst / largest;
+}
+
+TEST_CASE("the fused J2 and J3 (quantization_loss, cross_entropy) equal their compositions, forward and backward") {
+  Rng rng(8);
+  for (DType dtype : {DType::F64, DType::F32}) {
+    CAPTURE(dtype_name(dtype));
+    const double bound = dtype == DType::F64 ? 1e-13 : 1e-6;  // rounding of T: a few ulps
+    const Tensor upstream = Tensor::full({}, 1.7, dtype);
+    // The loss and x's gradient for an upstream gradient other than 1.
+    auto run = [&](Tensor& x, const std::function<Tensor()>& f) {
+      x.zero_grad();
+      const Tensor loss = f();
+      loss.backward(upstream);
+      return std::make_pair(loss.item(), x.grad().to_vector());
+    };
+    // (64,600) is above the CPU's parallel grain: the ordered sum runs over the threads
+    for (const Shape& shape : {Shape{4, 8}, Shape{64, 600}}) {
+      CAPTURE(shape_str(shape));
+      Tensor u = Tensor::uniform(shape, rng, -1.0, 1.0, dtype).set_requires_grad();
+      const auto [fused, fused_grad] = run(u, [&] { return ops::quantization_loss(u); });
+      const auto [composed, composed_grad] = run(u, [&] {
+        const Tensor d = ops::sub(ops::sign(u), u);
+        return ops::scale(ops::sum(ops::mul(d, d)), 1.0 / static_cast<double>(shape[0]));
+      });
+      CHECK(std::abs(fused - composed) <= bound * std::abs(composed));
+      CHECK(relative_gap(fused_grad, composed_grad) <= bound);
+    }
+    // soft targets (rows summing to about 1) and multi-hot rows of 0s and 2s: the gradient's softmax term
+    // scales with each row's total
+    Tensor logits = Tensor::randn({16, 10}, rng, 3.0, dtype).set_requires_grad();
+    const Tensor soft = Tensor::uniform({16, 10}, rng, 0.0, 0.2, dtype);
+    const Tensor multi_hot = ops::add(ops::sign(ops::add(Tensor::uniform({16, 10}, rng, 0.0, 1.0, dtype),
+                                                         Tensor::full({}, -0.7, dtype))),
+                                      Tensor::full({}, 1.0, dtype));  // 0 or 2
+    for (const Tensor& target : {soft, multi_hot}) {
+      const auto [fused, fused_grad] = run(logits, [&] { return ops::cross_entropy(logits, target); });
+      const auto [composed, composed_grad] = run(logits, [&] {
+        return ops::scale(ops::sum(ops::mul(target, ops::log_softmax(logits))), -1.0 / 16.0);
+      });
+      CHECK(std::abs(fused - composed) <= bound * std::abs(composed));
+      CHECK(relative_gap(fused_grad, composed_grad) <= bound);
+    }
+  }
+  const Tensor logits = Tensor::zeros({2, 3});
+  CHECK_THROWS_WITH_AS(ops::cross_entropy(logits, Tensor::zeros({2, 3}).set_requires_grad()),
+                       doctest::Contains("must not require grad"), Error);
+  CHECK_THROWS_WITH_AS(ops::cross_entropy(Tensor::zeros({2, 0}), Tensor::zeros({2, 0})),
+                       doctest::Contains("N, K >= 1"), Error);
+  CHECK_THROWS_WITH_AS(ops::quantization_loss(Tensor::zeros({8})), doctest::Contains("u (N,L)"), Error);
+  CHECK_THROWS_WITH_AS(ops::quantization_loss(Tensor::zeros({0, 8})), doctest::Contains("holds no codes"), Error);
+}
+
 TEST_CASE("log_softmax and cross-entropy") {
   const Tensor logits = t64({1, 2, 3, 1000, 1000, -1000}, {2, 3});
   const std::vector<double> ls = ops::log_softmax(logits).to_vector();
