@@ -41,7 +41,8 @@ struct MemoryStats {
 
 // AddRelu: max(a + b, 0), the residual join of a bottleneck block in one pass (ops::add_relu).
 enum class BinaryOp { Add, Sub, Mul, Div, AddRelu };
-enum class UnaryOp { Relu, Tanh, Sign, Softplus };
+// Heaviside: 1 for x > 0, 0 otherwise (the pair similarity from label-overlap counts).
+enum class UnaryOp { Relu, Tanh, Sign, Softplus, Heaviside };
 
 class Backend {
  public:
@@ -66,7 +67,8 @@ class Backend {
   virtual void binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out);
   virtual void scale(const Tensor& x, double alpha, const Tensor& out);  // writes out = alpha * x
   virtual void unary(UnaryOp op, const Tensor& x, const Tensor& out);
-  // Writes grad_x from grad_y. Relu uses x (gradient 0 at x <= 0), Tanh uses y, Softplus uses x.
+  // Writes grad_x from grad_y. Relu uses x (gradient 0 at x <= 0), Tanh uses y, Softplus uses x; Sign and
+  // Heaviside write 0.
   virtual void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
                               const Tensor& grad_x);
 

@@ -701,10 +701,11 @@ class CpuBackend final : public Backend {
       T* yp = ptr<T>(out);
       const int64_t n = x.numel();
       switch (op) {
-        case UnaryOp::Relu: for_each_index(n, [=](int64_t i) { yp[i] = xp[i] > T(0) ? xp[i] : T(0); }); break;
+        case UnaryOp::Relu: for_each_index(n, [=](int64_t i) { yp[i] = relu_value(xp[i]); }); break;
         case UnaryOp::Tanh: for_each_index(n, [=](int64_t i) { yp[i] = std::tanh(xp[i]); }); break;
         case UnaryOp::Sign: for_each_index(n, [=](int64_t i) { yp[i] = sign_value(xp[i]); }); break;
         case UnaryOp::Softplus: for_each_index(n, [=](int64_t i) { yp[i] = stable_softplus(xp[i]); }); break;
+        case UnaryOp::Heaviside: for_each_index(n, [=](int64_t i) { yp[i] = xp[i] > T(0) ? T(1) : T(0); }); break;
       }
     });
   }
@@ -726,7 +727,8 @@ class CpuBackend final : public Backend {
           });
           break;
         case UnaryOp::Tanh: for_each_index(n, [=](int64_t i) { gx[i] = gy[i] * (T(1) - yp[i] * yp[i]); }); break;
-        case UnaryOp::Sign: for_each_index(n, [=](int64_t i) { gx[i] = T(0); }); break;
+        case UnaryOp::Sign:
+        case UnaryOp::Heaviside: for_each_index(n, [=](int64_t i) { gx[i] = T(0); }); break;
         case UnaryOp::Softplus: for_each_index(n, [=](int64_t i) { gx[i] = gy[i] * stable_sigmoid(xp[i]); }); break;
       }
     });

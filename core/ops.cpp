@@ -116,7 +116,8 @@ Tensor unary(UnaryOp op, const Tensor& x, const char* name) {
   check_float(x, name, "input");
   Tensor y = empty_like(x);
   backend_of(x).unary(op, x, y);
-  if (op == UnaryOp::Sign) return y;  // piecewise constant: no gradient flows, no graph is recorded
+  // piecewise constant: no gradient flows, no graph is recorded
+  if (op == UnaryOp::Sign || op == UnaryOp::Heaviside) return y;
   // Tanh's derivative is computed from its output; Relu's and Softplus's from the input.
   Tensor saved_x = op == UnaryOp::Tanh ? Tensor() : x.detach();
   Tensor saved_y = op == UnaryOp::Tanh ? y.detach() : Tensor();
@@ -145,6 +146,7 @@ Tensor relu(const Tensor& x) { return unary(UnaryOp::Relu, x, "relu"); }
 Tensor tanh(const Tensor& x) { return unary(UnaryOp::Tanh, x, "tanh"); }
 Tensor sign(const Tensor& x) { return unary(UnaryOp::Sign, x, "sign"); }
 Tensor softplus(const Tensor& x) { return unary(UnaryOp::Softplus, x, "softplus"); }
+Tensor heaviside(const Tensor& x) { return unary(UnaryOp::Heaviside, x, "heaviside"); }
 
 Tensor sum(const Tensor& x) {
   check_float(x, "sum", "input");
@@ -163,7 +165,7 @@ Tensor mean(const Tensor& x) {
   return scale(sum(x), 1.0 / static_cast<double>(x.numel()));
 }
 
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha) {
   check_compatible("matmul", {{"a", &a}, {"b", &b}});
   check_rank(a, 2, "matmul", "a");
   check_rank(b, 2, "matmul", "b");
@@ -172,14 +174,15 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   MDFF_CHECK(k == kb, "matmul: inner dimensions differ: ", shape_str(a.shape()), (trans_a ? "^T" : ""), " x ",
              shape_str(b.shape()), (trans_b ? "^T" : ""));
   Tensor c = empty_as(a, {m, n});
-  backend_of(a).gemm(trans_a, trans_b, 1.0, a, b, 0.0, c);
+  backend_of(a).gemm(trans_a, trans_b, alpha, a, b, 0.0, c);
   const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
   Tensor saved_a = b_needs ? a.detach() : Tensor(), saved_b = a_needs ? b.detach() : Tensor();
   return record(c, "matmul", {a, b}, [=](const Tensor& g) {
-    // C = op(A) op(B): d op(A) = G op(B)^T and d op(B) = op(A)^T G, transposed back where op transposed.
+    // C = alpha op(A) op(B): d op(A) = alpha G op(B)^T and d op(B) = alpha op(A)^T G, transposed back where
+    // op transposed.
     Tensor ga, gb;
-    if (a_needs) ga = trans_a ? matmul(saved_b, g, trans_b, true) : matmul(g, saved_b, false, !trans_b);
-    if (b_needs) gb = trans_b ? matmul(g, saved_a, true, trans_a) : matmul(saved_a, g, !trans_a, false);
+    if (a_needs) ga = trans_a ? matmul(saved_b, g, trans_b, true, alpha) : matmul(g, saved_b, false, !trans_b, alpha);
+    if (b_needs) gb = trans_b ? matmul(g, saved_a, true, trans_a, alpha) : matmul(saved_a, g, !trans_a, false, alpha);
     return Grads{ga, gb};
   });
 }

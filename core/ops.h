@@ -21,14 +21,16 @@ Tensor relu(const Tensor& x);
 Tensor tanh(const Tensor& x);
 Tensor sign(const Tensor& x);      // +1 for x >= 0 (sign(0) = +1), -1 otherwise; no gradient (constant)
 Tensor softplus(const Tensor& x);  // log(1 + e^x) in the stable form max(x,0) + log1p(e^-|x|)
+Tensor heaviside(const Tensor& x); // 1 for x > 0, 0 otherwise (heaviside(0) = 0); no gradient (constant)
 
 // ---- reductions (to a 0-dim tensor) ----
 Tensor sum(const Tensor& x);
 Tensor mean(const Tensor& x);
 
 // ---- matrix products ----
-// (M,K) x (K,N) -> (M,N), with either operand transposed first.
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// alpha (M,K) x (K,N) -> (M,N), with either operand transposed first; alpha rides in the GEMM (no
+// extra pass over the product, forward or backward).
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false, double alpha = 1.0);
 // x (N,in), weight (out,in), bias (out) or undefined -> (N,out): x weight^T + bias.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
 

@@ -84,6 +84,7 @@ const char* unary_name(UnaryOp op) {
     case UnaryOp::Tanh: return "tanh ";
     case UnaryOp::Sign: return "sign ";
     case UnaryOp::Softplus: return "softplus ";
+    case UnaryOp::Heaviside: return "heaviside ";
   }
   return "? ";
 }

@@ -188,6 +188,7 @@ __device__ inline T apply_unary(T x) {
   if constexpr (Op == UnaryOp::Relu) return relu_value(x);
   else if constexpr (Op == UnaryOp::Tanh) return dev_tanh(x);
   else if constexpr (Op == UnaryOp::Sign) return sign_value(x);
+  else if constexpr (Op == UnaryOp::Heaviside) return x > T(0) ? T(1) : T(0);
   else return softplus(x);
 }
 
@@ -208,6 +209,7 @@ void launch_unary(UnaryOp op, const Tensor& x, const Tensor& out) {
     case UnaryOp::Tanh: unary_kernel<UnaryOp::Tanh, T><<<blocks, kThreads, 0, stream()>>>(px, po, n); break;
     case UnaryOp::Sign: unary_kernel<UnaryOp::Sign, T><<<blocks, kThreads, 0, stream()>>>(px, po, n); break;
     case UnaryOp::Softplus: unary_kernel<UnaryOp::Softplus, T><<<blocks, kThreads, 0, stream()>>>(px, po, n); break;
+    case UnaryOp::Heaviside: unary_kernel<UnaryOp::Heaviside, T><<<blocks, kThreads, 0, stream()>>>(px, po, n); break;
   }
   MDFF_CUDA_CHECK_LAUNCH();
 }
@@ -241,7 +243,8 @@ void launch_unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const T
     case UnaryOp::Relu: return launch_unary_backward<UnaryOp::Relu, T>(x, grad_y, grad_x);
     case UnaryOp::Tanh: return launch_unary_backward<UnaryOp::Tanh, T>(y, grad_y, grad_x);  // 1 - y^2
     case UnaryOp::Softplus: return launch_unary_backward<UnaryOp::Softplus, T>(x, grad_y, grad_x);
-    case UnaryOp::Sign: return launch_fill<T>(grad_x, 0.0);  // sign is flat almost everywhere
+    case UnaryOp::Sign:
+    case UnaryOp::Heaviside: return launch_fill<T>(grad_x, 0.0);  // flat almost everywhere
   }
 }
 

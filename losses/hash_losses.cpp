@@ -30,8 +30,6 @@ void PairMemory::write(const Tensor& index, const Tensor& u) {
 }
 
 namespace {
-Tensor scalar_like(const Tensor& t, double value) { return Tensor::full({}, value, t.dtype(), t.device()); }
-
 void check_codes(const Tensor& u, const Tensor& labels, const char* loss) {
   MDFF_CHECK(u.dim() == 2 && labels.dim() == 2 && u.size(0) == labels.size(0), loss, ": codes ",
              shape_str(u.shape()), " and labels ", shape_str(labels.shape()), " must be (N,L) and (N,K)");
@@ -40,16 +38,14 @@ void check_codes(const Tensor& u, const Tensor& labels, const char* loss) {
 
 Tensor similarity(const Tensor& labels_a, const Tensor& labels_b) {
   NoGradGuard no_grad;
-  const Tensor shared = ops::matmul(labels_a, labels_b, false, true);  // counts of shared labels (N,M)
-  // counts are whole numbers: sign(count - 1/2) is +1 when one label or more is shared, -1 otherwise
-  const Tensor pm = ops::sign(ops::add(shared, scalar_like(shared, -0.5)));
-  return ops::scale(ops::add(pm, scalar_like(pm, 1.0)), 0.5);
+  // counts of shared labels (N,M): 1 where at least one is shared
+  return ops::heaviside(ops::matmul(labels_a, labels_b, false, true));
 }
 
 Tensor pairwise_loss(const Tensor& u, const Tensor& labels, const Tensor& codes, const Tensor& code_labels) {
   check_codes(u, labels, "pairwise_loss");
   MDFF_CHECK(!codes.requires_grad(), "pairwise_loss: the codes paired with u are constants (detach them)");
-  const Tensor theta = ops::scale(ops::matmul(u, codes, false, true), 0.5);  // (N,M)
+  const Tensor theta = ops::matmul(u, codes, false, true, 0.5);  // (N,M)
   return ops::pairwise_logistic_loss(theta, similarity(labels, code_labels));
 }
 
@@ -60,7 +56,7 @@ Tensor pairwise_loss_dataset(const Tensor& u, const Tensor& labels, const Tensor
 
 Tensor pairwise_loss_batch(const Tensor& u, const Tensor& labels) {
   check_codes(u, labels, "pairwise_loss_batch");
-  const Tensor theta = ops::scale(ops::matmul(u, u, false, true), 0.5);  // (N,N), both sides differentiable
+  const Tensor theta = ops::matmul(u, u, false, true, 0.5);  // (N,N), both sides differentiable
   return ops::pairwise_logistic_loss(theta, similarity(labels, labels));
 }
 

@@ -583,6 +583,7 @@ TEST_CASE("unary ops match the CPU forward and backward") {
       check_unary_parity([](const Tensor& x) { return ops::relu(x); }, shape, dtype, "relu");
       check_unary_parity([](const Tensor& x) { return ops::tanh(x); }, shape, dtype, "tanh");
       check_unary_parity([](const Tensor& x) { return ops::softplus(x); }, shape, dtype, "softplus");
+      check_unary_parity([](const Tensor& x) { return ops::heaviside(x); }, shape, dtype, "heaviside");
       check_unary_parity([](const Tensor& x) { return ops::scale(x, -2.5); }, shape, dtype, "scale");
     }
     // Large blocks exercise the grid-stride loop (more items than threads).
@@ -702,7 +703,8 @@ TEST_CASE("matmul and linear (cuBLAS gemm) match the CPU forward and backward") 
         const Tensor a = cpu_leaf(trans_a ? Shape{k, m} : Shape{m, k}, rng, dtype);
         const Tensor b = cpu_leaf(trans_b ? Shape{n, k} : Shape{k, n}, rng, dtype);
         const Tensor ac = cuda_twin(a), bc = cuda_twin(b);
-        const Tensor c = ops::matmul(a, b, trans_a, trans_b), cc = ops::matmul(ac, bc, trans_a, trans_b);
+        const double alpha = trans_b ? 0.5 : 1.0;  // J1's theta = 0.5 u U^T: alpha inside the GEMM
+        const Tensor c = ops::matmul(a, b, trans_a, trans_b, alpha), cc = ops::matmul(ac, bc, trans_a, trans_b, alpha);
         const std::string what = std::string("matmul ") + dtype_name(dtype) + (trans_a ? " A^T" : " A") +
                                  (trans_b ? " B^T" : " B");
         check_close(c, cc, product_bound(dtype), what + " forward");

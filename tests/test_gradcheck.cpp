@@ -96,9 +96,11 @@ TEST_CASE("matmul with every transpose combination") {
       check_op("matmul", [=](const Ts& t) { return ops::matmul(t[0], t[1], ta, tb); }, in);
       CHECK(f32_vs_f64([=](const Ts& t) { return ops::matmul(t[0], t[1], ta, tb); }, in) < kF32Tolerance);
     }
-  // U-matrix shape of the pairwise loss: theta = 0.5 * u U^T, batch against all rows
-  check_op("matmul", [](const Ts& t) { return ops::scale(ops::matmul(t[0], t[1], false, true), 0.5); },
+  // U-matrix shape of the pairwise loss: theta = 0.5 * u U^T (alpha inside the GEMM), batch against all rows
+  check_op("matmul", [](const Ts& t) { return ops::matmul(t[0], t[1], false, true, 0.5); },
            {param({4, 12}, rng), param({9, 12}, rng)});
+  check_op("matmul", [](const Ts& t) { return ops::matmul(t[0], t[1], true, false, -1.5); },
+           {param({12, 4}, rng), param({12, 9}, rng)});
 }
 
 TEST_CASE("linear") {

@@ -170,14 +170,27 @@ TEST_CASE("global average pool, nearest upsampling and bilinear resizing") {
                        doctest::Contains("no backward"), Error);
 }
 
-TEST_CASE("unary values: sign(0) = +1, softplus is stable at large |x|") {
+TEST_CASE("unary values: sign(0) = +1, heaviside(0) = 0, softplus is stable at large |x|") {
   check_close(ops::sign(t64({-2, 0, 3}, {3})), {-1, 1, 1});
+  Tensor counts = t64({-2, 0, -0.0, 0.5, 3}, {5}).set_requires_grad();
+  const Tensor step = ops::heaviside(counts);
+  check_close(step, {0, 0, 0, 1, 1});
+  CHECK_FALSE(step.requires_grad());  // a constant, as sign
   const std::vector<double> sp = ops::softplus(Tensor::from_vector(std::vector<float>{-100, 0, 50, 100}, {4})).to_vector();
   CHECK(sp[0] >= 0);  // log1p(e^-100) = 3.7e-44 is a denormal float: flushed to 0 (core/cpu_backend.cpp)
   CHECK(sp[0] < 1e-40);
   CHECK(sp[1] == doctest::Approx(std::log(2.0)));
   CHECK(sp[2] == 50);
   CHECK(sp[3] == 100);
+}
+
+TEST_CASE("matmul's alpha scales the product and both gradients") {
+  const Tensor a = t64({1, 2, 3, 4}, {2, 2}).set_requires_grad(), b = t64({5, 6, 7, 8}, {2, 2}).set_requires_grad();
+  const Tensor c = ops::matmul(a, b, false, true, 0.5);  // 0.5 a b^T
+  check_close(c, {8.5, 11.5, 19.5, 26.5});
+  ops::sum(c).backward();
+  check_close(a.grad(), {6, 7, 6, 7});  // 0.5 (1 1) b: the column sums of b, halved, in every row
+  check_close(b.grad(), {2, 3, 2, 3});  // 0.5 (1 1) a
 }
 
 TEST_CASE("pairwise_logistic_loss equals mean(softplus(theta) - s theta), forward and backward") {
