@@ -112,7 +112,10 @@ export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
 step test_cuda test_cuda.log 240 "$bundle/bin/test_cuda"
 # doctest exits 1 when checks fail; anything else (a crash, a timeout) hides the cases after the one that
 # stopped it, so then each case runs on its own process (commas in a name are escaped for -tc).
-if [[ $last_rc != 0 && $last_rc != 1 ]]; then
+# 77: skipped (no usable GPU; the log says why); 126/127: it did not start (a library the loader did not find).
+if [[ $last_rc == 77 || $last_rc == 126 || $last_rc == 127 ]]; then
+  echo "  test_cuda did not run: $(head -c 300 "$logs/test_cuda.log" | head -n 2 | tr '\n' ' ')" | tee -a "$summary"
+elif [[ $last_rc != 0 && $last_rc != 1 ]]; then
   echo "test_cuda stopped early (rc=$last_rc): every case on its own" | tee -a "$summary"
   case_number=0
   while IFS= read -r name; do
