@@ -150,7 +150,7 @@ class Backend {
   virtual void quantization_backward(const Tensor& u, const Tensor& grad_out, const Tensor& grad_u);
   // Cross-entropy against soft targets in one pass: out (0-dim) = (1/N) sum over rows n of
   // sum_k target[n,k] (lse[n] - logits[n,k]), lse[n] the row's log-sum-exp as log_softmax_forward computes
-  // it (written to log_sum_exp (N) for backward), each row's sum in double, rows added in order.
+  // it (written to log_sum_exp (N) for backward), each row's sum in double, rows added in a fixed order.
   // logits and target (N,K).
   virtual void cross_entropy_forward(const Tensor& logits, const Tensor& target, const Tensor& out,
                                      const Tensor& log_sum_exp);

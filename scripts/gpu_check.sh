@@ -48,6 +48,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 status=0
+last_rc=0  # the exit status of the last step that ran
 logs="$out/logs"
 mkdir -p "$logs"
 budget=${GPU_CHECK_BUDGET:-540}

@@ -703,7 +703,7 @@ TEST_CASE("matmul and linear (cuBLAS gemm) match the CPU forward and backward") 
         const Tensor a = cpu_leaf(trans_a ? Shape{k, m} : Shape{m, k}, rng, dtype);
         const Tensor b = cpu_leaf(trans_b ? Shape{n, k} : Shape{k, n}, rng, dtype);
         const Tensor ac = cuda_twin(a), bc = cuda_twin(b);
-        const double alpha = trans_b ? 0.5 : 1.0;  // J1's theta = 0.5 u U^T: alpha inside the GEMM
+        const double alpha = trans_b ? 0.5 : -1.5;  // J1's theta = 0.5 u U^T: alpha inside the GEMM
         const Tensor c = ops::matmul(a, b, trans_a, trans_b, alpha), cc = ops::matmul(ac, bc, trans_a, trans_b, alpha);
         const std::string what = std::string("matmul ") + dtype_name(dtype) + (trans_a ? " A^T" : " A") +
                                  (trans_b ? " B^T" : " B");
@@ -963,9 +963,10 @@ TEST_CASE("log_softmax and cross_entropy with soft targets match the CPU forward
       check_op_parity(log_softmax, {{"x", cpu_leaf(shape, rng, dtype)}}, bounds, "log_softmax");
     // Logits far apart: exp would overflow without subtracting the row's maximum.
     check_op_parity(log_softmax, {{"x", cpu_leaf({8, 10}, rng, dtype, 50.0)}}, bounds, "log_softmax of large logits");
-    // the fused J3: CIFAR-10's classes at a small batch, NUS-WIDE's 21 at batch 128 (four rows per
-    // warp-stride step of the grid), one class
-    for (const Shape& shape : {Shape{8, 10}, Shape{128, 21}, Shape{5, 1}}) {
+    // the fused J3: CIFAR-10's classes at a small batch, NUS-WIDE's 21 at batch 128, one class, more
+    // classes than a warp's lanes (each lane loops over the row), and more rows than the grid has warps
+    // (132 SMs x 16 blocks x 8 warps on the H200: each warp loops over rows)
+    for (const Shape& shape : {Shape{8, 10}, Shape{128, 21}, Shape{5, 1}, Shape{64, 100}, Shape{20000, 3}}) {
       const Tensor logits = cpu_leaf(shape, rng, dtype, 3.0), target = soft_targets(shape[0], shape[1], dtype, rng);
       check_op_parity(cross_entropy, {{"logits", logits}, {"target", target}}, bounds, "cross_entropy");
     }
@@ -977,12 +978,12 @@ TEST_CASE("quantization_loss (the fused J2) matches the CPU forward and backward
   for (DType dtype : kFloatTypes) {
     Rng rng(44);
     const Bounds bounds{product_bound(dtype), elementwise_bound(dtype)};  // a sum in double; 2 (u - sign(u))
-    // one block; a batch of 64-bit codes; many blocks (a partial sum each)
-    for (const Shape& shape : {Shape{3, 7}, Shape{128, 64}, Shape{4096, 128}})
+    // one block; a batch of 64-bit codes; more elements than the grid's threads (each thread loops)
+    for (const Shape& shape : {Shape{3, 7}, Shape{128, 64}, Shape{8192, 128}})
       check_op_parity(loss, {{"u", cpu_leaf(shape, rng, dtype, 0.6)}}, bounds, "quantization_loss");
     // exact zeros: sign(0) = +1 on both devices
     check_op_parity(loss, {{"u", as_leaf(Tensor::zeros({4, 8}, dtype))}}, {0.0, 0.0}, "quantization_loss at u = 0");
-    const Tensor u = Tensor::randn({4096, 128}, rng, 0.6, dtype).to(Device::CUDA);
+    const Tensor u = Tensor::randn({8192, 128}, rng, 0.6, dtype).to(Device::CUDA);
     CHECK(ops::quantization_loss(u).item() == ops::quantization_loss(u).item());
   }
 }

@@ -94,6 +94,7 @@ TEST_CASE("matmul with every transpose combination") {
       const Shape sa = ta ? Shape{4, 3} : Shape{3, 4}, sb = tb ? Shape{5, 4} : Shape{4, 5};
       const Ts in{param(sa, rng), param(sb, rng)};
       check_op("matmul", [=](const Ts& t) { return ops::matmul(t[0], t[1], ta, tb); }, in);
+      check_op("matmul", [=](const Ts& t) { return ops::matmul(t[0], t[1], ta, tb, -0.75); }, in);
       CHECK(f32_vs_f64([=](const Ts& t) { return ops::matmul(t[0], t[1], ta, tb); }, in) < kF32Tolerance);
     }
   // U-matrix shape of the pairwise loss: theta = 0.5 * u U^T (alpha inside the GEMM), batch against all rows
