@@ -13,6 +13,12 @@
 #       (CI runs those too) and the CPU conv benchmark. Writes summary.txt, the benchmarks' JSON and
 #       logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files, as the device
 #       tool brings back at most 8. Exit status: 0 when every step passed.
+#       GPU_CHECK_ONLY=REGEX runs only the steps whose names match (a rerun after a fix, e.g.
+#       GPU_CHECK_ONLY='test_cuda|benchmark'); the names are those of summary.txt.
+#       The device time of a session is 15 minutes, a machine's start included (a minute or more), and a
+#       machine goes back 30 s after a call: to leave room for a rerun after a fix, run the first call with
+#       GPU_CHECK_BUDGET=400 (test_cuda, both benchmarks, the ranking, the sync run and most of the rest),
+#       give the machine back while reading, and rerun only what failed.
 #       The GPU benchmark (bench_model --device cuda, next to PyTorch in the same run) times the training
 #       step and encoding at batch 32 and 128, 224x224 and 32x32, in TF32 (bench_gpu.log/.json), then 224x224
 #       batch 32 in FP32 (bench_gpu_fp32.log/.json). Its PyTorch is the first python3 (PATH's, then
@@ -54,6 +60,7 @@ mkdir -p "$logs"
 budget=${GPU_CHECK_BUDGET:-540}
 step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left), logs, records PASS/FAIL
   local name=$1 log=$2 limit=$3; shift 3
+  [[ -n "${GPU_CHECK_ONLY:-}" && ! "$name" =~ $GPU_CHECK_ONLY ]] && return  # not asked for this run
   local left=$((budget - SECONDS))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
@@ -163,10 +170,11 @@ if [[ -n "$sanitizer" ]]; then
   step "compute-sanitizer racecheck" racecheck.log "$sanitizer_limit" "$sanitizer" --tool racecheck \
     --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*'
   for log in memcheck.log racecheck.log; do
+    [[ -f "$logs/$log" ]] || continue
     printf '  %-32s %s\n' "$log" "$(grep -m 1 'ERROR SUMMARY' "$logs/$log" || echo 'no ERROR SUMMARY (timed out or did not start; see the log)')" \
       | tee -a "$summary"
   done
-else
+elif [[ -z "${GPU_CHECK_ONLY:-}" || "compute-sanitizer" =~ $GPU_CHECK_ONLY ]]; then
   echo "compute-sanitizer                  FAIL: not found (PATH, /usr/local/cuda*/bin, the nvidia pip packages)" \
     | tee -a "$summary"
   status=1
