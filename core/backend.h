@@ -57,6 +57,11 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes);
   virtual void copy_on_device(void* dst, const void* src, size_t bytes);
   virtual void synchronize() {}
+  // How many times the host has waited for all the work queued on this device: synchronize(), each copy to
+  // the host, an upload too large for the staging buffers (0 on the CPU, where nothing is queued). A
+  // training step makes none (the trainer waits at its read-outs only; a test counts). Not counted: an
+  // upload waiting for a staging buffer the GPU has not yet read, when the host runs 8 uploads ahead.
+  virtual int64_t host_waits() const { return 0; }
   virtual MemoryStats memory_stats() const { return {}; }
   virtual void reset_peak_memory() {}
 

@@ -384,7 +384,9 @@ Tensor resize_bilinear(const Tensor& x, int64_t height, int64_t width) {
 Tensor concat(const std::vector<Tensor>& parts, int64_t dim) {
   MDFF_CHECK(!parts.empty(), "concat: no tensors to concatenate");
   const Tensor& first = parts[0];
-  check_float(first, "concat", "part 0");
+  check_defined(first, "concat", "part 0");
+  MDFF_CHECK(is_floating(first.dtype()) || first.dtype() == DType::I32, "concat: the parts must be float32, "
+             "float64 or int32 (indices, counts), got ", dtype_name(first.dtype()));
   const int64_t rank = first.dim();
   if (dim < 0) dim += rank;
   MDFF_CHECK(dim >= 0 && dim < rank, "concat: dimension out of range for tensors of shape ", shape_str(first.shape()));
@@ -392,7 +394,7 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t dim) {
   out_shape[dim] = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
     const Tensor& p = parts[i];
-    check_float(p, "concat", "a part");
+    check_defined(p, "concat", "a part");
     check_same_device(first, p, "concat");
     check_same_dtype(first, p, "concat");
     bool compatible = p.dim() == rank;

@@ -59,7 +59,7 @@ Tensor upsample_nearest(const Tensor& x, int64_t height, int64_t width);  // to 
 Tensor resize_bilinear(const Tensor& x, int64_t height, int64_t width);   // forward only (resizes inputs)
 
 // ---- layout ----
-Tensor concat(const std::vector<Tensor>& parts, int64_t dim);
+Tensor concat(const std::vector<Tensor>& parts, int64_t dim);  // float, or int32 parts (no gradient)
 
 // ---- classification ----
 Tensor log_softmax(const Tensor& x);  // over the last dim of (N,K)

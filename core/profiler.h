@@ -47,6 +47,7 @@ class ProfilingBackend final : public Backend {
   }
   void copy_on_device(void* dst, const void* src, size_t bytes) override { wrapped_.copy_on_device(dst, src, bytes); }
   void synchronize() override { wrapped_.synchronize(); }
+  int64_t host_waits() const override { return wrapped_.host_waits(); }
   MemoryStats memory_stats() const override { return wrapped_.memory_stats(); }
   void reset_peak_memory() override { wrapped_.reset_peak_memory(); }
 

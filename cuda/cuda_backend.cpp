@@ -5,6 +5,7 @@
 // core/backend.cpp reaches this file only through mdff::cuda::get_backend().
 #include <cublas_v2.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -121,12 +122,12 @@ class CudaBackend : public Backend {
     if (bytes <= StagingBuffers::kMaxBytes) return staging_.upload(dst, host_src, bytes);
     // Large one-off copies (a model's parameters, a whole dataset) are not worth pinned memory.
     MDFF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream()));
-    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    wait_for_stream();
   }
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     MDFF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
-    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    wait_for_stream();
     check_device_errors();
   }
   void copy_on_device(void* dst, const void* src, size_t bytes) override {
@@ -134,9 +135,10 @@ class CudaBackend : public Backend {
     MDFF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
   }
   void synchronize() override {
-    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    wait_for_stream();
     check_device_errors();
   }
+  int64_t host_waits() const override { return host_waits_.load(); }
   MemoryStats memory_stats() const override {
     const AllocatorStats a = allocator_stats();
     return {a.bytes_in_use, a.peak_bytes_in_use, a.bytes_cached, a.cuda_malloc_calls};
@@ -256,7 +258,13 @@ class CudaBackend : public Backend {
   }
 
  private:
+  // The host waits for everything queued on the stream (counted: host_waits()).
+  void wait_for_stream() {
+    ++host_waits_;
+    MDFF_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
   StagingBuffers staging_;
+  std::atomic<int64_t> host_waits_{0};
 };
 
 }  // namespace

@@ -130,14 +130,25 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
 void Trainer::read_out(std::vector<StepRecord>& pending) {
   std::vector<StepRecord> records;
   records.swap(pending);
+  if (records.empty()) return;
+  // Every record's values come to the host in two copies (the loss terms, the counts): the host waits for
+  // the device once per read-out, not once per value.
+  std::vector<Tensor> term_parts, count_parts;
+  for (const StepRecord& r : records) {
+    for (const Tensor* t : {&r.total, &r.j1, &r.j2, &r.j3}) term_parts.push_back(t->reshape({1}));
+    for (const Tensor* t : {&r.bad_grads, &r.bad_stats}) count_parts.push_back(t->reshape({1}));
+  }
+  const std::vector<double> terms = ops::concat(term_parts, 0).to_vector();    // (records x 4)
+  const std::vector<double> counts = ops::concat(count_parts, 0).to_vector();  // (records x 2)
   for (size_t i = 0; i < records.size(); ++i) {
     const StepRecord& r = records[i];
-    const double loss = r.total.item();  // the first read waits for the device; the rest are ready
+    const double loss = terms[4 * i], j1 = terms[4 * i + 1], j2 = terms[4 * i + 2], j3 = terms[4 * i + 3];
+    const double bad_grads = counts[2 * i], bad_stats = counts[2 * i + 1];
     const std::string at = detail::concat("at epoch ", partial_.epoch, ", step ", r.step);
     if (!std::isfinite(loss))
-      throw TrainingDiverged(detail::concat("the loss became ", loss, " ", at, " (J1 ", r.j1.item(), ", J2 ",
-                                            r.j2.item(), ", J3 ", r.j3.item(), "); lower --lr"));
-    if (r.bad_grads.item() > 0) {
+      throw TrainingDiverged(detail::concat("the loss became ", loss, " ", at, " (J1 ", j1, ", J2 ", j2, ", J3 ", j3,
+                                            "); lower --lr"));
+    if (bad_grads > 0) {
       // The gradients still in the buffer are this step's only when it is the last one read.
       const std::optional<NonFinite> bad =
           i + 1 == records.size() ? parameters_->first_non_finite_grad() : std::optional<NonFinite>();
@@ -146,11 +157,11 @@ void Trainer::read_out(std::vector<StepRecord>& pending) {
                                               bad->index, ") ", at, ", with the loss still finite (", loss,
                                               "); it is the first parameter, in the model's order, whose gradient is "
                                               "not finite. Lower --lr"));
-      throw TrainingDiverged(detail::concat(r.bad_grads.item(), " gradient values became NaN or infinite ", at,
+      throw TrainingDiverged(detail::concat(bad_grads, " gradient values became NaN or infinite ", at,
                                             ", with the loss still finite (", loss, "). Lower --lr"));
     }
     // A non-finite running statistic stays non-finite ((1 - m) r + m s), so the statistics still show it.
-    if (r.bad_stats.item() > 0)
+    if (bad_stats > 0)
       if (const std::optional<NonFinite> bad = first_non_finite(buffers_))
         throw TrainingDiverged(detail::concat("the batch-norm statistic ", bad->name, " became ", bad->value,
                                               " (element ", bad->index, ") ", at, ": the activations overflow, the "
@@ -158,9 +169,9 @@ void Trainer::read_out(std::vector<StepRecord>& pending) {
     ++batches_done_;
     images_done_ += r.images;
     partial_.loss += loss;
-    partial_.j1 += r.j1.item();
-    partial_.j2 += r.j2.item();
-    partial_.j3 += r.j3.item();
+    partial_.j1 += j1;
+    partial_.j2 += j2;
+    partial_.j3 += j3;
   }
 }
 

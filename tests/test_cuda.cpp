@@ -16,7 +16,8 @@
 //   running statistics, RMSProp's updates), a float32 forward and backward in evaluation mode, and
 //   inference through the fused conv-bn path (why not a float32 training step: see the model tests);
 // - the caching allocator (no cudaMalloc in the steady state, also over full model training steps),
-//   memory statistics, and the CUDA error macros (messages carry file:line).
+//   memory statistics, and the CUDA error macros (messages carry file:line);
+// - the Trainer's steps make the host wait for the device only at its read-outs (Backend::host_waits).
 // TF32 is on by default (core/backend.h); float32 parity tests turn it off with a Tf32Guard.
 //
 // Without a usable GPU (or in a build without CUDA) the executable prints why and exits with 77, which
@@ -43,6 +44,7 @@
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
 #include "optim/optimizers.h"
+#include "optim/trainer.h"
 
 #ifdef MDFF_WITH_CUDA
 #include <cublas_v2.h>
@@ -1344,6 +1346,44 @@ TEST_CASE("full ResNet50-MDFF-SH training steps perform no cudaMalloc after warm
   CHECK(memory.peak_bytes_in_use > 0);
   CHECK(memory.peak_bytes_in_use > before.bytes_in_use);  // the activations of a step
   CHECK(cuda::conv_stats().algorithm_searches == convs.algorithm_searches);
+}
+
+// The issue's "no host synchronisation inside a training step except the periodic loss read-out", through
+// the Trainer that train_mdff runs: 8 steps read out every 4. Each read-out copies its records to the host
+// in two transfers (the loss terms, the counts), and the end of an epoch checks the parameters once: 5
+// waits in all. One wait inside each step would make it 13.
+TEST_CASE("the trainer's steps on the GPU never wait for the device: only its read-outs do") {
+  data::Dataset dataset;
+  dataset.name = "random";
+  dataset.classes = kClasses;
+  dataset.channels = 3;
+  dataset.height = dataset.width = kModelImage;
+  constexpr int64_t kImages = 64;
+  Rng rng(53);
+  for (int64_t i = 0; i < kImages * 3 * kModelImage * kModelImage; ++i)
+    dataset.pixels.push_back(static_cast<uint8_t>(rng.below(256)));
+  for (int64_t i = 0; i < kImages; ++i)
+    for (int k = 0; k < kClasses; ++k) dataset.labels.push_back(k == i % kClasses);
+  MdffSh model(model_config(), rng);
+  model.to(Device::CUDA);
+  TrainSettings settings;
+  settings.epochs = 2;
+  settings.batch_size = 8;
+  settings.readout_every = 4;
+  std::vector<int64_t> rows(kImages);
+  for (int64_t i = 0; i < kImages; ++i) rows[i] = i;
+  Trainer trainer(model, dataset, rows, settings);
+  trainer.train_epoch();  // warm-up: the convolution plans and the allocator's cache fill
+  const Backend& gpu = backend(Device::CUDA);
+  const int64_t before = gpu.host_waits();
+  std::vector<int64_t> at_readouts;
+  const EpochReport report = trainer.train_epoch(
+      [&](int64_t, int64_t, double, double) { at_readouts.push_back(gpu.host_waits() - before); });
+  CHECK(std::isfinite(report.loss));
+  REQUIRE(at_readouts.size() == 2);
+  CHECK(at_readouts[0] == 2);
+  CHECK(at_readouts[1] == 4);
+  CHECK(gpu.host_waits() - before == 5);
 }
 
 #endif  // MDFF_WITH_CUDA

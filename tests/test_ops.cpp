@@ -440,6 +440,11 @@ TEST_CASE("shape errors are clear exceptions") {
   CHECK_THROWS_WITH_AS(ops::concat({x, Tensor::randn({2, 3, 4, 8}, rng)}, 1),
                        doctest::Contains("part 1 has shape (2,3,4,8), incompatible"), Error);
   CHECK_THROWS_WITH_AS(ops::concat({x, Tensor::randn({2, 3, 8}, rng)}, 0), doctest::Contains("incompatible"), Error);
+  // int32 parts (the trainer gathers its step counts this way), but not mixed with float ones
+  const Tensor ints = Tensor::from_vector(std::vector<int32_t>{7, -2}, {2});
+  CHECK(ops::concat({ints, Tensor::from_vector(std::vector<int32_t>{5}, {1})}, 0).to_vector() ==
+        std::vector<double>{7, -2, 5});
+  CHECK_THROWS_WITH_AS(ops::concat({ints, Tensor::zeros({1})}, 0), doctest::Contains("dtype"), Error);
   CHECK_THROWS_WITH_AS(ops::add(x, Tensor::randn({4}, rng)), doctest::Contains("do not broadcast"), Error);
   CHECK_THROWS_WITH_AS(ops::matmul(Tensor::randn({2, 3}, rng), Tensor::randn({4, 5}, rng)),
                        doctest::Contains("inner dimensions differ"), Error);
