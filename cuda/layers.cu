@@ -1069,6 +1069,8 @@ void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, dou
   });
 }
 
+// Called right after the stream was synchronised (a counted host wait, cuda_backend.cpp), so its own two
+// synchronisations find the stream empty and are not counted again.
 void check_device_errors() {
   if (!g_reports_possible.exchange(false)) return;  // no row kernel ran since the last check
   DeviceError error;
