@@ -277,7 +277,6 @@ Tensor conv2d_bn_eval(const Tensor& x, const Tensor& weight, const BatchNormEval
 }
 
 namespace {
-
 Tensor batch_norm2d_impl(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                          const Tensor& running_var, bool training, double momentum, double eps, bool relu) {
   const char* name = relu ? "batch_norm2d_relu" : "batch_norm2d";
