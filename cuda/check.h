@@ -19,13 +19,18 @@ namespace mdff::cuda::detail {
 void check_launch(const char* file, int line);
 }  // namespace mdff::cuda::detail
 
+// A failed runtime call also leaves its error as CUDA's "last error", which the next launch check would
+// report against an unrelated kernel: it is cleared (cudaGetLastError) before the throw. A sticky error (a
+// fault inside a kernel) cannot be cleared, and keeps being reported, as it must.
 #define MDFF_CUDA_CHECK(call)                                                                            \
   do {                                                                                                   \
     const cudaError_t mdff_status_ = (call);                                                             \
-    if (mdff_status_ != cudaSuccess)                                                                     \
+    if (mdff_status_ != cudaSuccess) {                                                                   \
+      (void)cudaGetLastError();                                                                          \
       ::mdff::cuda::detail::throw_library_error("CUDA", #call, __FILE__, __LINE__, int(mdff_status_),    \
                                                 cudaGetErrorName(mdff_status_),                          \
                                                 cudaGetErrorString(mdff_status_));                       \
+    }                                                                                                    \
   } while (0)
 
 #define MDFF_CUBLAS_CHECK(call)                                                                          \
