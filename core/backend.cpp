@@ -79,17 +79,15 @@ void Backend::conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const 
 // The separate kernels, in the order the ops call them.
 void Backend::conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p, const BatchNormEval& bn,
                                 const Tensor& residual, bool relu, const Tensor& y) {
-  const Tensor conv = Tensor::empty(y.shape(), y.dtype(), y.device());
-  conv2d_forward(x, weight, Tensor(), p, conv);
+  // All in y, no temporary of y's size: the convolution writes y, batch norm (evaluation: running
+  // statistics, an elementwise pass) and the residual add run in place on it.
+  conv2d_forward(x, weight, Tensor(), p, y);
   const Shape channels{y.size(1)};
   const Tensor mean = Tensor::empty(channels, y.dtype(), y.device()), invstd = Tensor::empty(channels, y.dtype(), y.device());
-  if (!residual.defined())
-    return batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, y, mean,
-                              invstd, relu);
-  const Tensor normalised = Tensor::empty(y.shape(), y.dtype(), y.device());
-  batch_norm_forward(conv, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, normalised, mean,
-                     invstd, false);
-  binary(relu ? BinaryOp::AddRelu : BinaryOp::Add, normalised, residual, y);
+  const bool relu_in_batch_norm = relu && !residual.defined();
+  batch_norm_forward(y, bn.gamma, bn.beta, bn.running_mean, bn.running_var, false, 0.0, bn.eps, y, mean, invstd,
+                     relu_in_batch_norm);
+  if (residual.defined()) binary(relu ? BinaryOp::AddRelu : BinaryOp::Add, y, residual, y);
 }
 void Backend::conv2d_backward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&,
                               const Tensor&, const Tensor&) {

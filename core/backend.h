@@ -96,8 +96,9 @@ class Backend {
                               const Tensor& y);
   // Inference: convolution (no bias), batch norm in evaluation mode, the residual added when defined,
   // ReLU when asked, in one call: y = relu?(bn(conv(x)) + residual). Equal bit for bit to the separate
-  // kernels, which the default calls; the CPU backend applies the rest while it writes the convolution's
-  // output, saving three passes over the activations. Forward only.
+  // kernels, which the default calls in place on y (no temporary of y's size: batch norm's and the binary
+  // kernels must allow their output to be their input); the CPU backend applies the rest while it writes
+  // the convolution's output, saving three passes over the activations. Forward only.
   virtual void conv2d_bn_forward(const Tensor& x, const Tensor& weight, const Conv2dParams& p, const BatchNormEval& bn,
                                  const Tensor& residual, bool relu, const Tensor& y);
   // Writes each defined gradient (grad_x, grad_weight, grad_bias).

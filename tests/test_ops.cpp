@@ -132,6 +132,11 @@ TEST_CASE("conv2d_bn_eval equals conv2d, batch_norm2d (evaluation), add and relu
           const Tensor fused =
               ops::conv2d_bn_eval(x, w, bn, c.stride, c.padding, with_residual ? residual : Tensor(), relu);
           CHECK(fused.to_vector() == expected.to_vector());
+          // The backend's default composition (what the CUDA backend runs), in place on y, with the CPU's kernels.
+          Tensor composed = Tensor::empty(expected.shape(), dtype);
+          backend(Device::CPU).Backend::conv2d_bn_forward(x, w, Conv2dParams{c.stride, c.padding}, bn,
+                                                          with_residual ? residual : Tensor(), relu, composed);
+          CHECK(composed.to_vector() == expected.to_vector());
         }
     }
   }
