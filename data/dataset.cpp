@@ -3,6 +3,7 @@
 #include "data/dataset.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -22,6 +23,14 @@
 // empty (a valid file), and, on corrupt JPEG entropy-coded data, a 32-bit shift by more than 31 bits
 // (stbi__grow_buffer_unsafe) that yields garbage pixels. Its functions alone are exempt from those two
 // checks of the fuzzing build (clang, tests/fuzz); a newer stb_image would make this unnecessary.
+// And stb_image 2.27 leaves its JPEG decoder's state uninitialised (2.28 zeroes it), so a scan that uses a
+// Huffman table the file never defines reads whatever the heap held: a table left by an earlier image, or a
+// torn one that indexes past its 256 symbols (found by fuzzing). Every block stb_image allocates is zeroed
+// here (its reallocations, which keep their contents, are not), so such a table is empty, as in 2.28: it
+// decodes every coefficient as 0, the same on every run.
+#define STBI_MALLOC(size) calloc(1, size)
+#define STBI_REALLOC(pointer, size) realloc(pointer, size)
+#define STBI_FREE(pointer) free(pointer)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((no_sanitize("nonnull-attribute", "shift"))), apply_to = function)
 #endif
@@ -143,25 +152,37 @@ void set_one_hot(Dataset& d, int64_t row, int label) { d.labels[row * d.classes 
 // counts of a DHT segment add up to at most 256 (stb_image 2.28 does), and writes past the table when they
 // do not. So in a JPEG (0xFF, any 0xFF fill bytes, then 0xD8, as stb_image recognises one), every place
 // stb_image could read a DHT segment from (each 0xFF 0xC4) is checked first, table by table as stb_image
-// reads them (reading 0 past the end, as it does). Returns the offset of the first bad table, or -1.
-int64_t bad_jpeg_huffman_table(const std::vector<uint8_t>& bytes) {
+// reads them (reading 0 past the end, as it does). A JPEG with no DHT segment at all is refused too: its
+// scans could only use tables it never defines, which stb_image (with the zeroed allocations above) would
+// decode as a flat grey picture. Motion-JPEG video frames are stored so, relying on the standard's tables.
+// Returns why the file is refused, or "" when it is not (or is not a JPEG).
+std::string jpeg_huffman_problem(const std::vector<uint8_t>& bytes) {
   size_t start = 0;
   while (start < bytes.size() && bytes[start] == 0xff) ++start;
-  if (start == 0 || start == bytes.size() || bytes[start] != 0xd8) return -1;  // not a JPEG
+  if (start == 0 || start == bytes.size() || bytes[start] != 0xd8) return "";  // not a JPEG
   const auto at = [&](size_t i) -> int { return i < bytes.size() ? bytes[i] : 0; };
+  bool has_dht = false;
   for (size_t marker = start; marker + 1 < bytes.size(); ++marker) {
     if (bytes[marker] != 0xff || bytes[marker + 1] != 0xc4) continue;
+    has_dht = true;
     int64_t left = ((at(marker + 2) << 8) | at(marker + 3)) - 2;  // the segment's length after its length field
     size_t table = marker + 4;
     while (left > 0 && (at(table) >> 4) <= 1 && (at(table) & 15) <= 3) {  // stb_image stops at a bad class or id
       int codes = 0;
       for (size_t i = 1; i <= 16; ++i) codes += at(table + i);
-      if (codes > 256) return static_cast<int64_t>(table);
+      if (codes > 256) {
+        return "the JPEG Huffman table at byte " + std::to_string(table) + " declares more than 256 codes: the file "
+               "is damaged";
+      }
       table += 17 + codes;
       left -= 17 + codes;
     }
   }
-  return -1;
+  if (!has_dht) {
+    return "a JPEG without Huffman tables (no DHT segment), as Motion-JPEG video frames are stored; extract the "
+           "frames with ffmpeg's -bsf:v mjpeg2jpeg, or convert the file to PNG";
+  }
+  return "";
 }
 }  // namespace
 
@@ -305,11 +326,9 @@ Image decode_image(const std::string& path) {
   MDFF_CHECK(fs::file_size(path) <= static_cast<uintmax_t>(std::numeric_limits<int>::max()), path, ": ",
              fs::file_size(path), " bytes, too large for an image file (stb_image reads up to 2 GB)");
   const std::vector<uint8_t> bytes = read_file(path);
-  const int64_t bad_table = bad_jpeg_huffman_table(bytes);
-  MDFF_CHECK(bad_table < 0, path, ": cannot decode the image (the JPEG Huffman table at byte ", bad_table,
-             " declares more than 256 codes: the file is damaged)");
-  const std::string pnm_problem = pnm_header_problem(bytes);
-  MDFF_CHECK(pnm_problem.empty(), path, ": cannot decode the image (", pnm_problem, ")");
+  for (const std::string& problem : {jpeg_huffman_problem(bytes), pnm_header_problem(bytes)}) {
+    MDFF_CHECK(problem.empty(), path, ": cannot decode the image (", problem, ")");
+  }
   MDFF_CHECK(!png_chunk_past_end(bytes), path, ": cannot decode the image (a PNG chunk runs past the end of the "
              "file: it is truncated or damaged)");
   const int size = static_cast<int>(bytes.size());

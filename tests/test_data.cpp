@@ -421,6 +421,71 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   CHECK(decode_image(dir + "/page.png").height == 2048);
 }
 
+// Found by fuzzing (CI, fuzz_image: an index past a Huffman table's 256 symbols): stb_image 2.27 leaves its
+// JPEG decoder's state uninitialised, so a scan that uses a Huffman table the file never defines decoded
+// with whatever the heap held: here the tables of the image decoded just before.
+TEST_CASE("decode_image: a JPEG scan with an undefined Huffman table decodes the same after any other image") {
+  const std::string dir = temp_dir("jpeg_tables");
+  std::vector<uint8_t> rgb(16 * 16 * 3);
+  for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = static_cast<uint8_t>(i * 37 % 251);
+  REQUIRE(stbi_write_jpg((dir + "/original.jpg").c_str(), 16, 16, 3, rgb.data(), 95));
+  std::ifstream in(dir + "/original.jpg", std::ios::binary);
+  const std::vector<uint8_t> original((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Copies of the file whose DHT tables (ids 0 and 1, as stb_image_write defines them) and scan selectors are
+  // moved to ids 2 and 3, or whose DHT segments are dropped, walking its segments from SOI to SOS.
+  const auto edit = [&](bool move_tables, bool move_selectors, bool drop_tables) {
+    std::vector<uint8_t> out(original.begin(), original.begin() + 2);
+    size_t pos = 2;
+    for (; pos + 4 <= original.size() && original[pos] == 0xff; ) {
+      const uint8_t marker = original[pos + 1];
+      const size_t length = (original[pos + 2] << 8) | original[pos + 3];
+      std::vector<uint8_t> segment(original.begin() + pos, original.begin() + pos + 2 + length);
+      if (marker == 0xc4 && move_tables) {
+        for (size_t table = 4; table < segment.size();) {
+          segment[table] |= 2;
+          table += 17 + std::accumulate(segment.begin() + table + 1, segment.begin() + table + 17, size_t{0});
+        }
+      }
+      if (marker == 0xda && move_selectors) {
+        for (size_t c = 0; c < segment[4]; ++c) segment[6 + 2 * c] |= 0x22;
+      }
+      if (!(marker == 0xc4 && drop_tables)) out.insert(out.end(), segment.begin(), segment.end());
+      pos += 2 + length;
+      if (marker == 0xda) break;
+    }
+    REQUIRE(pos < original.size());  // the scan's header was found
+    out.insert(out.end(), original.begin() + pos, original.end());
+    return out;
+  };
+  write_bytes(dir + "/moved.jpg", edit(true, true, false));
+  write_bytes(dir + "/undefined.jpg", edit(false, true, false));
+  write_bytes(dir + "/no_tables.jpg", edit(false, false, true));
+
+  // what decoding a file gives: its pixels, or the error
+  const auto outcome = [](const std::string& path) {
+    try {
+      const std::vector<uint8_t> pixels = decode_image(path).pixels;
+      return std::string(pixels.begin(), pixels.end());
+    } catch (const Error& e) {
+      return std::string("error: ") + e.what();
+    }
+  };
+  const std::string picture = outcome(dir + "/original.jpg");
+  REQUIRE(picture.size() == 16 * 16 * 3);
+  const std::string first = outcome(dir + "/undefined.jpg");
+  // the edit keeps a valid file, whose decoding leaves its tables 2 and 3 on the heap
+  CHECK(outcome(dir + "/moved.jpg") == picture);
+  const std::string again = outcome(dir + "/undefined.jpg");
+  CHECK(again == first);
+  CHECK(again != picture);
+  // Empty tables decode no bits, so stb_image then reads the scan's data as markers: this one is refused.
+  CHECK(again.find("undefined.jpg: cannot decode the image (Corrupt JPEG)") != std::string::npos);
+  CHECK_THROWS_WITH_AS(decode_image(dir + "/no_tables.jpg"),
+                       doctest::Contains("no_tables.jpg: cannot decode the image (a JPEG without Huffman tables (no "
+                                         "DHT segment), as Motion-JPEG video frames are stored"),
+                       Error);
+}
+
 TEST_CASE("make_batch: ImageNet normalisation, multi-hot labels, positions and rows") {
   const Dataset d = synthetic(6, 4, 32, 32);
   Rng rng(1);
