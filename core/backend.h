@@ -36,6 +36,7 @@ struct MemoryStats {
   size_t bytes_in_use = 0;       // held by live tensors (rounded to the allocator's block sizes)
   size_t peak_bytes_in_use = 0;  // the most bytes_in_use since the start or the last reset_peak_memory
   size_t bytes_cached = 0;       // freed blocks kept for reuse
+  size_t peak_bytes_reserved = 0;   // the most memory held from the driver (in use + cached), same period
   int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc): cache misses
 };
 
@@ -64,6 +65,8 @@ class Backend {
   virtual int64_t host_waits() const { return 0; }
   virtual MemoryStats memory_stats() const { return {}; }
   virtual void reset_peak_memory() {}
+  // Gives the device's cached free memory back to its driver (nothing to do on the CPU).
+  virtual void release_cached_memory() {}
 
   // ---- elementwise ----
   virtual void fill(const Tensor& out, double value);

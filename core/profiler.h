@@ -50,6 +50,7 @@ class ProfilingBackend final : public Backend {
   int64_t host_waits() const override { return wrapped_.host_waits(); }
   MemoryStats memory_stats() const override { return wrapped_.memory_stats(); }
   void reset_peak_memory() override { wrapped_.reset_peak_memory(); }
+  void release_cached_memory() override { wrapped_.release_cached_memory(); }
 
   void fill(const Tensor& out, double value) override;
   void cast(const Tensor& src, const Tensor& dst) override;

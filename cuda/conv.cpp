@@ -4,8 +4,10 @@
 // Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and the
 // fastest algorithm that cudnnFind*AlgorithmEx measures on the real tensors (what PyTorch's benchmark
 // mode does), within a workspace of at most kMaxWorkspaceBytes. Plans are cached for the life of the
-// process, so a training step in the steady state makes no descriptor calls and no searches. Every
-// algorithm shares one workspace, a single allocator block that grows to the largest plan's need.
+// process, so a training step in the steady state makes no descriptor calls and no searches. Each call
+// takes its plan's workspace from the caching allocator and gives it back once queued, as PyTorch does: a
+// workspace holds memory only while its convolution runs (a single block kept at the largest plan's size,
+// the first design, held it through every step's peak).
 //
 // Shapes: x (N,C,H,W), weight (Cout,C,kh,kw), bias (Cout), y (N,Cout,Ho,Wo) with
 // Ho = (H + 2*padding - kh) / stride + 1 (and Wo alike); cross-correlation (no kernel flip), as PyTorch
@@ -217,12 +219,16 @@ bool acceptable_math_type(cudnnMathType_t math, DType dtype, bool tf32) {
   return math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
 }
 
-// The device memory a search may lend the algorithms: kMaxWorkspaceBytes, or half of what the device could
-// still give (its free memory plus the allocator's cached blocks) when that is less.
+// The device memory a search may lend the algorithms: kMaxWorkspaceBytes, or half of the most one request
+// could get when that is less: the allocator's largest free block, or the device's free memory plus the
+// whole free segments the allocator gives back when the device is full (gaps in segments that hold
+// tensors cannot be given back, and may be too small).
 size_t workspace_budget() {
   size_t free_bytes = 0, total_bytes = 0;
   MDFF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return std::min(kMaxWorkspaceBytes, (free_bytes + allocator_stats().bytes_cached) / 2);
+  const AllocatorStats cache = allocator_stats();
+  const size_t obtainable = std::max(cache.largest_free_block, free_bytes + cache.bytes_in_free_segments);
+  return std::min(kMaxWorkspaceBytes, obtainable / 2);
 }
 
 // The largest workspace that one of `algorithm_count` algorithms needs within `budget`; `size_of(algo,
@@ -326,8 +332,8 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
   MDFF_FAIL("cuda conv2d: unknown direction");
 }
 
-// The plans, their descriptors and the shared workspace. Every convolution holds the mutex from its
-// look-up to its last queued call: the handle, the workspace and the cache are shared.
+// The plans and their descriptors. Every convolution holds the mutex from its look-up to its last queued
+// call: the handle and the cache are shared.
 class ConvCache {
  public:
   std::mutex mutex;
@@ -355,36 +361,22 @@ class ConvCache {
         plan->conv.get(), s.dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH : choice.math));
     plan->algorithm = choice.algorithm;
     plan->workspace_bytes = choice.workspace_bytes;
+    largest_workspace_bytes_ = std::max(largest_workspace_bytes_, choice.workspace_bytes);
     ++searches_;
     return *plans_.emplace(key, std::move(plan)).first->second;
   }
 
-  // The shared workspace, grown to at least `bytes` (a whole allocator block); nullptr while none is needed.
-  void* workspace(size_t bytes) {
-    if (bytes > workspace_bytes_) {
-      const size_t grown = round_allocation_size(bytes);
-      // The old block goes back to the allocator's cache; calls queued on it run first (one stream).
-      deallocate(workspace_, workspace_bytes_);
-      workspace_ = nullptr;
-      workspace_bytes_ = 0;
-      workspace_ = allocate(grown);
-      workspace_bytes_ = grown;
-    }
-    return workspace_;
-  }
-
-  ConvStats stats() const { return {static_cast<int64_t>(plans_.size()), searches_, workspace_bytes_}; }
+  ConvStats stats() const { return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_}; }
 
  private:
   std::map<ConvShape, std::unique_ptr<ShapeDescriptors>> descriptors_;
   std::map<PlanKey, std::unique_ptr<Plan>> plans_;
   int64_t searches_ = 0;
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_ = 0;
+  size_t largest_workspace_bytes_ = 0;
 };
 
 ConvCache& cache() {
-  // Never destroyed, like the handle: the descriptors and the workspace live as long as the process.
+  // Never destroyed, like the handle: the descriptors live as long as the process.
   static ConvCache* instance = new ConvCache;
   return *instance;
 }
@@ -438,10 +430,10 @@ void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, c
   }
   const ShapeDescriptors& d = c.descriptors(s);
   const Plan& plan = c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()});
-  void* workspace = c.workspace(plan.workspace_bytes);
+  const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
   MDFF_CUDNN_CHECK(cudnnConvolutionForward(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(), d.w.get(),
                                            weight.raw(), plan.conv.get(),
-                                           static_cast<cudnnConvolutionFwdAlgo_t>(plan.algorithm), workspace,
+                                           static_cast<cudnnConvolutionFwdAlgo_t>(plan.algorithm), workspace.data(),
                                            plan.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
   if (bias.defined()) add_bias(s.dtype, d.bias, bias, d.y, y);
 }
@@ -470,21 +462,21 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
   const ShapeDescriptors& d = c.descriptors(s);
   if (grad_x.defined()) {
     const Plan& plan = c.plan(Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()});
-    void* workspace = c.workspace(plan.workspace_bytes);
+    const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
     MDFF_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_handle(), kOne.of(s.dtype), d.w.get(), weight.raw(),
                                                   d.y.get(), grad_y.raw(), plan.conv.get(),
                                                   static_cast<cudnnConvolutionBwdDataAlgo_t>(plan.algorithm),
-                                                  workspace, plan.workspace_bytes, kZero.of(s.dtype), d.x.get(),
+                                                  workspace.data(), plan.workspace_bytes, kZero.of(s.dtype), d.x.get(),
                                                   grad_x.raw()));
   }
   if (grad_weight.defined()) {
     const Plan& plan = c.plan(Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()});
-    void* workspace = c.workspace(plan.workspace_bytes);
+    const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
     MDFF_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(),
                                                     d.y.get(), grad_y.raw(), plan.conv.get(),
                                                     static_cast<cudnnConvolutionBwdFilterAlgo_t>(plan.algorithm),
-                                                    workspace, plan.workspace_bytes, kZero.of(s.dtype), d.w.get(),
-                                                    grad_weight.raw()));
+                                                    workspace.data(), plan.workspace_bytes, kZero.of(s.dtype),
+                                                    d.w.get(), grad_weight.raw()));
   }
   if (grad_bias.defined()) bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);
 }

@@ -1,6 +1,7 @@
 // Convolutions on the GPU through cuDNN 9 (NCHW): forward, backward-data and backward-filter, with the
-// algorithm chosen once per shape and cached, one shared workspace, and TF32 tensor-core math while
-// mdff::tf32_allowed() (core/backend.h). The contracts are Backend::conv2d_forward / conv2d_backward.
+// algorithm chosen once per shape and cached, each call's workspace from the caching allocator, and TF32
+// tensor-core math while mdff::tf32_allowed() (core/backend.h). The contracts are Backend::conv2d_forward
+// / conv2d_backward.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -17,7 +18,7 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
 struct ConvStats {
   int64_t cached_plans = 0;      // (shape, dtype, precision) entries in the algorithm cache
   int64_t algorithm_searches = 0;  // cache misses: times an algorithm was chosen
-  size_t workspace_bytes = 0;    // the shared workspace's current size
+  size_t largest_workspace_bytes = 0;  // the most workspace one cached plan takes while it runs
 };
 ConvStats conv_stats();
 

@@ -141,9 +141,16 @@ class CudaBackend : public Backend {
   int64_t host_waits() const override { return host_waits_.load(); }
   MemoryStats memory_stats() const override {
     const AllocatorStats a = allocator_stats();
-    return {a.bytes_in_use, a.peak_bytes_in_use, a.bytes_cached, a.cuda_malloc_calls};
+    MemoryStats m;
+    m.bytes_in_use = a.bytes_in_use;
+    m.peak_bytes_in_use = a.peak_bytes_in_use;
+    m.bytes_cached = a.bytes_cached();
+    m.peak_bytes_reserved = a.peak_bytes_reserved;
+    m.device_malloc_calls = a.segment_allocations;
+    return m;
   }
   void reset_peak_memory() override { reset_peak_bytes(); }
+  void release_cached_memory() override { empty_cache(); }
 
   // ---- elementwise and reductions (elementwise.cu) ----
   void fill(const Tensor& out, double value) override { cuda::fill(out, value); }
