@@ -333,11 +333,15 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
       }
       json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
                  {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
-      std::string memory;  // the GPU's allocator counts its peak; the CPU's memory is in /usr/bin/time's
+      std::string memory;  // the GPU's allocator counts its peaks; the CPU's memory is in /usr/bin/time's
       if (run.plan.device == Device::CUDA) {
-        const double peak_mib = static_cast<double>(device.memory_stats().peak_bytes_in_use) / (1 << 20);
-        entry["peak_gpu_mib"] = peak_mib;
-        memory = detail::concat(", peak GPU memory ", std::fixed, std::setprecision(0), peak_mib, " MiB");
+        const MemoryStats stats = device.memory_stats();
+        const double peak_mib = static_cast<double>(stats.peak_bytes_in_use) / (1 << 20);
+        const double reserved_mib = static_cast<double>(stats.peak_bytes_reserved) / (1 << 20);
+        entry["peak_gpu_mib"] = peak_mib;            // held by tensors
+        entry["peak_gpu_reserved_mib"] = reserved_mib;  // held from the driver, in use or cached
+        memory = detail::concat(", peak GPU memory ", std::fixed, std::setprecision(0), peak_mib, " MiB (",
+                                reserved_mib, " MiB reserved)");
       }
       std::string curve;
       if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {

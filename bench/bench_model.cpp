@@ -31,12 +31,14 @@
 //
 // Peak memory of a phase: each side resets its mark after its warm-up, so that the peak covers the timed
 // rounds (one-time work, such as cuDNN's algorithm search and its scratch memory, is left out; the JSON
-// keeps the warm-up's peak, the first one's from the model's construction on). The model, gradients and
+// keeps the warm-up's peak, the first one's from the model's construction on). On the GPU the warm-up
+// ends with both sides' caches given back to the driver and one more step. The model, gradients and
 // optimizer state stay allocated throughout and count in every peak.
 //   GPU: the caching allocators' peak of bytes held by live tensors (the engine's
 //        memory_stats().peak_bytes_in_use, PyTorch's torch.cuda.max_memory_allocated()): the same measure
 //        on both sides; neither counts the CUDA context, the libraries' own memory or freed blocks kept
-//        for reuse.
+//        for reuse. The JSON's reserved_peak_mib (and a line after the table) is the peak of memory held
+//        from the driver, in use or cached (the engine's segments, PyTorch's max_memory_reserved()).
 //   CPU: each process's resident high-water mark (VmHWM): before the reset each process hands the memory
 //        it has freed back to the system (malloc_trim) and lowers its mark through /proc/self/clear_refs;
 //        where the kernel refuses that, the peak is cumulative and the row says so.
@@ -82,6 +84,9 @@
 #include "core/blas.h"
 #include "core/ops.h"
 #include "core/profiler.h"
+#ifdef MDFF_WITH_CUDA
+#include "cuda/conv.h"
+#endif
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
 #include "optim/optimizers.h"
@@ -128,6 +133,10 @@ struct EngineMemory {
   }
   double now() const {
     return device == Device::CPU ? status_mib("VmRSS:") : backend(device).memory_stats().bytes_in_use / kMiB;
+  }
+  // On the GPU, the peak of the memory held from the driver (in use + cached); -1 on the CPU.
+  double reserved_peak() const {
+    return device == Device::CPU ? -1 : backend(device).memory_stats().peak_bytes_reserved / kMiB;
   }
   // Starts a new peak from the memory in use now (on the CPU, once freed memory went back to the system);
   // false where the kernel refuses.
@@ -261,10 +270,12 @@ struct Timings {
   double warmup_peak = 0;  // the peak up to the end of the warm-up, since the previous phase
   double peak = 0;         // the peak of the timed rounds
   double after = 0;        // in use after the phase (on the CPU: once freed memory went back to the system)
+  double reserved_peak = -1;  // GPU: the peak of memory held from the driver over the timed rounds
   bool reset = true;       // whether the mark was reset after the warm-up (else `peak` is cumulative)
   json to_json(int batch) const {
     json j{{"times_s", times}, {"warmup_peak_mib", warmup_peak}, {"peak_mib", peak}, {"after_mib", after},
            {"peak_reset_after_warmup", reset}};
+    if (reserved_peak >= 0) j["reserved_peak_mib"] = reserved_peak;
     if (!times.empty()) {
       j["median_s"] = bench::median(times);
       j["images_per_s"] = batch / bench::median(times);
@@ -390,7 +401,10 @@ int main(int argc, char** argv) try {
   Backend& engine_backend = backend(device);
   const EngineMemory memory{device};
   const double gemm_peak = gemm_peak_gflops(device);
-  memory.reset();  // the GEMM's operands are the benchmark's, not the model's: out of the peaks
+  // The GEMM's operands are the benchmark's, not the model's: out of the peaks, and out of the cache (the
+  // model would otherwise be carved out of their segments).
+  engine_backend.release_cached_memory();
+  memory.reset();
   const double baseline = memory.now();
 
   Rng rng(0);
@@ -471,6 +485,7 @@ int main(int argc, char** argv) try {
               "engine peak", "PyTorch peak", "mem ratio", "GFLOP", "eng GFLOP/s", "% peak");
   std::fflush(stdout);
   std::vector<std::string> profiles, short_rows;  // per-layer tables where the engine is slower; rows short of PyTorch
+  std::vector<std::string> reserved_rows;  // GPU: each row's reserved peaks
   bool cumulative_peaks = false, compared = false, engine_failed = false;
 
   // One phase of one configuration: `flops` counted, the sides' warm-up, their peaks reset, `rounds` rounds
@@ -490,6 +505,7 @@ int main(int argc, char** argv) try {
     // Reads each side's peak since its last reset into its `field`, then resets both.
     auto read_peaks = [&](Timings& engine, Timings& twin, double Timings::*field) {
       engine.*field = memory.peak();
+      engine.reserved_peak = memory.reserved_peak();  // the last read, after the timed rounds, stays
       engine_process_peak = std::max(engine_process_peak, engine.*field);
       engine.reset = memory.reset();
       engine.after = memory.now();
@@ -498,6 +514,7 @@ int main(int argc, char** argv) try {
         twin.*field = answer["peak_mib"];
         twin.after = answer["after_mib"];
         twin.reset = answer["reset"];
+        twin.reserved_peak = answer.value("reserved_peak_mib", -1.0);
       }
     };
     Timings engine, twin;
@@ -506,6 +523,15 @@ int main(int argc, char** argv) try {
     engine_backend.synchronize();
     settle();
     torch_ask(command + " " + std::to_string(warmup));
+    // Both caches go back to the driver (the algorithm searches' scratch, earlier phases' segments) and
+    // one more untimed step fills them as a steady step needs: the reserved peaks are this phase's.
+    if (on_gpu) {
+      engine_backend.release_cached_memory();
+      step();
+      engine_backend.synchronize();
+      torch_ask("empty_cache");
+      torch_ask(command + " 1");
+    }
     read_peaks(engine, twin, &Timings::warmup_peak);
     for (int r = 0; r < rounds; ++r) {
       settle();
@@ -533,6 +559,12 @@ int main(int argc, char** argv) try {
       j["torch"]["gflops"] = flops / twin_s / 1e9;  // the same model: the engine's count
       j["engine_over_torch_throughput"] = twin_s / engine_s;
       j["engine_over_torch_peak_memory"] = engine.peak / twin.peak;
+      if (engine.reserved_peak > 0 && twin.reserved_peak > 0) {
+        j["engine_over_torch_reserved_peak"] = engine.reserved_peak / twin.reserved_peak;
+        reserved_rows.push_back(name + ": engine " + fixed(engine.reserved_peak, "%.0f MiB") + ", PyTorch " +
+                                fixed(twin.reserved_peak, "%.0f MiB") + " (" +
+                                fixed(engine.reserved_peak / twin.reserved_peak, "%.2f") + ")");
+      }
       twin_ips = fixed(n / twin_s);
       ratio = fixed(twin_s / engine_s, "%.2f");
       twin_peak = fixed(twin.peak, "%.0f MiB") + mark;
@@ -615,6 +647,19 @@ int main(int argc, char** argv) try {
   if (torch_end.contains("process_peak_mib"))
     std::printf(", PyTorch %.0f MiB", torch_end["process_peak_mib"].get<double>());
   std::printf("\n");
+  if (!reserved_rows.empty()) {
+    std::printf("reserved peaks (memory held from the driver, in use or cached: the engine's segments, PyTorch's "
+                "max_memory_reserved):\n");
+    for (const std::string& row : reserved_rows) std::printf("  %s\n", row.c_str());
+  }
+#ifdef MDFF_WITH_CUDA
+  if (on_gpu) {
+    const cuda::ConvStats convs = cuda::conv_stats();
+    result["engine"]["largest_conv_workspace_mib"] = convs.largest_workspace_bytes / kMiB;
+    std::printf("cuDNN: %lld plans; the largest workspace one takes while it runs: %.1f MiB\n",
+                static_cast<long long>(convs.cached_plans), convs.largest_workspace_bytes / kMiB);
+  }
+#endif
   if (torch_failed) std::printf("%s\n", torch_problem.c_str());
   if (compared && short_rows.empty()) std::printf("every row reaches PyTorch's throughput with no more peak memory\n");
   if (!short_rows.empty()) {

@@ -25,10 +25,14 @@ Protocol, one line each way, answers as JSON on stdout:
     peak         -> {"peak_mib": the peak memory since the start or the previous `peak`, "after_mib": the
                  memory in use after it, "reset"} and starts a new phase, as the engine does. On the GPU the
                  memory is the caching allocator's: torch.cuda.max_memory_allocated() (then
-                 reset_peak_memory_stats(): "reset" is true) and memory_allocated(). On the CPU it is the
-                 resident memory: the high-water mark (VmHWM), then freed memory goes back to the system
-                 (malloc_trim) and the mark is reset to the current RSS through /proc/self/clear_refs where
-                 the kernel allows it ("reset": true; else it stays the process's cumulative peak).
+                 reset_peak_memory_stats(): "reset" is true) and memory_allocated(), and
+                 "reserved_peak_mib" is torch.cuda.max_memory_reserved() (segments held, used or not).
+                 On the CPU it is the resident memory: the high-water mark (VmHWM), then freed memory goes
+                 back to the system (malloc_trim) and the mark is reset to the current RSS through
+                 /proc/self/clear_refs where the kernel allows it ("reset": true; else it stays the
+                 process's cumulative peak).
+    empty_cache  -> {"ok": true}: on the GPU, the caching allocator's free segments go back to the driver
+                 (torch.cuda.empty_cache()), as the engine's do between its warm-up and its timed rounds
     quit         -> {"process_peak_mib": the peak over the whole process, in the measure of `peak`} and exits
 """
 import ctypes
@@ -136,7 +140,8 @@ def main():
         """The phase's peak and the memory in use after it, in MiB; starts a new phase."""
         if on_gpu:
             measured = {"peak_mib": torch.cuda.max_memory_allocated() / MIB,
-                        "after_mib": torch.cuda.memory_allocated() / MIB, "reset": True}
+                        "after_mib": torch.cuda.memory_allocated() / MIB, "reset": True,
+                        "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB}
             torch.cuda.reset_peak_memory_stats()
         else:
             measured = {"peak_mib": hwm_mib()}
@@ -178,6 +183,10 @@ def main():
             reply({"times": times})
         elif words[0] == "peak":
             reply(peak())
+        elif words[0] == "empty_cache":
+            if on_gpu:
+                torch.cuda.empty_cache()
+            reply({"ok": True})
         elif words[0] == "quit":
             reply({"process_peak_mib": max(phase_peaks + [peak()["peak_mib"]])})
             return
