@@ -44,8 +44,10 @@ bool BlockPool::BySizeThenAddress::operator()(const Block* a, const Block* b) co
   return a->size != b->size ? a->size < b->size : std::less<const char*>()(a->ptr, b->ptr);  // any two segments
 }
 
-BlockPool::BlockPool(AllocateSegment allocate_segment, FreeSegment free_segment)
-    : allocate_segment_(std::move(allocate_segment)), free_segment_(std::move(free_segment)) {}
+BlockPool::BlockPool(AllocateSegment allocate_segment, FreeSegment free_segment, Caching caching)
+    : allocate_segment_(std::move(allocate_segment)),
+      free_segment_(std::move(free_segment)),
+      caching_(caching == Caching::On) {}
 
 BlockPool::~BlockPool() {
   std::vector<Block*> heads;  // the first block of each segment
@@ -72,10 +74,10 @@ void* BlockPool::allocate(size_t bytes) {
   const size_t size = rounded_size(bytes);
   const bool small = size <= kSmallRequest;
   const std::lock_guard<std::mutex> lock(mutex_);
-  Block* block = take_best_fit(small, size);
-  if (!block) block = new_segment(small, size);
+  Block* block = caching_ ? take_best_fit(small, size) : nullptr;
+  if (!block) block = new_segment(small, caching_ ? segment_size(small, size) : bytes);
   if (!block) return nullptr;
-  split(block, size);
+  if (caching_) split(block, size);
   block->in_use = true;
   block->requested = size;
   in_use_.emplace(block->ptr, block);
@@ -97,6 +99,14 @@ void BlockPool::deallocate(void* ptr, size_t bytes) {
   stats_.bytes_in_use -= block->size;
   block->in_use = false;
   block->requested = 0;
+  if (!caching_) {  // the block is a whole segment of its own
+    stats_.bytes_reserved -= block->size;
+    ++stats_.segment_frees;
+    void* segment = block->ptr;
+    delete block;
+    free_segment_(segment);
+    return;
+  }
   FreeBlocks& blocks = free_blocks(block->small);
   if (Block* next = block->next; next && !next->in_use) {  // absorb the free block after
     blocks.erase(next);
@@ -151,11 +161,10 @@ BlockPool::Block* BlockPool::take_best_fit(bool small, size_t size) {
   return block;
 }
 
-// A new segment for a request of `size`, as one free block (not in the free set); when the device has no
-// room, every cached segment is given back and the request tried once more. nullptr when that fails too.
-// Caller holds the mutex.
-BlockPool::Block* BlockPool::new_segment(bool small, size_t size) {
-  const size_t bytes = segment_size(small, size);
+// A new segment of `bytes`, as one free block (not in the free set); when the device has no room, every
+// cached segment is given back and the request tried once more. nullptr when that fails too. Caller holds
+// the mutex.
+BlockPool::Block* BlockPool::new_segment(bool small, size_t bytes) {
   void* ptr = allocate_segment_(bytes);
   if (!ptr) {
     release_cached_locked();

@@ -19,6 +19,10 @@
 //
 // Thread-safe. Blocks are reused without any synchronisation with the device: the caller's work runs on
 // one stream, where a kernel queued after the free runs after every kernel that used the block before.
+//
+// Caching::Off is for memory checkers (compute-sanitizer memcheck): every request is a segment of exactly
+// its size, given back when freed, so that an access past a tensor's end leaves the allocation it was
+// made in, instead of landing in a neighbour's block of the same segment.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -50,7 +54,8 @@ class BlockPool {
   // any other failure); free_segment(ptr) gives one back.
   using AllocateSegment = std::function<void*(size_t bytes)>;
   using FreeSegment = std::function<void(void* segment)>;
-  BlockPool(AllocateSegment allocate_segment, FreeSegment free_segment);
+  enum class Caching { On, Off };
+  BlockPool(AllocateSegment allocate_segment, FreeSegment free_segment, Caching caching = Caching::On);
   ~BlockPool();  // gives back every segment, blocks in use or not
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
@@ -80,12 +85,13 @@ class BlockPool {
 
   FreeBlocks& free_blocks(bool small) { return small ? free_small_ : free_large_; }
   Block* take_best_fit(bool small, size_t size);
-  Block* new_segment(bool small, size_t size);
+  Block* new_segment(bool small, size_t bytes);
   void split(Block* block, size_t size);
   void release_cached_locked();
 
   AllocateSegment allocate_segment_;
   FreeSegment free_segment_;
+  bool caching_;
   mutable std::mutex mutex_;
   FreeBlocks free_small_, free_large_;
   std::unordered_map<void*, Block*> in_use_;

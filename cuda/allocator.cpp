@@ -1,6 +1,9 @@
 // The CUDA caching allocator (see allocator.h): a BlockPool whose segments are cudaMalloc'd.
 #include "cuda/allocator.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "core/error.h"
 #include "cuda/check.h"
 
@@ -23,10 +26,20 @@ void* malloc_segment(size_t bytes) {
 
 BlockPool& pool() {
   // Never destroyed: tensors held in static objects may be freed after main returns.
-  static BlockPool* instance = new BlockPool(malloc_segment, [](void* segment) { MDFF_CUDA_CHECK(cudaFree(segment)); });
+  static BlockPool* instance = new BlockPool(
+      malloc_segment, [](void* segment) { MDFF_CUDA_CHECK(cudaFree(segment)); },
+      caching_enabled() ? BlockPool::Caching::On : BlockPool::Caching::Off);
   return *instance;
 }
 }  // namespace
+
+bool caching_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("MDFF_CUDA_NO_CACHING");
+    return value == nullptr || std::strcmp(value, "1") != 0;
+  }();
+  return enabled;
+}
 
 void* allocate(size_t bytes) {
   void* ptr = pool().allocate(bytes);

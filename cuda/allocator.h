@@ -5,6 +5,9 @@
 // rounded up to 512 bytes), which says how sizes are rounded and what the counts mean.
 // Thread-safe. Blocks are reused without synchronising because all work runs on one stream (device.h):
 // a kernel queued after the free runs after every kernel that used the block before.
+// MDFF_CUDA_NO_CACHING=1 in the environment turns the cache off, for compute-sanitizer memcheck: each
+// request is then a cudaMalloc of exactly its size and each free a cudaFree (slow: cudaFree waits for the
+// device), so that an access past a tensor's end is outside any allocation, as memcheck can see.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +30,8 @@ void deallocate(void* ptr, size_t bytes);
 void empty_cache();
 
 AllocatorStats allocator_stats();
+// False when MDFF_CUDA_NO_CACHING=1 (read once).
+bool caching_enabled();
 
 // A device block for one call's scratch (partial sums, an algorithm search's workspace), given back to the
 // cache when it goes out of scope. Safe without waiting for the device: the kernels that use it are queued

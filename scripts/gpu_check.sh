@@ -151,10 +151,12 @@ step "GPU ranking benchmark" bench_ranking.log 60 "$bundle/bin/mdff_search" benc
   --python "${MDFF_TORCH_PYTHON:-python3}" --json "$out/bench_ranking.json"
 step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log 120 env MDFF_CUDA_SYNC=1 "$bundle/bin/test_cuda"
 # compute-sanitizer over the CUDA tests (test_cuda is the only test executable that touches the GPU): memcheck
-# (out-of-bounds and misaligned device accesses) and racecheck (shared-memory data races). Not reported: the
-# API errors the tests provoke on purpose (an invalid device, out of memory) and "leaks" (the caching
-# allocator keeps its blocks for the process's life by design: the first GPU run counted 791 such reports and
-# no bad access). Each has a time limit, so that a slow tool cannot use up the machine's lease; its "ERROR
+# (out-of-bounds and misaligned device accesses) and racecheck (shared-memory data races). memcheck runs with
+# the allocator's cache off (MDFF_CUDA_NO_CACHING=1: each tensor a cudaMalloc of exactly its size), so that an
+# access past a tensor's end is outside any allocation, not in a neighbour's block of a shared segment; the
+# tests of the cache itself say they are not checked then. Not reported: the API errors the tests provoke on
+# purpose (an invalid device, out of memory) and "leaks" (tensors held in static objects for the process's
+# life; the first GPU run counted 791 such reports and no bad access). Each has a time limit, so that a slow tool cannot use up the machine's lease; its "ERROR
 # SUMMARY" line goes into the summary. A missing tool is a FAIL line, not a silent skip. The whole-model cases
 # (ResNet50, the trainer) are left out there (-tce): under the tools' instrumentation they take the whole time
 # limit; every kernel they use has its own, smaller case.
@@ -167,8 +169,8 @@ done
 sanitizer_limit=${GPU_SANITIZER_TIMEOUT:-150}  # seconds per tool
 if [[ -n "$sanitizer" ]]; then
   echo "compute-sanitizer: $sanitizer" >> "$out/machine.txt"
-  step "compute-sanitizer memcheck" memcheck.log "$sanitizer_limit" "$sanitizer" --tool memcheck \
-    --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
+  step "compute-sanitizer memcheck" memcheck.log "$sanitizer_limit" env MDFF_CUDA_NO_CACHING=1 "$sanitizer" \
+    --tool memcheck --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
   step "compute-sanitizer racecheck" racecheck.log "$sanitizer_limit" "$sanitizer" --tool racecheck \
     --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
   for log in memcheck.log racecheck.log; do

@@ -209,6 +209,28 @@ TEST_CASE("block pool: absurd sizes and a failing device leave the pool as it wa
   rig.pool.deallocate(kept, 5000);
 }
 
+TEST_CASE("block pool: without caching, each request is a segment of exactly its size, given back when freed") {
+  FakeDevice device;
+  BlockPool pool([&](size_t bytes) { return device.allocate(bytes); }, [&](void* p) { device.free(p); },
+                 BlockPool::Caching::Off);
+  void* a = pool.allocate(1000);
+  void* b = pool.allocate(3 * MiB + 5);
+  CHECK(device.segments.size() == 2);
+  CHECK(device.segment_of(a, 1000)->second == 1000);  // not rounded: a byte past the end is outside it
+  CHECK(device.segment_of(b, 3 * MiB + 5)->second == 3 * MiB + 5);
+  CHECK(pool.stats().bytes_in_use == 1000 + 3 * MiB + 5);
+  pool.deallocate(a, 1000);
+  CHECK(device.segments.size() == 1);
+  void* c = pool.allocate(1000);  // a new segment, not a cached one
+  CHECK(pool.stats().segment_allocations == 3);
+  pool.deallocate(b, 3 * MiB + 5);
+  pool.deallocate(c, 1000);
+  CHECK(device.segments.empty());
+  const BlockPoolStats s = pool.stats();
+  CHECK(s.bytes_reserved == 0);
+  CHECK(s.segment_frees == 3);
+}
+
 TEST_CASE("block pool: threads allocating and freeing at once") {
   FakeDevice device;
   std::mutex device_mutex;  // the fake device is not thread-safe; cudaMalloc is
