@@ -100,27 +100,17 @@ void BlockPool::deallocate(void* ptr, size_t bytes) {
   block->in_use = false;
   block->requested = 0;
   if (!caching_) {  // the block is a whole segment of its own
-    stats_.bytes_reserved -= block->size;
-    ++stats_.segment_frees;
-    void* segment = block->ptr;
-    delete block;
-    free_segment_(segment);
+    give_back(block);
     return;
   }
   FreeBlocks& blocks = free_blocks(block->small);
   if (Block* next = block->next; next && !next->in_use) {  // absorb the free block after
     blocks.erase(next);
-    block->size += next->size;
-    block->next = next->next;
-    if (block->next) block->next->prev = block;
-    delete next;
+    join(block, next);
   }
   if (Block* prev = block->prev; prev && !prev->in_use) {  // be absorbed by the free block before
     blocks.erase(prev);
-    prev->size += block->size;
-    prev->next = block->next;
-    if (prev->next) prev->next->prev = prev;
-    delete block;
+    join(prev, block);
     block = prev;
   }
   blocks.insert(block);
@@ -198,6 +188,24 @@ void BlockPool::split(Block* block, size_t size) {
   free_blocks(block->small).insert(tail);
 }
 
+// Joins `second`, the block right after `first` in their segment, into `first`; neither is in a free set.
+void BlockPool::join(Block* first, Block* second) {
+  first->size += second->size;
+  first->next = second->next;
+  if (first->next) first->next->prev = first;
+  delete second;
+}
+
+// Gives a whole segment's one block (in no free set) back to the device. Out of the pool first: a failing
+// free (it throws) leaks the segment, never frees it twice. Caller holds the mutex.
+void BlockPool::give_back(Block* block) {
+  stats_.bytes_reserved -= block->size;
+  ++stats_.segment_frees;
+  void* segment = block->ptr;
+  delete block;
+  free_segment_(segment);
+}
+
 // Caller holds the mutex.
 void BlockPool::release_cached_locked() {
   for (FreeBlocks* blocks : {&free_small_, &free_large_}) {
@@ -208,11 +216,7 @@ void BlockPool::release_cached_locked() {
         continue;
       }
       it = blocks->erase(it);
-      stats_.bytes_reserved -= block->size;
-      ++stats_.segment_frees;
-      void* segment = block->ptr;
-      delete block;
-      free_segment_(segment);  // out of the pool first: a failing free (it throws) leaks, never frees twice
+      give_back(block);
     }
   }
 }

@@ -87,6 +87,8 @@ class BlockPool {
   Block* take_best_fit(bool small, size_t size);
   Block* new_segment(bool small, size_t bytes);
   void split(Block* block, size_t size);
+  void join(Block* first, Block* second);
+  void give_back(Block* block);
   void release_cached_locked();
 
   AllocateSegment allocate_segment_;

@@ -153,8 +153,9 @@ void set_one_hot(Dataset& d, int64_t row, int label) { d.labels[row * d.classes 
 // do not. So in a JPEG (0xFF, any 0xFF fill bytes, then 0xD8, as stb_image recognises one), every place
 // stb_image could read a DHT segment from (each 0xFF 0xC4) is checked first, table by table as stb_image
 // reads them (reading 0 past the end, as it does). A JPEG with no DHT segment at all is refused too: its
-// scans could only use tables it never defines, which stb_image (with the zeroed allocations above) would
-// decode as a flat grey picture. Motion-JPEG video frames are stored so, relying on the standard's tables.
+// scans could only use tables it never defines, which stb_image (with the zeroed allocations above) takes
+// as empty: a flat grey picture, or an error where the scan's data then reads as markers. Motion-JPEG
+// video frames are stored so, relying on the standard's tables.
 // Returns why the file is refused, or "" when it is not (or is not a JPEG).
 std::string jpeg_huffman_problem(const std::vector<uint8_t>& bytes) {
   size_t start = 0;
