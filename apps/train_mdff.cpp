@@ -333,15 +333,16 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
       }
       json entry{{"epoch", epoch}, {"loss", report.loss}, {"j1", report.j1}, {"j2", report.j2}, {"j3", report.j3},
                  {"lr", report.lr}, {"seconds", report.seconds}, {"images_per_second", report.images_per_second}};
-      std::string memory;  // the GPU's allocator counts its peaks; the CPU's memory is in /usr/bin/time's
+      // The allocator's peak of bytes held by tensors over the epoch; on the GPU also what it held from the
+      // driver, in use or cached (the CPU caches nothing).
+      const MemoryStats stats = device.memory_stats();
+      const double peak_mib = static_cast<double>(stats.peak_bytes_in_use) / (1 << 20);
+      entry["peak_tensor_mib"] = peak_mib;
+      std::string memory = detail::concat(", peak tensor memory ", std::fixed, std::setprecision(0), peak_mib, " MiB");
       if (run.plan.device == Device::CUDA) {
-        const MemoryStats stats = device.memory_stats();
-        const double peak_mib = static_cast<double>(stats.peak_bytes_in_use) / (1 << 20);
         const double reserved_mib = static_cast<double>(stats.peak_bytes_reserved) / (1 << 20);
-        entry["peak_gpu_mib"] = peak_mib;            // held by tensors
-        entry["peak_gpu_reserved_mib"] = reserved_mib;  // held from the driver, in use or cached
-        memory = detail::concat(", peak GPU memory ", std::fixed, std::setprecision(0), peak_mib, " MiB (",
-                                reserved_mib, " MiB reserved)");
+        entry["peak_gpu_reserved_mib"] = reserved_mib;
+        memory += detail::concat(" (", std::fixed, std::setprecision(0), reserved_mib, " MiB reserved on the GPU)");
       }
       std::string curve;
       if (o.monitor_every > 0 && (epoch % o.monitor_every == 0 || epoch == settings.epochs)) {

@@ -31,13 +31,14 @@ struct BatchNormEval {
   double eps = 1e-5;
 };
 
-// A device's memory as its allocator sees it (the CPU backend reports zeros: it does not count).
+// A device's memory as its allocator sees it. The CPU backend caches nothing: every tensor is a malloc
+// (64-byte blocks), freed at once, so its reserved peak is its peak in use and it never has cached bytes.
 struct MemoryStats {
   size_t bytes_in_use = 0;       // held by live tensors (rounded to the allocator's block sizes)
   size_t peak_bytes_in_use = 0;  // the most bytes_in_use since the start or the last reset_peak_memory
   size_t bytes_cached = 0;       // freed blocks kept for reuse
   size_t peak_bytes_reserved = 0;   // the most memory held from the driver (in use + cached), same period
-  int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc): cache misses
+  int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc; malloc on the CPU): cache misses
 };
 
 // AddRelu: max(a + b, 0), the residual join of a bottleneck block in one pass (ops::add_relu).

@@ -5,6 +5,7 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -602,13 +603,31 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
 
   void* allocate(size_t bytes) override {
-    // 64-byte alignment: whole cache lines and AVX-512 vectors; aligned_alloc needs a multiple of it.
-    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+    const size_t rounded = rounded_size(bytes);
     void* p = std::aligned_alloc(64, rounded);
     MDFF_CHECK(p, "out of host memory allocating ", bytes, " bytes");
+    allocations_.fetch_add(1, std::memory_order_relaxed);
+    const size_t in_use = bytes_in_use_.fetch_add(rounded, std::memory_order_relaxed) + rounded;
+    size_t peak = peak_bytes_in_use_.load(std::memory_order_relaxed);
+    while (in_use > peak && !peak_bytes_in_use_.compare_exchange_weak(peak, in_use, std::memory_order_relaxed)) {
+    }
     return p;
   }
-  void deallocate(void* p, size_t) override { std::free(p); }
+  void deallocate(void* p, size_t bytes) override {
+    std::free(p);
+    bytes_in_use_.fetch_sub(rounded_size(bytes), std::memory_order_relaxed);
+  }
+  // Tensors' memory as allocated (nothing is cached: what is freed goes back to malloc at once).
+  MemoryStats memory_stats() const override {
+    MemoryStats stats;
+    stats.bytes_in_use = bytes_in_use_.load(std::memory_order_relaxed);
+    stats.peak_bytes_in_use = stats.peak_bytes_reserved = peak_bytes_in_use_.load(std::memory_order_relaxed);
+    stats.device_malloc_calls = allocations_.load(std::memory_order_relaxed);
+    return stats;
+  }
+  void reset_peak_memory() override {
+    peak_bytes_in_use_.store(bytes_in_use_.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  }
   void copy_from_host(void* dst, const void* src, size_t bytes) override { copy_on_device(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { copy_on_device(dst, src, bytes); }
   void copy_on_device(void* dst, const void* src, size_t bytes) override {
@@ -1231,6 +1250,12 @@ class CpuBackend final : public Backend {
         }
     });
   }
+
+  // 64-byte alignment: whole cache lines and AVX-512 vectors; aligned_alloc needs a multiple of it.
+  static size_t rounded_size(size_t bytes) { return (std::max<size_t>(bytes, 1) + 63) / 64 * 64; }
+
+  std::atomic<size_t> bytes_in_use_{0}, peak_bytes_in_use_{0};
+  std::atomic<int64_t> allocations_{0};
 };
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Tensor basics: creation, conversion, views, copies, the RNG, and clear errors for misuse.
+// Tensor basics: creation, conversion, views, copies, the RNG, the CPU backend's memory count, and clear errors for misuse.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -85,4 +85,24 @@ TEST_CASE("asking for CUDA where it is unusable is a clear error") {
   CHECK(!why.empty());
   CHECK_THROWS_WITH_AS(Tensor::zeros({2}, DType::F32, Device::CUDA), doctest::Contains("CUDA is not usable"), Error);
   CHECK_THROWS_WITH_AS(Tensor::zeros({2}).to(Device::CUDA), doctest::Contains("--device cpu"), Error);
+}
+
+TEST_CASE("the CPU backend counts the bytes its tensors hold, and their peak") {
+  Backend& cpu = backend(Device::CPU);
+  const MemoryStats before = cpu.memory_stats();
+  size_t held = 0;
+  {
+    const Tensor t = Tensor::empty({1000}, DType::F32);  // 4,000 bytes: 63 blocks of 64
+    held = cpu.memory_stats().bytes_in_use - before.bytes_in_use;
+    CHECK(held == 4032);
+    CHECK(cpu.memory_stats().peak_bytes_in_use >= before.bytes_in_use + held);
+    CHECK(cpu.memory_stats().device_malloc_calls == before.device_malloc_calls + 1);
+  }
+  const MemoryStats after = cpu.memory_stats();
+  CHECK(after.bytes_in_use == before.bytes_in_use);
+  CHECK(after.peak_bytes_in_use >= before.bytes_in_use + held);  // the peak remembers it
+  CHECK(after.bytes_cached == 0);
+  cpu.reset_peak_memory();
+  CHECK(cpu.memory_stats().peak_bytes_in_use == before.bytes_in_use);
+  CHECK(cpu.memory_stats().peak_bytes_reserved == before.bytes_in_use);
 }

@@ -282,8 +282,12 @@ TEST_CASE("a multi-label image list in crop mode: mAP@5000 is right and the chec
   REQUIRE(history.size() == 2);
   // J3's target sums to 1 (labels / their count): about ln 5 against near-uniform predictions, where the
   // labels themselves (2 an image on average) would give about twice that
-  for (const auto& epoch : history) CHECK(epoch["j3"].get<double>() < 1.5 * std::log(5.0));
+  for (const auto& epoch : history) {
+    CHECK(epoch["j3"].get<double>() < 1.5 * std::log(5.0));
+    CHECK(epoch["peak_tensor_mib"].get<double>() > 0);  // counted on the CPU too
+  }
   CHECK(r.output.find("mAP@5000") != std::string::npos);
+  CHECK(r.output.find("peak tensor memory") != std::string::npos);
 
   // The run's codes are those of the centre crops (made here by hand) through the checkpoint's model; and
   // the input options the checkpoint holds (mdff_search's way in) give the same codes. (Each set of

@@ -8,6 +8,7 @@
 #include <functional>
 #include <string>
 
+#include "core/backend.h"
 #include "models/checkpoint.h"
 #include "optim/trainer.h"
 
@@ -33,10 +34,11 @@ struct Setup {
   Rng rng{1};
   MdffSh model{mdff_config("tiny", 8, 4, "all", {1.0}), rng};
   std::unique_ptr<Trainer> trainer;
-  explicit Setup(const std::string& optimizer = "sgd", double lr = 0.01, int64_t batch_size = 8, int readout_every = 0) {
+  explicit Setup(const std::string& optimizer = "sgd", double lr = 0.01, int64_t batch_size = 8, int readout_every = 0,
+                 int epochs = 1) {
     TrainSettings settings;
     settings.readout_every = readout_every;
-    settings.epochs = 1;
+    settings.epochs = epochs;
     settings.batch_size = batch_size;
     settings.optimizer = optimizer;
     settings.lr = lr;
@@ -133,4 +135,19 @@ TEST_CASE("an update that overflows a parameter stops training at the end of the
   CHECK(message.find("although every gradient was finite: an update overflowed it, the learning rate (1e+38 at "
                      "that step) is far too high") != std::string::npos);
   check_first_non_finite(s.model, named, [](const Tensor& p) { return p; });
+}
+
+TEST_CASE("training holds no more memory after an epoch than after the one before (nothing kept per step)") {
+  // RMSProp: its state is allocated at the first step, so epoch 1 may end higher than it began.
+  Setup s("rmsprop", 1e-4, 8, 0, 3);
+  Backend& cpu = backend(Device::CPU);
+  s.trainer->train_epoch();
+  const size_t after_first = cpu.memory_stats().bytes_in_use;
+  cpu.reset_peak_memory();
+  s.trainer->train_epoch();
+  const MemoryStats second = cpu.memory_stats();
+  CHECK(second.bytes_in_use == after_first);
+  CHECK(second.peak_bytes_in_use > after_first);  // the steps' activations came and went
+  s.trainer->train_epoch();
+  CHECK(cpu.memory_stats().bytes_in_use == after_first);
 }
