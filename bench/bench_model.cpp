@@ -41,7 +41,9 @@
 //        from the driver, in use or cached (the engine's segments, PyTorch's max_memory_reserved()).
 //   CPU: each process's resident high-water mark (VmHWM): before the reset each process hands the memory
 //        it has freed back to the system (malloc_trim) and lowers its mark through /proc/self/clear_refs;
-//        where the kernel refuses that, the peak is cumulative and the row says so.
+//        where the kernel refuses that, the peak is cumulative and the row says so. The engine's allocator
+//        count of its tensors' peak (the GPU's measure, without cuDNN's workspace) is listed after the
+//        table and kept as tensor_peak_mib; PyTorch's CPU allocator counts nothing.
 //
 // PyTorch's Python: --python, else $MDFF_TORCH_PYTHON, else the first of `python3` on PATH (the lent GPU
 // machine's, with CUDA) and /usr/bin/python3 (Debian's python3-torch, CPU only) whose torch starts, with
@@ -138,13 +140,13 @@ struct EngineMemory {
   double reserved_peak() const {
     return device == Device::CPU ? -1 : backend(device).memory_stats().peak_bytes_reserved / kMiB;
   }
+  // The peak of bytes held by tensors as the allocator counts them, on either device (on the GPU: peak()).
+  double tensor_peak() const { return backend(device).memory_stats().peak_bytes_in_use / kMiB; }
   // Starts a new peak from the memory in use now (on the CPU, once freed memory went back to the system);
   // false where the kernel refuses.
   bool reset() const {
-    if (device != Device::CPU) {
-      backend(device).reset_peak_memory();
-      return true;
-    }
+    backend(device).reset_peak_memory();
+    if (device != Device::CPU) return true;
     malloc_trim(0);
     return reset_peak_rss();
   }
@@ -271,11 +273,13 @@ struct Timings {
   double peak = 0;         // the peak of the timed rounds
   double after = 0;        // in use after the phase (on the CPU: once freed memory went back to the system)
   double reserved_peak = -1;  // GPU: the peak of memory held from the driver over the timed rounds
+  double tensor_peak = -1;    // the engine on the CPU: its tensors' peak over the timed rounds (allocator count)
   bool reset = true;       // whether the mark was reset after the warm-up (else `peak` is cumulative)
   json to_json(int batch) const {
     json j{{"times_s", times}, {"warmup_peak_mib", warmup_peak}, {"peak_mib", peak}, {"after_mib", after},
            {"peak_reset_after_warmup", reset}};
     if (reserved_peak >= 0) j["reserved_peak_mib"] = reserved_peak;
+    if (tensor_peak >= 0) j["tensor_peak_mib"] = tensor_peak;
     if (!times.empty()) {
       j["median_s"] = bench::median(times);
       j["images_per_s"] = batch / bench::median(times);
@@ -486,6 +490,7 @@ int main(int argc, char** argv) try {
   std::fflush(stdout);
   std::vector<std::string> profiles, short_rows;  // per-layer tables where the engine is slower; rows short of PyTorch
   std::vector<std::string> reserved_rows;  // GPU: each row's reserved peaks
+  std::vector<std::string> tensor_rows;    // CPU: each row's engine tensor peak
   bool cumulative_peaks = false, compared = false, engine_failed = false;
 
   // One phase of one configuration: `flops` counted, the sides' warm-up, their peaks reset, `rounds` rounds
@@ -506,6 +511,7 @@ int main(int argc, char** argv) try {
     auto read_peaks = [&](Timings& engine, Timings& twin, double Timings::*field) {
       engine.*field = memory.peak();
       engine.reserved_peak = memory.reserved_peak();  // the last read, after the timed rounds, stays
+      if (!on_gpu) engine.tensor_peak = memory.tensor_peak();  // the last read, after the timed rounds, stays
       engine_process_peak = std::max(engine_process_peak, engine.*field);
       engine.reset = memory.reset();
       engine.after = memory.now();
@@ -551,6 +557,7 @@ int main(int argc, char** argv) try {
     json j{{"batch", n}, {"gflop", flops / 1e9}, {"engine", engine.to_json(n)}, {"peak_cumulative", cumulative}};
     j["engine"]["gflops"] = gflops;
     j["engine"]["percent_of_gemm_peak"] = 100 * gflops / gemm_peak;
+    if (engine.tensor_peak >= 0) tensor_rows.push_back(name + " " + fixed(engine.tensor_peak, "%.0f MiB"));
     std::string twin_ips = "-", ratio = "-", twin_peak = "-", memory_ratio = "-";
     const char* mark = cumulative ? "*" : "";
     if (have_twin) {
@@ -647,6 +654,11 @@ int main(int argc, char** argv) try {
   if (torch_end.contains("process_peak_mib"))
     std::printf(", PyTorch %.0f MiB", torch_end["process_peak_mib"].get<double>());
   std::printf("\n");
+  if (!tensor_rows.empty()) {
+    std::printf("engine tensor peaks (its allocator's count over the timed rounds: what a GPU would hold at the "
+                "peak, before cuDNN's workspace):\n");
+    for (const std::string& row : tensor_rows) std::printf("  %s\n", row.c_str());
+  }
   if (!reserved_rows.empty()) {
     std::printf("reserved peaks (memory held from the driver, in use or cached: the engine's segments, PyTorch's "
                 "max_memory_reserved):\n");

@@ -24,13 +24,17 @@ double perturbation_for(const char* op) {
   return it == perturbations.end() ? 1.0 : it->second;
 }
 
-// a + b into a new tensor (never in place: a gradient tensor may be shared by several edges).
-Tensor add_new(const Tensor& a, const Tensor& b) {
-  MDFF_CHECK(a.shape() == b.shape(), "autograd: gradients of shapes ", shape_str(a.shape()), " and ",
-             shape_str(b.shape()), " reach the same tensor");
-  Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
-  backend_of(a).binary(BinaryOp::Add, a, b, out);
-  return out;
+// Adds gradient g to the gradient already waiting for a node. In place when the waiting tensor is held by
+// nothing else (no other edge, no view of its storage), as PyTorch does: no allocation, and one tensor of
+// its size less at that moment; otherwise into a new tensor (an op may hand the same gradient to
+// several edges, as add_relu does).
+void accumulate_pending(Tensor& waiting, const Tensor& g) {
+  MDFF_CHECK(waiting.shape() == g.shape(), "autograd: gradients of shapes ", shape_str(waiting.shape()), " and ",
+             shape_str(g.shape()), " reach the same tensor");
+  const bool sole_owner = waiting.impl_ptr().use_count() == 1 && waiting.impl()->storage.use_count() == 1;
+  Tensor out = sole_owner ? waiting : Tensor::empty(waiting.shape(), waiting.dtype(), waiting.device());
+  backend_of(waiting).binary(BinaryOp::Add, waiting, g, out);  // elementwise: safe in place
+  waiting = out;
 }
 
 void accumulate_into_leaf(TensorImpl& leaf, const Tensor& g) {
@@ -137,7 +141,7 @@ void run_backward(const Tensor& root, const Tensor& grad_output, bool retain_gra
         accumulate_into_leaf(*edge.leaf, g);
       } else {
         auto [slot, inserted] = pending.try_emplace(edge.node.get(), g);
-        if (!inserted) slot->second = add_new(slot->second, g);
+        if (!inserted) accumulate_pending(slot->second, g);
       }
     }
   }

@@ -48,6 +48,22 @@ TEST_CASE("a tensor consumed several times receives the sum of the gradients") {
   }
 }
 
+TEST_CASE("a gradient that an op hands to two edges stays intact while another gradient is summed into one of them") {
+  // add_relu gives p and q the same gradient tensor, which waits for both; then mul's gradients are summed
+  // into p's and q's. Summing into the shared tensor in place for p would change the one waiting for q.
+  // (Backward visits add_relu first here: the graph's traversal takes the root's inputs from the last.)
+  Tensor x = leaf({0.5, -0.25, 2.0});
+  Tensor p = ops::scale(x, 2.0), q = ops::scale(x, 3.0);
+  Tensor y = ops::add(ops::sum(ops::mul(p, q)), ops::sum(ops::add_relu(p, q)));
+  y.backward();
+  const std::vector<double> g = x.grad().to_vector(), xs{0.5, -0.25, 2.0};
+  for (int i = 0; i < 3; ++i) {
+    const double pass = 5 * xs[i] > 0 ? 1 : 0;  // relu'(p + q)
+    CAPTURE(i);
+    CHECK(g[i] == doctest::Approx(12 * xs[i] + 5 * pass).epsilon(1e-12));  // 2 (q + pass) + 3 (p + pass)
+  }
+}
+
 TEST_CASE("no-grad mode records nothing") {
   Tensor x = leaf({1, 2});
   {
