@@ -152,6 +152,16 @@ struct EngineMemory {
   }
 };
 
+// Convolution calls on the GPU so far that ran a lean algorithm because the fastest one's workspace would
+// have raised the memory peak (cuda/conv.h); 0 without CUDA.
+int64_t lean_conv_calls() {
+#ifdef MDFF_WITH_CUDA
+  return cuda_available() ? cuda::conv_stats().lean_calls : 0;
+#else
+  return 0;
+#endif
+}
+
 // The best GEMM rate of `device` in GFLOP/s: OpenBLAS's SGEMM on the CPU (bench/timing.h); on the GPU,
 // cuBLAS through the backend on square float32 products of 4096 and 8192, in the precision set
 // (set_tf32_allowed).
@@ -539,6 +549,7 @@ int main(int argc, char** argv) try {
       torch_ask(command + " 1");
     }
     read_peaks(engine, twin, &Timings::warmup_peak);
+    const int64_t lean_before = lean_conv_calls();
     for (int r = 0; r < rounds; ++r) {
       settle();
       for (int i = 0; i < iterations; ++i) engine.times.push_back(timed_step());
@@ -547,6 +558,7 @@ int main(int argc, char** argv) try {
       if (answer.contains("times"))
         for (double t : answer["times"]) twin.times.push_back(t);
     }
+    const int64_t lean_calls = lean_conv_calls() - lean_before;
     read_peaks(engine, twin, &Timings::peak);
     const bool have_twin = !twin.times.empty() && twin.peak > 0;
     compared = compared || have_twin;
@@ -558,6 +570,7 @@ int main(int argc, char** argv) try {
     j["engine"]["gflops"] = gflops;
     j["engine"]["percent_of_gemm_peak"] = 100 * gflops / gemm_peak;
     if (engine.tensor_peak >= 0) tensor_rows.push_back(name + " " + fixed(engine.tensor_peak, "%.0f MiB"));
+    if (on_gpu) j["engine"]["lean_conv_calls_per_iteration"] = double(lean_calls) / double(engine.times.size());
     std::string twin_ips = "-", ratio = "-", twin_peak = "-", memory_ratio = "-";
     const char* mark = cumulative ? "*" : "";
     if (have_twin) {
@@ -668,8 +681,10 @@ int main(int argc, char** argv) try {
   if (on_gpu) {
     const cuda::ConvStats convs = cuda::conv_stats();
     result["engine"]["largest_conv_workspace_mib"] = convs.largest_workspace_bytes / kMiB;
-    std::printf("cuDNN: %lld plans; the largest workspace one takes while it runs: %.1f MiB\n",
-                static_cast<long long>(convs.cached_plans), convs.largest_workspace_bytes / kMiB);
+    result["engine"]["conv_plans_with_lean_algorithm"] = convs.plans_with_lean_variant;
+    std::printf("cuDNN: %lld plans, %lld with a lean algorithm besides the fastest; the largest workspace a fastest "
+                "one takes while it runs: %.1f MiB\n", static_cast<long long>(convs.cached_plans),
+                static_cast<long long>(convs.plans_with_lean_variant), convs.largest_workspace_bytes / kMiB);
   }
 #endif
   if (torch_failed) std::printf("%s\n", torch_problem.c_str());

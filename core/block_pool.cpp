@@ -132,6 +132,11 @@ BlockPoolStats BlockPool::stats() const {
   return s;
 }
 
+size_t BlockPool::bytes_in_use() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return stats_.bytes_in_use;
+}
+
 void BlockPool::reset_peaks() {
   const std::lock_guard<std::mutex> lock(mutex_);
   stats_.peak_bytes_in_use = stats_.bytes_in_use;

@@ -71,6 +71,7 @@ class BlockPool {
   // Gives back every segment with no block in use.
   void release_cached();
   BlockPoolStats stats() const;
+  size_t bytes_in_use() const;  // stats().bytes_in_use without walking the free blocks
   // Starts new peaks from the bytes in use and reserved now.
   void reset_peaks();
 

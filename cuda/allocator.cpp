@@ -55,6 +55,7 @@ void* allocate(size_t bytes) {
 void deallocate(void* ptr, size_t bytes) { pool().deallocate(ptr, bytes); }
 void empty_cache() { pool().release_cached(); }
 AllocatorStats allocator_stats() { return pool().stats(); }
+size_t bytes_in_use() { return pool().bytes_in_use(); }
 void reset_peak_bytes() { pool().reset_peaks(); }
 
 }  // namespace mdff::cuda

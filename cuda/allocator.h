@@ -30,6 +30,7 @@ void deallocate(void* ptr, size_t bytes);
 void empty_cache();
 
 AllocatorStats allocator_stats();
+size_t bytes_in_use();  // allocator_stats().bytes_in_use, cheaply (each convolution asks)
 // False when MDFF_CUDA_NO_CACHING=1 (read once).
 bool caching_enabled();
 

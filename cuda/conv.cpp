@@ -1,13 +1,17 @@
 // Convolutions on the GPU through cuDNN 9's convolution API (see conv.h): forward, backward-data,
 // backward-filter and the bias terms, NCHW, for F32 and F64.
 //
-// Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and the
-// fastest algorithm that cudnnFind*AlgorithmEx measures on the real tensors (what PyTorch's benchmark
-// mode does), within a workspace of at most kMaxWorkspaceBytes. Plans are cached for the life of the
-// process, so a training step in the steady state makes no descriptor calls and no searches. Each call
-// takes its plan's workspace from the caching allocator and gives it back once queued, as PyTorch does: a
-// workspace holds memory only while its convolution runs (a single block kept at the largest plan's size,
-// the first design, held it through every step's peak).
+// Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and two of
+// the algorithms that cudnnFind*AlgorithmEx measures on the real tensors (PyTorch's benchmark mode keeps
+// the fastest), within a workspace of at most kMaxWorkspaceBytes: the fastest, and a lean one that needs
+// at most kLeanWorkspaceBytes (core/workspace_policy.h). A call runs the fastest unless its workspace
+// would lift the memory in use above the highest level seen at a convolution before: at a training
+// step's peak the lean one runs, so that no workspace raises the peak by more than a few MiB. (The first
+// step, while that level still rises, runs the lean ones.) Plans are cached for the life of the process,
+// so a training step in the steady state makes no descriptor calls and no searches. Each call takes its
+// workspace from the caching allocator and gives it back once queued, as PyTorch does: a workspace holds
+// memory only while its convolution runs (a single block kept at the largest plan's size, the first
+// design, held it through every step's peak).
 //
 // Shapes: x (N,C,H,W), weight (Cout,C,kh,kw), bias (Cout), y (N,Cout,Ho,Wo) with
 // Ho = (H + 2*padding - kh) / stride + 1 (and Wo alike); cross-correlation (no kernel flip), as PyTorch
@@ -18,6 +22,8 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,6 +33,7 @@
 
 #include "core/backend.h"
 #include "core/error.h"
+#include "core/workspace_policy.h"
 #include "cuda/allocator.h"
 #include "cuda/check.h"
 #include "cuda/conv.h"
@@ -185,12 +192,18 @@ struct ShapeDescriptors {
   }
 };
 
-// One direction's algorithm for one shape, dtype and TF32 setting. The convolution descriptor carries the
-// math type the algorithm was measured with, which cuDNN needs at every call with that algorithm.
-struct Plan {
+// One algorithm for a plan. The convolution descriptor carries the math type the algorithm was measured
+// with, which cuDNN needs at every call with that algorithm.
+struct Variant {
   ConvolutionDescriptor conv;
   int algorithm = 0;  // a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by direction
   size_t workspace_bytes = 0;
+};
+
+// One direction's algorithms for one shape, dtype and TF32 setting: the fastest, and the lean one (the same
+// algorithm when the fastest is lean).
+struct Plan {
+  Variant fastest, lean;
 };
 
 struct PlanKey {
@@ -258,26 +271,35 @@ struct Choice {
   size_t workspace_bytes = 0;
 };
 
-// The fastest result that succeeded, fits the workspace and has an acceptable math type.
+struct Choices {
+  Choice fastest, lean;
+};
+
+// Of the results that succeeded, fit the workspace and have an acceptable math type: the fastest and the
+// lean one (choose_fastest_and_lean).
 template <class Perf>
-Choice fastest(const std::vector<Perf>& results, int returned, size_t workspace_bytes, bool tf32,
+Choices choose(const std::vector<Perf>& results, int returned, size_t workspace_bytes, bool tf32,
                Direction direction, const ConvShape& s) {
-  const Perf* best = nullptr;
+  std::vector<const Perf*> usable;
+  std::vector<MeasuredAlgorithm> measured;
   for (int i = 0; i < returned; ++i) {
     const Perf& r = results[i];
     if (r.status != CUDNN_STATUS_SUCCESS || r.memory > workspace_bytes ||
         !acceptable_math_type(r.mathType, s.dtype, tf32))
       continue;
-    if (!best || r.time < best->time) best = &r;
+    usable.push_back(&r);
+    measured.push_back({r.memory, r.time});
   }
-  MDFF_CHECK(best, "cuda conv2d: cuDNN found no usable ", direction_name(direction), " algorithm (", returned,
-             " tried) for ", describe(s), ", TF32 ", tf32 ? "on" : "off");
-  return {static_cast<int>(best->algo), best->mathType, best->memory};
+  MDFF_CHECK(!usable.empty(), "cuda conv2d: cuDNN found no usable ", direction_name(direction), " algorithm (",
+             returned, " tried) for ", describe(s), ", TF32 ", tf32 ? "on" : "off");
+  const AlgorithmPair pair = choose_fastest_and_lean(measured);
+  auto choice = [&](int i) { return Choice{static_cast<int>(usable[i]->algo), usable[i]->mathType, usable[i]->memory}; };
+  return {choice(pair.fastest), choice(pair.lean)};
 }
 
-// Measures the direction's algorithms with cudnnFind*AlgorithmEx and returns the fastest usable one.
+// Measures the direction's algorithms with cudnnFind*AlgorithmEx and returns the fastest and the lean one.
 // `conv` carries the search math type.
-Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+Choices search(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
               cudnnConvolutionDescriptor_t conv, const SearchBuffers& buffers) {
   cudnnHandle_t handle = cudnn_handle();
   const size_t budget = workspace_budget();
@@ -294,7 +316,7 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
       MDFF_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(handle, d.x.get(), buffers.x, d.w.get(), buffers.w,
                                                               conv, d.y.get(), buffers.y, max_count, &returned,
                                                               results.data(), scratch.data(), scratch.bytes()));
-      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+      return choose(results, returned, scratch.bytes(), tf32, direction, s);
     }
     case Direction::BackwardData: {
       const size_t needed =
@@ -310,7 +332,7 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
                                                                    buffers.y, conv, d.x.get(), buffers.x, max_count,
                                                                    &returned, results.data(), scratch.data(),
                                                                    scratch.bytes()));
-      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+      return choose(results, returned, scratch.bytes(), tf32, direction, s);
     }
     case Direction::BackwardFilter: {
       const size_t needed =
@@ -326,10 +348,20 @@ Choice search(Direction direction, const ConvShape& s, bool tf32, const ShapeDes
                                                                      buffers.y, conv, d.w.get(), buffers.w,
                                                                      max_count, &returned, results.data(),
                                                                      scratch.data(), scratch.bytes()));
-      return fastest(results, returned, scratch.bytes(), tf32, direction, s);
+      return choose(results, returned, scratch.bytes(), tf32, direction, s);
     }
   }
   MDFF_FAIL("cuda conv2d: unknown direction");
+}
+
+// False when MDFF_CONV_LEAN=0: every call then runs its plan's fastest algorithm, as PyTorch's benchmark mode
+// does (scripts/gpu_check.sh times the model both ways, to measure what the lean choice costs and saves).
+bool lean_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("MDFF_CONV_LEAN");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return allowed;
 }
 
 // The plans and their descriptors. Every convolution holds the mutex from its look-up to its last queued
@@ -351,28 +383,47 @@ class ConvCache {
     auto it = plans_.find(key);
     if (it != plans_.end()) return *it->second;
     auto plan = std::make_unique<Plan>();
-    MDFF_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(plan->conv.get(), s.padding, s.padding, s.stride, s.stride,
-                                                     1, 1, CUDNN_CROSS_CORRELATION, cudnn_dtype(s.dtype)));
-    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->conv.get(), search_math_type(s.dtype, tf32)));
-    const Choice choice = search(direction, s, tf32, d, plan->conv.get(), buffers);
+    for (const Variant* v : {&plan->fastest, &plan->lean})
+      MDFF_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(v->conv.get(), s.padding, s.padding, s.stride, s.stride, 1,
+                                                       1, CUDNN_CROSS_CORRELATION, cudnn_dtype(s.dtype)));
+    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(plan->fastest.conv.get(), search_math_type(s.dtype, tf32)));
+    const Choices choices = search(direction, s, tf32, d, plan->fastest.conv.get(), buffers);
     // The math type is part of the algorithm's identity: run with the one it was measured with (FMA-only
     // for F32 without TF32, see search_math_type).
-    MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(
-        plan->conv.get(), s.dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH : choice.math));
-    plan->algorithm = choice.algorithm;
-    plan->workspace_bytes = choice.workspace_bytes;
-    largest_workspace_bytes_ = std::max(largest_workspace_bytes_, choice.workspace_bytes);
+    auto settle = [&](Variant& v, const Choice& choice) {
+      MDFF_CUDNN_CHECK(cudnnSetConvolutionMathType(v.conv.get(), s.dtype == DType::F32 && !tf32 ? CUDNN_FMA_MATH
+                                                                                                : choice.math));
+      v.algorithm = choice.algorithm;
+      v.workspace_bytes = choice.workspace_bytes;
+    };
+    settle(plan->fastest, choices.fastest);
+    settle(plan->lean, choices.lean);
+    largest_workspace_bytes_ = std::max(largest_workspace_bytes_, choices.fastest.workspace_bytes);
+    if (choices.lean.workspace_bytes < choices.fastest.workspace_bytes) ++plans_with_lean_variant_;
     ++searches_;
     return *plans_.emplace(key, std::move(plan)).first->second;
   }
 
-  ConvStats stats() const { return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_}; }
+  // The variant a call with the memory in use now runs (see the top of this file).
+  const Variant& variant(const Plan& plan) {
+    const bool fits = headroom_.fits(bytes_in_use(), plan.fastest.workspace_bytes);
+    if (fits || !lean_allowed() || plan.lean.workspace_bytes >= plan.fastest.workspace_bytes) return plan.fastest;
+    ++lean_calls_;
+    return plan.lean;
+  }
+
+  ConvStats stats() const {
+    return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_, plans_with_lean_variant_,
+            lean_calls_, headroom_.mark()};
+  }
 
  private:
   std::map<ConvShape, std::unique_ptr<ShapeDescriptors>> descriptors_;
   std::map<PlanKey, std::unique_ptr<Plan>> plans_;
   int64_t searches_ = 0;
   size_t largest_workspace_bytes_ = 0;
+  int64_t plans_with_lean_variant_ = 0, lean_calls_ = 0;
+  WorkspaceHeadroom headroom_;
 };
 
 ConvCache& cache() {
@@ -429,12 +480,11 @@ void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, c
     return;
   }
   const ShapeDescriptors& d = c.descriptors(s);
-  const Plan& plan = c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()});
-  const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
+  const Variant& v = c.variant(c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()}));
+  const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
   MDFF_CUDNN_CHECK(cudnnConvolutionForward(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(), d.w.get(),
-                                           weight.raw(), plan.conv.get(),
-                                           static_cast<cudnnConvolutionFwdAlgo_t>(plan.algorithm), workspace.data(),
-                                           plan.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
+                                           weight.raw(), v.conv.get(), static_cast<cudnnConvolutionFwdAlgo_t>(v.algorithm),
+                                           workspace.data(), v.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
   if (bias.defined()) add_bias(s.dtype, d.bias, bias, d.y, y);
 }
 
@@ -461,21 +511,23 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
   }
   const ShapeDescriptors& d = c.descriptors(s);
   if (grad_x.defined()) {
-    const Plan& plan = c.plan(Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()});
-    const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
+    const Variant& v =
+        c.variant(c.plan(Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()}));
+    const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
     MDFF_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_handle(), kOne.of(s.dtype), d.w.get(), weight.raw(),
-                                                  d.y.get(), grad_y.raw(), plan.conv.get(),
-                                                  static_cast<cudnnConvolutionBwdDataAlgo_t>(plan.algorithm),
-                                                  workspace.data(), plan.workspace_bytes, kZero.of(s.dtype), d.x.get(),
+                                                  d.y.get(), grad_y.raw(), v.conv.get(),
+                                                  static_cast<cudnnConvolutionBwdDataAlgo_t>(v.algorithm),
+                                                  workspace.data(), v.workspace_bytes, kZero.of(s.dtype), d.x.get(),
                                                   grad_x.raw()));
   }
   if (grad_weight.defined()) {
-    const Plan& plan = c.plan(Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()});
-    const ScratchBuffer workspace(plan.workspace_bytes);  // back to the allocator once the call is queued
+    const Variant& v =
+        c.variant(c.plan(Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()}));
+    const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
     MDFF_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(),
-                                                    d.y.get(), grad_y.raw(), plan.conv.get(),
-                                                    static_cast<cudnnConvolutionBwdFilterAlgo_t>(plan.algorithm),
-                                                    workspace.data(), plan.workspace_bytes, kZero.of(s.dtype),
+                                                    d.y.get(), grad_y.raw(), v.conv.get(),
+                                                    static_cast<cudnnConvolutionBwdFilterAlgo_t>(v.algorithm),
+                                                    workspace.data(), v.workspace_bytes, kZero.of(s.dtype),
                                                     d.w.get(), grad_weight.raw()));
   }
   if (grad_bias.defined()) bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);

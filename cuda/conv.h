@@ -1,7 +1,7 @@
 // Convolutions on the GPU through cuDNN 9 (NCHW): forward, backward-data and backward-filter, with the
-// algorithm chosen once per shape and cached, each call's workspace from the caching allocator, and TF32
-// tensor-core math while mdff::tf32_allowed() (core/backend.h). The contracts are Backend::conv2d_forward
-// / conv2d_backward.
+// algorithms chosen once per shape and cached (the fastest, and a lean one for the moments when memory is
+// at its peak), each call's workspace from the caching allocator, and TF32 tensor-core math while
+// mdff::tf32_allowed() (core/backend.h). The contracts are Backend::conv2d_forward / conv2d_backward.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -18,7 +18,10 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
 struct ConvStats {
   int64_t cached_plans = 0;      // (shape, dtype, precision) entries in the algorithm cache
   int64_t algorithm_searches = 0;  // cache misses: times an algorithm was chosen
-  size_t largest_workspace_bytes = 0;  // the most workspace one cached plan takes while it runs
+  size_t largest_workspace_bytes = 0;  // the most workspace a plan's fastest algorithm takes while it runs
+  int64_t plans_with_lean_variant = 0;  // plans whose lean algorithm needs less workspace than their fastest
+  int64_t lean_calls = 0;  // calls that ran the lean algorithm: the fastest's workspace would have raised the mark
+  size_t memory_mark_bytes = 0;  // the highest memory in use seen at a convolution call (core/workspace_policy.h)
 };
 ConvStats conv_stats();
 

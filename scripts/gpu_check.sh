@@ -21,7 +21,8 @@
 #       give the machine back while reading, and rerun only what failed.
 #       The GPU benchmark (bench_model --device cuda, next to PyTorch in the same run) times the training
 #       step and encoding at batch 32 and 128, 224x224 and 32x32, in TF32 (bench_gpu.log/.json), then 224x224
-#       batch 32 in FP32 (bench_gpu_fp32.log/.json). Its PyTorch is the first python3 (PATH's, then
+#       batch 32 in FP32 (bench_gpu_fp32.log/.json), then the 224x224 rows again with every convolution on its
+#       fastest algorithm (bench_gpu_fastest.log/.json). Its PyTorch is the first python3 (PATH's, then
 #       /usr/bin/python3) that can import torch, started with the environment it had before this script
 #       set LD_LIBRARY_PATH (so that it loads its own cuDNN and cuBLAS).
 set -uo pipefail
@@ -145,6 +146,10 @@ step "GPU benchmark (TF32 grid)" bench_gpu.log 240 "${gpu_bench[@]}" --precision
   --json "$out/bench_gpu.json"
 step "GPU benchmark (FP32, 224 b32)" bench_gpu_fp32.log 90 "${gpu_bench[@]}" --precision fp32 \
   --batch 32 --image-size 224 --json "$out/bench_gpu_fp32.json"
+# The same 224x224 rows with every convolution on its fastest algorithm (MDFF_CONV_LEAN=0, cuda/conv.cpp): what
+# running the lean algorithms at the memory peak costs in time and saves in peak memory. ~1 min.
+step "GPU benchmark (TF32, 224, fastest algorithms only)" bench_gpu_fastest.log 120 env MDFF_CONV_LEAN=0 \
+  "${gpu_bench[@]}" --precision tf32 --batch 32,128 --image-size 224 --json "$out/bench_gpu_fastest.json"
 # The Hamming ranking on the GPU against the CPU's (and NumPy's, where the python3 has it): 1M 64-bit codes,
 # 100 queries (NumPy takes ~60 ms a query).
 step "GPU ranking benchmark" bench_ranking.log 60 "$bundle/bin/mdff_search" bench --queries 100 --device cuda \

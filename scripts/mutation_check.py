@@ -68,7 +68,10 @@ MUTATIONS = [
     ("sum", "core/ops.cpp", "backend_of(g).binary(BinaryOp::Add, Tensor::zeros(shape, g.dtype(), g.device()), g, gx);",
      "backend_of(g).binary(BinaryOp::Add, Tensor::full(shape, 0.5, g.dtype(), g.device()), g, gx);"),
     ("autograd: summing gradients of a reused tensor", "core/autograd.cpp",
-     "if (!inserted) slot->second = add_new(slot->second, g);", "if (!inserted) slot->second = g;"),
+     "if (!inserted) accumulate_pending(slot->second, g);", "if (!inserted) slot->second = g;"),
+    ("autograd: summing in place into a gradient another edge holds", "core/autograd.cpp",
+     "const bool sole_owner = waiting.impl_ptr().use_count() == 1 && waiting.impl()->storage.use_count() == 1;",
+     "const bool sole_owner = true;"),
 ]
 
 

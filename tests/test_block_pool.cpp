@@ -81,6 +81,7 @@ TEST_CASE("block pool: requests round up to 512 bytes, and small ones share a 2 
   CHECK(at(c) == at(b) + 1024);
   rig.pool.deallocate(b, 513);
   CHECK(rig.pool.stats().bytes_in_use == 512 + MiB);
+  CHECK(rig.pool.bytes_in_use() == 512 + MiB);
   CHECK(rig.pool.stats().bytes_cached() == 2 * MiB - 512 - MiB);
   // best fit: the 1024-byte hole left by b, not the segment's large rest
   void* d = rig.pool.allocate(1000);

@@ -1329,6 +1329,39 @@ TEST_CASE("the convolution algorithm cache: a shape seen before searches no algo
   CHECK(cuda::conv_stats().cached_plans > again.cached_plans);
 }
 
+TEST_CASE("a convolution at the memory mark runs its lean algorithm; either algorithm matches the CPU") {
+  // core/workspace_policy.h: a call runs its plan's fastest algorithm unless that one's workspace would lift
+  // the memory in use above the highest level seen at a convolution before.
+  const Tf32Guard on(true);
+  const ConvCase layer1{"3x3 pad 1, 64 channels at 56x56 (layer1's conv2)", {8, 64, 56, 56}, {64, 64, 3, 3}, 1, 1,
+                        false};
+  Rng rng(31);
+  const Tensor x = Tensor::randn(layer1.x, rng), weight = Tensor::randn(layer1.weight, rng, 0.05);
+  const Tensor expected = ops::conv2d(x, weight, Tensor(), layer1.stride, layer1.padding);
+  const Tensor xc = x.to(Device::CUDA), wc = weight.to(Device::CUDA);
+  auto convolve = [&] { return ops::conv2d(xc, wc, Tensor(), layer1.stride, layer1.padding); };
+  const cuda::ConvStats before = cuda::conv_stats();
+  const cuda::ConvStats at_mark = [&] {
+    // Ballast lifts the memory in use above the mark by more than any workspace a search lends (1 GiB):
+    // the shape's first call (its plan is new) finds itself at a new mark.
+    const size_t in_use = cuda::bytes_in_use(), extra = size_t(1) << 30;
+    const size_t ballast_bytes = (before.memory_mark_bytes > in_use ? before.memory_mark_bytes - in_use : 0) + extra;
+    const Tensor ballast = Tensor::empty({static_cast<int64_t>(ballast_bytes / 4)}, DType::F32, Device::CUDA);
+    check_close(expected, convolve(), kTf32Bound, std::string(layer1.role) + ", at the mark", Scale::TensorMax);
+    return cuda::conv_stats();
+  }();
+  const int64_t lean_plans = at_mark.plans_with_lean_variant - before.plans_with_lean_variant;
+  REQUIRE(at_mark.cached_plans == before.cached_plans + 1);  // the forward plan, new
+  CHECK(at_mark.lean_calls - before.lean_calls == lean_plans);  // lean, where the plan has a lean algorithm
+  // Without the ballast the same call is more than 1 GiB under the mark: the fastest algorithm.
+  check_close(expected, convolve(), kTf32Bound, std::string(layer1.role) + ", under the mark", Scale::TensorMax);
+  CHECK(cuda::conv_stats().lean_calls == at_mark.lean_calls);
+  MESSAGE(layer1.role, ": the forward plan ", lean_plans ? "has a lean algorithm besides the fastest" :
+          "has one algorithm, fastest and lean", "; the largest workspace of a fastest algorithm so far ",
+          at_mark.largest_workspace_bytes, " bytes; ", at_mark.plans_with_lean_variant, " of ", at_mark.cached_plans,
+          " plans have a lean algorithm");
+}
+
 TEST_CASE("full ResNet50-MDFF-SH training steps perform no cudaMalloc after warm-up") {
   if (cache_off()) return;
   const MdffConfig config = model_config();
