@@ -2,11 +2,15 @@
 // (cuda/conv.cpp uses it; device-independent, so that the rules are tested without a GPU).
 //
 // A plan keeps two algorithms: the fastest, and a lean one (the fastest that needs at most a small
-// workspace). Each call takes the fastest unless its workspace would lift the memory in use above the
-// highest level seen at any convolution call before: at the moments of a training step when memory is
-// at its peak (the end of the forward pass, the start of backward) the lean algorithm runs, and the
-// fastest everywhere else. A workspace then does not raise the step's peak by more than the lean one's,
-// where PyTorch's benchmark mode takes the fastest algorithm's workspace even at the peak.
+// workspace, or the one needing the least when none is that small). Each call takes the fastest unless
+// its workspace would lift the memory in use above the highest level seen at any convolution call
+// before: at the moments of a training step when memory is at its peak (the end of the forward pass, the
+// start of backward) the lean algorithm runs, and the fastest everywhere else. A workspace then does not
+// raise the step's peak of bytes in use by more than the lean one's, where PyTorch's benchmark mode takes
+// the fastest algorithm's workspace even at the peak. What this bounds is memory in use, sampled at
+// convolution calls: other ops may peak higher (the rule is then only more cautious than it needs to
+// be), and the allocator may still need a new segment for a workspace that fits by count but not in one
+// free block (the reserved peak).
 #pragma once
 #include <algorithm>
 #include <cstddef>

@@ -4,10 +4,11 @@
 // Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and two of
 // the algorithms that cudnnFind*AlgorithmEx measures on the real tensors (PyTorch's benchmark mode keeps
 // the fastest), within a workspace of at most kMaxWorkspaceBytes: the fastest, and a lean one that needs
-// at most kLeanWorkspaceBytes (core/workspace_policy.h). A call runs the fastest unless its workspace
-// would lift the memory in use above the highest level seen at a convolution before: at a training
-// step's peak the lean one runs, so that no workspace raises the peak by more than a few MiB. (The first
-// step, while that level still rises, runs the lean ones.) Plans are cached for the life of the process,
+// at most kLeanWorkspaceBytes where some algorithm does (core/workspace_policy.h). A call runs the fastest
+// unless its workspace would lift the memory in use above the highest level seen at a convolution before:
+// at a training step's peak the lean one runs, so that a workspace raises the peak of bytes in use by no
+// more than the lean one's, a few MiB as a rule. (The first step, while that level still rises, runs the
+// lean ones.) Plans are cached for the life of the process,
 // so a training step in the steady state makes no descriptor calls and no searches. Each call takes its
 // workspace from the caching allocator and gives it back once queued, as PyTorch does: a workspace holds
 // memory only while its convolution runs (a single block kept at the largest plan's size, the first
@@ -412,6 +413,8 @@ class ConvCache {
     return plan.lean;
   }
 
+  void reset_memory_mark() { headroom_ = WorkspaceHeadroom(); }
+
   ConvStats stats() const {
     return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_, plans_with_lean_variant_,
             lean_calls_, headroom_.mark()};
@@ -531,6 +534,12 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
                                                     d.w.get(), grad_weight.raw()));
   }
   if (grad_bias.defined()) bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);
+}
+
+void reset_conv_memory_mark() {
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  c.reset_memory_mark();
 }
 
 ConvStats conv_stats() {

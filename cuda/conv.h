@@ -24,5 +24,7 @@ struct ConvStats {
   size_t memory_mark_bytes = 0;  // the highest memory in use seen at a convolution call (core/workspace_policy.h)
 };
 ConvStats conv_stats();
+// Starts the memory mark (ConvStats::memory_mark_bytes) again from nothing, for a test that lifted it.
+void reset_conv_memory_mark();
 
 }  // namespace mdff::cuda
