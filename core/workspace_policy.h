@@ -20,7 +20,7 @@
 
 namespace mdff {
 
-// The workspace a lean algorithm may take: 4 MiB, a fraction of a percent of any step's peak.
+// The workspace a lean algorithm may take: 4 MiB, about 0.1% of a ResNet50 training step's peak at 224x224.
 constexpr size_t kLeanWorkspaceBytes = size_t(4) << 20;
 
 // One usable algorithm as a search measured it.
