@@ -142,14 +142,23 @@ fi
 # the engine is within 2x of PyTorch, ~2.5 min at 10x: the timeouts stop a much slower engine (the JSON is
 # written after each configuration, so what finished is kept). The FP32 run: ~30 s.
 gpu_bench=("$bundle/bin/bench_model" --device cuda --warmup 2 --rounds 3 --iterations 2)
+verdict() {  # verdict LOGFILE: the benchmark's verdict on the issue's targets, into the summary
+  [[ -f "$logs/$1" ]] || return
+  printf '  %-32s %s\n' "$1" "$(grep -m 1 -E "^(every row reaches|short of PyTorch)" "$logs/$1" ||
+                                echo 'no verdict (not compared with PyTorch, or stopped early; see the log)')" \
+    | tee -a "$summary"
+}
 step "GPU benchmark (TF32 grid)" bench_gpu.log 240 "${gpu_bench[@]}" --precision tf32 --grid \
   --json "$out/bench_gpu.json"
+verdict bench_gpu.log
 step "GPU benchmark (FP32, 224 b32)" bench_gpu_fp32.log 90 "${gpu_bench[@]}" --precision fp32 \
   --batch 32 --image-size 224 --json "$out/bench_gpu_fp32.json"
+verdict bench_gpu_fp32.log
 # The same 224x224 rows with every convolution on its fastest algorithm (MDFF_CONV_LEAN=0, cuda/conv.cpp): what
 # running the lean algorithms at the memory peak costs in time and saves in peak memory. ~1 min.
 step "GPU benchmark (TF32, 224, fastest algorithms only)" bench_gpu_fastest.log 120 env MDFF_CONV_LEAN=0 \
   "${gpu_bench[@]}" --precision tf32 --batch 32,128 --image-size 224 --json "$out/bench_gpu_fastest.json"
+verdict bench_gpu_fastest.log
 # The Hamming ranking on the GPU against the CPU's (and NumPy's, where the python3 has it): 1M 64-bit codes,
 # 100 queries (NumPy takes ~60 ms a query).
 step "GPU ranking benchmark" bench_ranking.log 60 "$bundle/bin/mdff_search" bench --queries 100 --device cuda \
