@@ -1,9 +1,6 @@
 // The CUDA caching allocator (see allocator.h): a BlockPool whose segments are cudaMalloc'd.
 #include "cuda/allocator.h"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "core/error.h"
 #include "cuda/check.h"
 
@@ -34,10 +31,7 @@ BlockPool& pool() {
 }  // namespace
 
 bool caching_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("MDFF_CUDA_NO_CACHING");
-    return value == nullptr || std::strcmp(value, "1") != 0;
-  }();
+  static const bool enabled = !env_equals("MDFF_CUDA_NO_CACHING", "1");
   return enabled;
 }
 

@@ -1,4 +1,4 @@
-// Out-of-line part of check.h: formatting the error and the MDFF_CUDA_SYNC debug switch.
+// Out-of-line part of check.h: formatting the error, the MDFF_CUDA_SYNC debug switch, env_equals.
 #include "cuda/check.h"
 
 #include <cstdlib>
@@ -18,10 +18,7 @@ void throw_library_error(const char* library, const char* call, const char* file
 namespace {
 // Read once: MDFF_CUDA_SYNC=1 makes every launch check wait for the kernel.
 bool sync_after_each_kernel() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("MDFF_CUDA_SYNC");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
+  static const bool enabled = env_equals("MDFF_CUDA_SYNC", "1");
   return enabled;
 }
 }  // namespace
@@ -41,3 +38,10 @@ void check_launch(const char* file, int line) {
 }
 
 }  // namespace mdff::cuda::detail
+
+namespace mdff::cuda {
+bool env_equals(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
+}
+}  // namespace mdff::cuda

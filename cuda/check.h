@@ -19,6 +19,12 @@ namespace mdff::cuda::detail {
 void check_launch(const char* file, int line);
 }  // namespace mdff::cuda::detail
 
+namespace mdff::cuda {
+// Whether the environment variable `name` is set to exactly `value`: the CUDA backend's switches
+// (MDFF_CUDA_SYNC=1, MDFF_CUDA_NO_CACHING=1, MDFF_CONV_LEAN=0), each read once by its user.
+bool env_equals(const char* name, const char* value);
+}  // namespace mdff::cuda
+
 // A failed runtime call also leaves its error as CUDA's "last error", which the next launch check would
 // report against an unrelated kernel: it is cleared (cudaGetLastError) before the throw. A sticky error (a
 // fault inside a kernel) cannot be cleared, and keeps being reported, as it must.

@@ -8,11 +8,10 @@
 // unless its workspace would lift the memory in use above the highest level seen at a convolution before:
 // at a training step's peak the lean one runs, so that a workspace raises the peak of bytes in use by no
 // more than the lean one's, a few MiB as a rule. (The first step, while that level still rises, runs the
-// lean ones.) Plans are cached for the life of the process,
-// so a training step in the steady state makes no descriptor calls and no searches. Each call takes its
-// workspace from the caching allocator and gives it back once queued, as PyTorch does: a workspace holds
-// memory only while its convolution runs (a single block kept at the largest plan's size, the first
-// design, held it through every step's peak).
+// lean ones.) Plans are cached for the life of the process, so a training step in the steady state makes
+// no descriptor calls and no searches. Each call takes its workspace from the caching allocator and gives
+// it back once queued, as PyTorch does: a workspace holds memory only while its convolution runs (a
+// single block kept at the largest plan's size, the first design, held it through every step's peak).
 //
 // Shapes: x (N,C,H,W), weight (Cout,C,kh,kw), bias (Cout), y (N,Cout,Ho,Wo) with
 // Ho = (H + 2*padding - kh) / stride + 1 (and Wo alike); cross-correlation (no kernel flip), as PyTorch
@@ -23,8 +22,6 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -294,7 +291,9 @@ Choices choose(const std::vector<Perf>& results, int returned, size_t workspace_
   MDFF_CHECK(!usable.empty(), "cuda conv2d: cuDNN found no usable ", direction_name(direction), " algorithm (",
              returned, " tried) for ", describe(s), ", TF32 ", tf32 ? "on" : "off");
   const AlgorithmPair pair = choose_fastest_and_lean(measured);
-  auto choice = [&](int i) { return Choice{static_cast<int>(usable[i]->algo), usable[i]->mathType, usable[i]->memory}; };
+  auto choice = [&](int i) {
+    return Choice{static_cast<int>(usable[i]->algo), usable[i]->mathType, usable[i]->memory};
+  };
   return {choice(pair.fastest), choice(pair.lean)};
 }
 
@@ -358,10 +357,7 @@ Choices search(Direction direction, const ConvShape& s, bool tf32, const ShapeDe
 // False when MDFF_CONV_LEAN=0: every call then runs its plan's fastest algorithm, as PyTorch's benchmark mode
 // does (scripts/gpu_check.sh times the model both ways, to measure what the lean choice costs and saves).
 bool lean_allowed() {
-  static const bool allowed = [] {
-    const char* value = std::getenv("MDFF_CONV_LEAN");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool allowed = !env_equals("MDFF_CONV_LEAN", "0");
   return allowed;
 }
 
@@ -486,8 +482,9 @@ void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, c
   const Variant& v = c.variant(c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()}));
   const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
   MDFF_CUDNN_CHECK(cudnnConvolutionForward(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(), d.w.get(),
-                                           weight.raw(), v.conv.get(), static_cast<cudnnConvolutionFwdAlgo_t>(v.algorithm),
-                                           workspace.data(), v.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
+                                           weight.raw(), v.conv.get(),
+                                           static_cast<cudnnConvolutionFwdAlgo_t>(v.algorithm), workspace.data(),
+                                           v.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
   if (bias.defined()) add_bias(s.dtype, d.bias, bias, d.y, y);
 }
 
