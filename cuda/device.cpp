@@ -1,6 +1,7 @@
 // Device detection, the stream and the cuBLAS handle (see device.h).
 #include "cuda/device.h"
 
+#include "cuda/allocator.h"
 #include "cuda/check.h"
 
 namespace mdff::cuda {
@@ -66,6 +67,8 @@ const DeviceInfo& device_info() {
 
 cudaStream_t stream() { return nullptr; }  // the default stream
 
+size_t cublas_workspace_bytes() { return size_t(32) << 20; }
+
 cublasHandle_t cublas_handle() {
   // Never destroyed: the driver reclaims it at exit, and cublasDestroy during static destruction can
   // run after the CUDA runtime has already shut down.
@@ -74,6 +77,8 @@ cublasHandle_t cublas_handle() {
     MDFF_CUBLAS_CHECK(cublasCreate(&h));
     MDFF_CUBLAS_CHECK(cublasSetStream(h, stream()));
     MDFF_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    // Kept, like the handle, for the whole run.
+    MDFF_CUBLAS_CHECK(cublasSetWorkspace(h, allocate(cublas_workspace_bytes()), cublas_workspace_bytes()));
     return h;
   }();
   return handle;

@@ -28,7 +28,12 @@ const DeviceInfo& device_info();
 // stream runs in order, which is what lets the allocator hand a freed block to the next tensor at once.
 cudaStream_t stream();
 
-// cuBLAS handle bound to stream(), created on first use (full FP32 math: no TF32 unless asked for).
+// cuBLAS handle bound to stream(), created on first use (full FP32 math: no TF32 unless asked for). Its
+// workspace comes from the caching allocator (cuda/allocator.h), as PyTorch's does, instead of a cudaMalloc
+// inside cuBLAS: it counts in the memory in use and in the peaks a run reports, as it does in PyTorch's.
 cublasHandle_t cublas_handle();
+// The size of that workspace: 32 MiB, NVIDIA's recommendation for Hopper (cublasSetWorkspace) and
+// PyTorch's default there.
+size_t cublas_workspace_bytes();
 
 }  // namespace mdff::cuda

@@ -1271,6 +1271,13 @@ TEST_CASE("allocator is thread-safe") {
   CHECK(cuda::allocator_stats().bytes_in_use == in_use);
 }
 
+TEST_CASE("cuBLAS's workspace is a block of the caching allocator, counted in the memory in use") {
+  cuda::cublas_handle();  // created on first use, with its workspace
+  const size_t in_use = cuda::allocator_stats().bytes_in_use;
+  INFO("bytes in use ", in_use, ", cuBLAS workspace ", cuda::cublas_workspace_bytes());
+  CHECK(in_use >= cuda::cublas_workspace_bytes());
+}
+
 TEST_CASE("running out of GPU memory is a clear error, and the device stays usable") {
   // OutOfMemory, which train_mdff catches to name the batch size and image size.
   CHECK_THROWS_WITH_AS(cuda::allocate(size_t(1) << 50), doctest::Contains("out of GPU memory: requested"),
