@@ -159,17 +159,24 @@ void add_linear(std::vector<Op>& ops, const std::string& name, int batch, int in
                  }});
 }
 
-// An optimizer step over flat buffers as long as every parameter of the model (optim/optimizers.h).
+// An optimizer step over every parameter of the model (optim/optimizers.h): parameters and state in flat
+// buffers, a gradient tensor per parameter.
 void add_optimizer_step(std::vector<Op>& ops, const MdffConfig& config, bool rmsprop) {
   ops.push_back({rmsprop ? "rmsprop step" : "sgd step", 1, [=] {
                    Rng rng(9);
-                   const int64_t n = MdffSh(config, rng).num_parameters();
-                   const Tensor param = Tensor::randn({n}, rng, 0.05), grad = Tensor::randn({n}, rng, 1e-3);
+                   const NamedTensors parameters = MdffSh(config, rng).named_parameters();
+                   std::vector<GradientSlice> grads;
+                   int64_t n = 0;
+                   for (const auto& [name, p] : parameters) {
+                     grads.push_back({Tensor::randn(p.shape(), rng, 1e-3), n});
+                     n += p.numel();
+                   }
+                   const Tensor param = Tensor::randn({n}, rng, 0.05);
                    const Tensor state = Tensor::zeros({n});  // RMSProp's square average, SGD's momentum buffer
                    std::function<void()> step;
-                   if (rmsprop) step = [=] { cpu().rmsprop_step(param, grad, state, 1e-4, 0.99, 1e-8, 0); };
-                   else step = [=] { cpu().sgd_step(param, grad, state, 0.01, 0.9, 1e-4, false); };
-                   return Prepared{shape_str({n}), step};
+                   if (rmsprop) step = [=] { cpu().rmsprop_step(param, grads, state, 1e-4, 0.99, 1e-8, 0); };
+                   else step = [=] { cpu().sgd_step(param, grads, state, 0.01, 0.9, 1e-4, false); };
+                   return Prepared{shape_str({n}) + ", " + std::to_string(grads.size()) + " gradients", step};
                  }});
 }
 

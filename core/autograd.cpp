@@ -37,11 +37,16 @@ void accumulate_pending(Tensor& waiting, const Tensor& g) {
   waiting = out;
 }
 
+// A leaf's first gradient becomes its .grad without a copy when g is the only handle on its storage and spans
+// all of it (no other edge or view holds it), as PyTorch's AccumulateGrad steals it; otherwise .grad is a
+// copy, so that later sums into .grad change nothing anyone else sees.
 void accumulate_into_leaf(TensorImpl& leaf, const Tensor& g) {
   MDFF_CHECK(g.shape() == leaf.shape, "autograd: gradient of shape ", shape_str(g.shape()),
              " for a leaf of shape ", shape_str(leaf.shape));
   if (!leaf.grad) {
-    leaf.grad = g.clone().impl_ptr();
+    const bool sole_owner = g.impl_ptr().use_count() == 1 && g.impl()->storage.use_count() == 1 &&
+                            g.impl()->offset_bytes == 0 && g.impl()->storage->bytes == g.nbytes();
+    leaf.grad = (sole_owner ? g.detach() : g.clone()).impl_ptr();
   } else {
     Tensor existing(leaf.grad);
     backend_of(existing).binary(BinaryOp::Add, existing, g, existing);  // elementwise: safe in place
@@ -131,7 +136,7 @@ void run_backward(const Tensor& root, const Tensor& grad_output, bool retain_gra
     for (size_t i = 0; i < grads.size(); ++i) {
       const Edge& edge = node->edges[i];
       if (!grads[i].defined() || (!edge.node && !edge.leaf)) continue;
-      Tensor g = grads[i];
+      Tensor g = std::move(grads[i]);  // the only handle, unless the op returned one tensor for two inputs
       if (factor != 1.0) {
         Tensor scaled = Tensor::empty(g.shape(), g.dtype(), g.device());
         backend_of(g).scale(g, factor, scaled);

@@ -71,7 +71,7 @@ void Backend::unary_backward(UnaryOp, const Tensor&, const Tensor&, const Tensor
   missing("unary_backward");
 }
 void Backend::sum_to(const Tensor&, const Tensor&) { missing("sum_to"); }
-void Backend::count_non_finite(const Tensor&, const Tensor&) { missing("count_non_finite"); }
+void Backend::count_non_finite(const std::vector<Tensor>&, const Tensor&) { missing("count_non_finite"); }
 void Backend::gemm(bool, bool, double, const Tensor&, const Tensor&, double, const Tensor&) { missing("gemm"); }
 void Backend::conv2d_forward(const Tensor&, const Tensor&, const Tensor&, const Conv2dParams&, const Tensor&) {
   missing("conv2d_forward");
@@ -131,10 +131,11 @@ void Backend::log_softmax_forward(const Tensor&, const Tensor&) { missing("log_s
 void Backend::log_softmax_backward(const Tensor&, const Tensor&, const Tensor&) { missing("log_softmax_backward"); }
 void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { missing("gather_rows"); }
 void Backend::scatter_rows(const Tensor&, const Tensor&, const Tensor&, bool) { missing("scatter_rows"); }
-void Backend::rmsprop_step(const Tensor&, const Tensor&, const Tensor&, double, double, double, double) {
+void Backend::rmsprop_step(const Tensor&, const std::vector<GradientSlice>&, const Tensor&, double, double, double,
+                           double) {
   missing("rmsprop_step");
 }
-void Backend::sgd_step(const Tensor&, const Tensor&, const Tensor&, double, double, double, bool) {
+void Backend::sgd_step(const Tensor&, const std::vector<GradientSlice>&, const Tensor&, double, double, double, bool) {
   missing("sgd_step");
 }
 void Backend::pack_signs(const Tensor&, const Tensor&) { missing("pack_signs"); }

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -39,6 +40,14 @@ struct MemoryStats {
   size_t bytes_cached = 0;       // freed blocks kept for reuse
   size_t peak_bytes_reserved = 0;   // the most memory held from the driver (in use + cached), same period
   int64_t device_malloc_calls = 0;  // blocks obtained from the driver (cudaMalloc; malloc on the CPU): cache misses
+};
+
+// One parameter's gradient for an optimizer step: the parameter is elements [offset, offset + grad.numel())
+// of the flat parameter buffer (and of the optimizer's state), grad a tensor of its own, of the buffer's
+// dtype and device.
+struct GradientSlice {
+  Tensor grad;
+  int64_t offset = 0;
 };
 
 // AddRelu: max(a + b, 0), the residual join of a bottleneck block in one pass (ops::add_relu).
@@ -85,10 +94,11 @@ class Backend {
   // Writes out (a shape that broadcasts to src's) = sum of src over the broadcast dimensions.
   virtual void sum_to(const Tensor& src, const Tensor& out);
 
-  // Adds to count (an I32 scalar, on this device) the number of NaN and infinite elements of x. Adding
+  // Adds to count (an I32 scalar, on this device) the number of NaN and infinite elements of all of
+  // `tensors` (floating point, one dtype; one kernel launch on the GPU for a whole model's gradients). Adding
   // lets a training loop check every step without waiting for the device; it reads count once in a while
   // (before the count could wrap at 2^31).
-  virtual void count_non_finite(const Tensor& x, const Tensor& count);
+  virtual void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count);
 
   // ---- matrix products ----
   // C = alpha * op(A) op(B) + beta * C for 2-D tensors; op transposes when trans_* is set.
@@ -177,14 +187,18 @@ class Backend {
   // dst[index[i],:] += src[i,:] when accumulate, else dst[index[i],:] = src[i,:]
   virtual void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate);
 
-  // ---- optimizers, over flat buffers of equal size, in place (PyTorch's semantics) ----
+  // ---- optimizers, in place (PyTorch's semantics) ----
+  // The parameters and the optimizer's state are flat buffers of equal size (P); each gradient is its own
+  // tensor (a GradientSlice) over a range of them. Elements outside every slice (parameters that got no
+  // gradient) do not change, nor does their state: PyTorch skips a parameter whose .grad is None. One
+  // kernel launch on the GPU for a whole model. Per element:
   // g = grad + weight_decay * param;  square_avg = alpha * square_avg + (1 - alpha) g^2;
   // param -= lr * g / (sqrt(square_avg) + eps)
-  virtual void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr,
-                            double alpha, double eps, double weight_decay);
+  virtual void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg,
+                            double lr, double alpha, double eps, double weight_decay);
   // g = grad + weight_decay * param;  buffer = first_step ? g : momentum * buffer + g;  param -= lr * buffer
-  virtual void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-                        double weight_decay, bool first_step);
+  virtual void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer,
+                        double lr, double momentum, double weight_decay, bool first_step);
 
   // ---- binary codes (retrieval) ----
   // codes (N,W) I32 from x (N,D) float, W = ceil(D/32): bit d%32 of word d/32 is set when x[n,d] >= 0

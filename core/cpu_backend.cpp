@@ -1113,18 +1113,20 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void count_non_finite(const Tensor& x, const Tensor& count) override {
+  void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) override {
     MDFF_CHECK(count.dtype() == DType::I32 && count.numel() == 1, "count_non_finite: the count must be one I32, got ",
                dtype_name(count.dtype()), " ", shape_str(count.shape()));
     int64_t found = 0;
-    dispatch_float(x.dtype(), "count_non_finite", [&](auto zero) {
-      using T = decltype(zero);
-      const T* xp = ptr<T>(x);
-      const int64_t n = x.numel();
+    for (const Tensor& x : tensors) {
+      dispatch_float(x.dtype(), "count_non_finite", [&](auto zero) {
+        using T = decltype(zero);
+        const T* xp = ptr<T>(x);
+        const int64_t n = x.numel();
 #pragma omp parallel for schedule(static) reduction(+ : found) if (n > kParallelGrain)
-      for (int64_t i = 0; i < n; ++i) found += !std::isfinite(xp[i]);
-    });
-    *ptr<int32_t>(count) += static_cast<int32_t>(found);  // x has < 2^31 elements (ops checks)
+        for (int64_t i = 0; i < n; ++i) found += !std::isfinite(xp[i]);
+      });
+    }
+    *ptr<int32_t>(count) += static_cast<int32_t>(found);  // the tensors have < 2^31 elements (ops checks)
   }
 
   void pack_signs(const Tensor& x, const Tensor& codes) override {
@@ -1184,38 +1186,42 @@ class CpuBackend final : public Backend {
   }
 
 
-  void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
-                    double eps, double weight_decay) override {
-    dispatch_float(param.dtype(), "rmsprop_step", [&](auto zero) {
+  void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg,
+                    double lr, double alpha, double eps, double weight_decay) override {
+    dispatch_float(params.dtype(), "rmsprop_step", [&](auto zero) {
       using T = decltype(zero);
-      T* p = ptr<T>(param);
-      const T* gp = ptr<T>(grad);
-      T* v = ptr<T>(square_avg);
       const T a = T(alpha), e = T(eps), l = T(lr), wd = T(weight_decay);
-      const int64_t n = param.numel();
+      for (const GradientSlice& slice : grads) {
+        T* p = ptr<T>(params) + slice.offset;
+        const T* gp = ptr<T>(slice.grad);
+        T* v = ptr<T>(square_avg) + slice.offset;
+        const int64_t n = slice.grad.numel();
 #pragma omp parallel for schedule(static) if (n > kParallelGrain)
-      for (int64_t i = 0; i < n; ++i) {  // the order of PyTorch's operations, for the same rounding
-        const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
-        v[i] = v[i] * a + (T(1) - a) * g * g;
-        p[i] -= l * (g / (std::sqrt(v[i]) + e));
+        for (int64_t i = 0; i < n; ++i) {  // the order of PyTorch's operations, for the same rounding
+          const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
+          v[i] = v[i] * a + (T(1) - a) * g * g;
+          p[i] -= l * (g / (std::sqrt(v[i]) + e));
+        }
       }
     });
   }
 
-  void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-                double weight_decay, bool first_step) override {
-    dispatch_float(param.dtype(), "sgd_step", [&](auto zero) {
+  void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
+                double momentum, double weight_decay, bool first_step) override {
+    dispatch_float(params.dtype(), "sgd_step", [&](auto zero) {
       using T = decltype(zero);
-      T* p = ptr<T>(param);
-      const T* gp = ptr<T>(grad);
-      T* b = ptr<T>(buffer);
       const T m = T(momentum), l = T(lr), wd = T(weight_decay);
-      const int64_t n = param.numel();
+      for (const GradientSlice& slice : grads) {
+        T* p = ptr<T>(params) + slice.offset;
+        const T* gp = ptr<T>(slice.grad);
+        T* b = ptr<T>(buffer) + slice.offset;
+        const int64_t n = slice.grad.numel();
 #pragma omp parallel for schedule(static) if (n > kParallelGrain)
-      for (int64_t i = 0; i < n; ++i) {
-        const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
-        b[i] = first_step ? g : m * b[i] + g;
-        p[i] -= l * b[i];
+        for (int64_t i = 0; i < n; ++i) {
+          const T g = weight_decay != 0 ? gp[i] + wd * p[i] : gp[i];
+          b[i] = first_step ? g : m * b[i] + g;
+          p[i] -= l * b[i];
+        }
       }
     });
   }

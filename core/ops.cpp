@@ -560,13 +560,19 @@ std::pair<Tensor, Tensor> hamming_top_k(const Tensor& queries, const Tensor& dat
   return {indices, distances};
 }
 
-void count_non_finite_(const Tensor& x, Tensor& count) {
-  check_same_device(x, count, "count_non_finite_");
+void count_non_finite_(const std::vector<Tensor>& tensors, Tensor& count) {
   MDFF_CHECK(count.dtype() == DType::I32 && count.numel() == 1, "count_non_finite_: the count must be one I32, got ",
              shape_str(count.shape()), " ", dtype_name(count.dtype()));
-  MDFF_CHECK(is_floating(x.dtype()), "count_non_finite_: needs a float tensor, got ", dtype_name(x.dtype()));
-  MDFF_CHECK(x.numel() <= INT32_MAX, "count_non_finite_: ", x.numel(), " elements do not fit the I32 count");
-  if (x.numel() > 0) backend_of(x).count_non_finite(x, count);
+  int64_t elements = 0;
+  for (const Tensor& x : tensors) {
+    check_same_device(x, count, "count_non_finite_");
+    MDFF_CHECK(is_floating(x.dtype()), "count_non_finite_: needs float tensors, got ", dtype_name(x.dtype()));
+    MDFF_CHECK(x.dtype() == tensors.front().dtype(), "count_non_finite_: the tensors mix ",
+               dtype_name(tensors.front().dtype()), " and ", dtype_name(x.dtype()));
+    elements += x.numel();
+  }
+  MDFF_CHECK(elements <= INT32_MAX, "count_non_finite_: ", elements, " elements do not fit the I32 count");
+  if (elements > 0) backend_of(count).count_non_finite(tensors, count);
 }
 
 }  // namespace mdff::ops

@@ -91,7 +91,8 @@ Tensor hamming_distances(const Tensor& queries, const Tensor& database);
 // The first k (clipped to N) of each query's ranking by Hamming distance, ties by database index:
 // {indices, distances}, each (Q,k) I32. On the GPU one warp ranks each query.
 std::pair<Tensor, Tensor> hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k);
-// count (an I32 scalar on x's device) += the number of NaN and infinite elements of x; nothing waits.
-void count_non_finite_(const Tensor& x, Tensor& count);
+// count (an I32 scalar on their device) += the number of NaN and infinite elements of `tensors` (floating
+// point, one dtype); nothing waits, and on the GPU one launch covers them all.
+void count_non_finite_(const std::vector<Tensor>& tensors, Tensor& count);
 
 }  // namespace mdff::ops

@@ -55,6 +55,25 @@ double moved(std::initializer_list<const Tensor*> inputs, std::initializer_list<
   return total;
 }
 
+// Bytes of a list of tensors (a model's gradients).
+double moved(const std::vector<Tensor>& tensors) {
+  double total = 0;
+  for (const Tensor& t : tensors) total += static_cast<double>(t.nbytes());
+  return total;
+}
+double moved(const std::vector<GradientSlice>& grads) {
+  double total = 0;
+  for (const GradientSlice& slice : grads) total += static_cast<double>(slice.grad.nbytes());
+  return total;
+}
+
+// "n tensors of e elements" for the multi-tensor kernels.
+std::string dims(const std::vector<Tensor>& tensors) {
+  int64_t elements = 0;
+  for (const Tensor& t : tensors) elements += t.numel();
+  return std::to_string(tensors.size()) + " tensors of " + std::to_string(elements) + " elements";
+}
+
 std::string dims(const Tensor& t) { return shape_str(t.shape()); }
 std::string arrow(const Tensor& from, const Tensor& to) { return dims(from) + " -> " + dims(to); }
 
@@ -174,9 +193,9 @@ void ProfilingBackend::sum_to(const Tensor& src, const Tensor& out) {
         [&] { wrapped_.sum_to(src, out); });
 }
 
-void ProfilingBackend::count_non_finite(const Tensor& x, const Tensor& count) {
-  timed(wrapped_, "count_non_finite", &x, [&] { return Cost{dims(x), 0, moved({&x}, {})}; },
-        [&] { wrapped_.count_non_finite(x, count); });
+void ProfilingBackend::count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) {
+  timed(wrapped_, "count_non_finite", tensors.empty() ? nullptr : &tensors.front(), [&] { return Cost{dims(tensors), 0, moved(tensors)}; },
+        [&] { wrapped_.count_non_finite(tensors, count); });
 }
 
 void ProfilingBackend::gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
@@ -369,21 +388,24 @@ void ProfilingBackend::scatter_rows(const Tensor& src, const Tensor& index, cons
         [&] { wrapped_.scatter_rows(src, index, dst, accumulate); });
 }
 
-void ProfilingBackend::rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr,
-                                    double alpha, double eps, double weight_decay) {
-  timed(wrapped_, "rmsprop_step", &param,
-        [&] { return Cost{dims(param), 0, moved({&param, &grad, &square_avg}, {&param, &square_avg})}; },
-        [&] { wrapped_.rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay); });
+// The optimizers read and write the parameters and the state of the elements that have a gradient; the
+// signature counts the parameters and the gradients.
+void ProfilingBackend::rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads,
+                                    const Tensor& square_avg, double lr, double alpha, double eps,
+                                    double weight_decay) {
+  timed(wrapped_, "rmsprop_step", &params,
+        [&] { return Cost{dims(params) + ", " + std::to_string(grads.size()) + " gradients", 0, 5 * moved(grads)}; },
+        [&] { wrapped_.rmsprop_step(params, grads, square_avg, lr, alpha, eps, weight_decay); });
 }
 
-void ProfilingBackend::sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr,
-                                double momentum, double weight_decay, bool first_step) {
-  timed(wrapped_, "sgd_step", &param,
-        [&] {
-          const Tensor none;  // the first step only writes the momentum buffer
-          return Cost{dims(param), 0, moved({&param, &grad, first_step ? &none : &buffer}, {&param, &buffer})};
+void ProfilingBackend::sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer,
+                                double lr, double momentum, double weight_decay, bool first_step) {
+  timed(wrapped_, "sgd_step", &params,
+        [&] {  // the first step only writes the momentum buffer
+          return Cost{dims(params) + ", " + std::to_string(grads.size()) + " gradients", 0,
+                      (first_step ? 4 : 5) * moved(grads)};
         },
-        [&] { wrapped_.sgd_step(param, grad, buffer, lr, momentum, weight_decay, first_step); });
+        [&] { wrapped_.sgd_step(params, grads, buffer, lr, momentum, weight_decay, first_step); });
 }
 
 void ProfilingBackend::pack_signs(const Tensor& x, const Tensor& codes) {

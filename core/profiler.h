@@ -60,7 +60,7 @@ class ProfilingBackend final : public Backend {
   void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& grad_y,
                       const Tensor& grad_x) override;
   void sum_to(const Tensor& src, const Tensor& out) override;
-  void count_non_finite(const Tensor& x, const Tensor& count) override;
+  void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) override;
   void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
             const Tensor& c) override;
   void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
@@ -97,10 +97,10 @@ class ProfilingBackend final : public Backend {
   void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x) override;
   void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out) override;
   void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate) override;
-  void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
-                    double eps, double weight_decay) override;
-  void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-                double weight_decay, bool first_step) override;
+  void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg,
+                    double lr, double alpha, double eps, double weight_decay) override;
+  void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
+                double momentum, double weight_decay, bool first_step) override;
   void pack_signs(const Tensor& x, const Tensor& codes) override;
   void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances) override;
   void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,

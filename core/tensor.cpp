@@ -230,12 +230,11 @@ void Tensor::zero_grad() {
   if (checked(impl_).grad) Tensor(impl_->grad).fill_(0.0);
 }
 
-void Tensor::set_grad(const Tensor& grad) {
-  MDFF_CHECK(is_leaf(), "set_grad: only leaf tensors hold gradients");
-  MDFF_CHECK(grad.shape() == shape() && grad.dtype() == dtype() && grad.device() == device(),
-             "set_grad: the gradient must match the tensor's shape, dtype and device");
-  impl_->grad = grad.impl_ptr();
+void Tensor::clear_grad() {
+  checked(impl_);
+  impl_->grad.reset();
 }
+
 bool Tensor::is_leaf() const { return checked(impl_).grad_fn == nullptr; }
 const std::shared_ptr<Node>& Tensor::grad_fn() const { return checked(impl_).grad_fn; }
 

@@ -81,7 +81,7 @@ class Tensor {
   Tensor reshape(const Shape& shape) const;  // autograd-aware; one dimension may be -1
   Tensor detach() const;                     // same data, no autograd history
   // numel(shape) elements starting at element `offset` of this contiguous tensor, as a tensor of
-  // `shape` (no autograd history): the named views of a flat parameter or gradient buffer.
+  // `shape` (no autograd history): the named views of a flat parameter buffer.
   Tensor view_range(int64_t offset, const Shape& shape) const;
   // Makes this tensor (and every handle sharing it) hold `other`'s data from now on: its memory,
   // device and dtype; the shapes must match, and a gradient of another dtype or device is dropped.
@@ -93,7 +93,7 @@ class Tensor {
   Tensor& set_requires_grad(bool value = true);
   Tensor grad() const;         // undefined until a backward pass reaches this leaf
   void zero_grad();            // sets .grad to zeros in place (it stays allocated), if there is one
-  void set_grad(const Tensor& grad);  // gives this leaf a preallocated gradient that backward adds into
+  void clear_grad();           // drops .grad (undefined until the next backward pass reaches this leaf)
   bool is_leaf() const;
   const std::shared_ptr<Node>& grad_fn() const;
   // Backpropagates from this tensor. A one-element tensor needs no `grad_output` (it is 1).

@@ -15,12 +15,14 @@ namespace mdff::cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------
-// count_non_finite: each block counts its share, one atomicAdd per block.
+// count_non_finite: one block per chunk of the tensors (kernel_helpers.cuh), one atomicAdd per block that
+// finds any.
 
 template <class T>
-__global__ void count_non_finite_kernel(const T* x, int64_t n, int32_t* count) {
+__global__ void count_non_finite_kernel(const __grid_constant__ ChunkTable<T> table, int32_t* count) {
+  const typename ChunkTable<T>::Chunk& chunk = table.chunks[blockIdx.x];
   int found = 0;
-  for (int64_t i = grid_start(); i < n; i += grid_step()) found += !isfinite(x[i]);
+  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x) found += !isfinite(chunk.data[i]);
   if (__syncthreads_or(found) == 0) return;  // the usual case: nothing to add (uniform across the block)
   __shared__ int block_total;
   if (threadIdx.x == 0) block_total = 0;
@@ -132,15 +134,20 @@ __global__ void hamming_top_k_kernel(const uint32_t* queries, const uint32_t* da
 
 }  // namespace
 
-void count_non_finite(const Tensor& x, const Tensor& count) {
-  const int64_t n = x.numel();
-  if (n == 0) return;
+void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) {
+  if (tensors.empty()) return;
   int32_t* counter = count.data<int32_t>();
-  if (x.dtype() == DType::F32)
-    count_non_finite_kernel<float><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<float>(), n, counter);
-  else
-    count_non_finite_kernel<double><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<double>(), n, counter);
-  MDFF_CUDA_CHECK_LAUNCH();
+  auto count_all = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<typename ChunkTable<T>::Chunk> pieces;
+    for (const Tensor& x : tensors) pieces.push_back({x.data<T>(), 0, x.numel()});  // one dtype (ops checks)
+    launch_chunked<T>(pieces, [&](const ChunkTable<T>& table) {
+      count_non_finite_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, counter);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
+  };
+  if (tensors.front().dtype() == DType::F32) count_all(float{});
+  else count_all(double{});
 }
 
 void pack_signs(const Tensor& x, const Tensor& codes) {

@@ -171,7 +171,9 @@ class CudaBackend : public Backend {
             const Tensor& c) override {
     cublas_gemm(trans_a, trans_b, alpha, a, b, beta, c);
   }
-  void count_non_finite(const Tensor& x, const Tensor& count) override { cuda::count_non_finite(x, count); }
+  void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) override {
+    cuda::count_non_finite(tensors, count);
+  }
 
   // ---- convolution (cuDNN) ----
   void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Conv2dParams& p,
@@ -224,13 +226,13 @@ class CudaBackend : public Backend {
   void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate) override {
     cuda::scatter_rows(src, index, dst, accumulate);
   }
-  void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
-                    double eps, double weight_decay) override {
-    cuda::rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay);
+  void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg,
+                    double lr, double alpha, double eps, double weight_decay) override {
+    cuda::rmsprop_step(params, grads, square_avg, lr, alpha, eps, weight_decay);
   }
-  void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-                double weight_decay, bool first_step) override {
-    cuda::sgd_step(param, grad, buffer, lr, momentum, weight_decay, first_step);
+  void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
+                double momentum, double weight_decay, bool first_step) override {
+    cuda::sgd_step(params, grads, buffer, lr, momentum, weight_decay, first_step);
   }
 
   // ---- losses (losses.cu) ----

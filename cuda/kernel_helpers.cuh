@@ -1,10 +1,12 @@
 // Device-side helpers shared by the hand-written kernels (elementwise.cu, layers.cu, losses.cu, codes.cu):
-// the launch and indices of a grid-stride loop, the math library in both precisions, ReLU, sign, the stable
-// softplus and sigmoid (the CPU's formulas, core/cpu_backend.cpp), deterministic warp and block sums, and a
-// row's log-sum-exp.
+// the launch and indices of a grid-stride loop, the chunk tables of multi-tensor kernels, the math library
+// in both precisions, ReLU, sign, the stable softplus and sigmoid (the CPU's formulas,
+// core/cpu_backend.cpp), deterministic warp and block sums, and a row's log-sum-exp.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "cuda/device.h"
 
@@ -23,6 +25,43 @@ inline int blocks_for(int64_t n) {
 // Index of this thread in a grid-stride loop, and the step between its items.
 __device__ inline int64_t grid_start() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
 __device__ inline int64_t grid_step() { return int64_t(gridDim.x) * blockDim.x; }
+
+// ---- multi-tensor kernels (the optimizers over a model's gradients, the NaN watch) ----
+// Pieces of several tensors for one launch: block b works on chunks[b]. The table is the kernel's
+// parameter, read in place (__grid_constant__; since CUDA 12.1 a kernel may take 32 KiB of parameters on
+// Volta and newer), so a launch copies nothing to the device first: 1,000 chunks of up to 2^16 elements
+// cover ResNet50-MDFF-SH's gradients (28.5 million elements in 300-odd tensors) in one launch.
+template <class T>
+struct ChunkTable {
+  static constexpr int kCapacity = 1000;
+  static constexpr int64_t kChunkElements = int64_t(1) << 16;
+  struct Chunk {
+    const T* data;   // the chunk's first element
+    int64_t offset;  // where that element sits in a flat buffer (the optimizers' parameters); else unused
+    int64_t count;   // elements
+  };
+  int size = 0;
+  Chunk chunks[kCapacity];
+};
+
+// Cuts `pieces` (whole tensors: any count) into chunks of at most kChunkElements and calls launch(table)
+// once per full table and once for the rest: one launch unless they need more than kCapacity chunks.
+template <class T, class Launch>
+void launch_chunked(const std::vector<typename ChunkTable<T>::Chunk>& pieces, Launch&& launch) {
+  using Table = ChunkTable<T>;
+  auto table = std::make_unique<Table>();  // 24 KB: off the host's stack
+  for (const typename Table::Chunk& piece : pieces) {
+    for (int64_t start = 0; start < piece.count; start += Table::kChunkElements) {
+      if (table->size == Table::kCapacity) {
+        launch(*table);
+        table->size = 0;
+      }
+      table->chunks[table->size++] = {piece.data + start, piece.offset + start,
+                                      std::min(Table::kChunkElements, piece.count - start)};
+    }
+  }
+  if (table->size > 0) launch(*table);
+}
 
 // The math library in both precisions, under one name.
 __device__ inline float dev_exp(float x) { return expf(x); }

@@ -37,10 +37,10 @@ void log_softmax_forward(const Tensor& x, const Tensor& y);
 void log_softmax_backward(const Tensor& y, const Tensor& grad_y, const Tensor& grad_x);
 void gather_rows(const Tensor& src, const Tensor& index, const Tensor& out);
 void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, bool accumulate);
-void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
-                  double eps, double weight_decay);
-void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-              double weight_decay, bool first_step);
+void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg, double lr,
+                  double alpha, double eps, double weight_decay);
+void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
+              double momentum, double weight_decay, bool first_step);
 
 // Kernels that meet a bad value they cannot report at once (a row index out of range in gather_rows or
 // scatter_rows) skip it and record the first such event in a device-side error word instead of waiting
@@ -49,7 +49,7 @@ void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, dou
 void check_device_errors();
 
 // ---- codes.cu ----
-void count_non_finite(const Tensor& x, const Tensor& count);  // adds
+void count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count);  // adds, one launch
 void pack_signs(const Tensor& x, const Tensor& codes);
 void hamming_distances(const Tensor& queries, const Tensor& database, const Tensor& distances);
 void hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k, const Tensor& indices,

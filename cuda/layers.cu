@@ -674,28 +674,54 @@ void check_rows(const Tensor& index, const Tensor& rows, const Tensor& other, co
 }
 
 // ---------------------------------------------------------------------------------------------------
-// optimizers: one thread per element, the CPU's formulas in T
+// optimizers: one block per chunk of the gradients (kernel_helpers.cuh), one thread per element of it, the
+// CPU's formulas in T; the chunk's offset places it in the flat parameters and state.
 
 template <class T>
-__global__ void rmsprop_kernel(T* param, const T* grad, T* square_avg, int64_t n, T lr, T alpha, T eps,
-                               T weight_decay, bool decay) {
-  for (int64_t i = grid_start(); i < n; i += grid_step()) {
-    const T g = decay ? grad[i] + weight_decay * param[i] : grad[i];
-    const T v = square_avg[i] * alpha + (T(1) - alpha) * g * g;
-    square_avg[i] = v;
-    param[i] -= lr * (g / (dev_sqrt(v) + eps));
+__global__ void rmsprop_kernel(const __grid_constant__ ChunkTable<T> grads, T* param, T* square_avg, T lr, T alpha,
+                               T eps, T weight_decay, bool decay) {
+  const typename ChunkTable<T>::Chunk& chunk = grads.chunks[blockIdx.x];
+  T* p = param + chunk.offset;
+  T* s = square_avg + chunk.offset;
+  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x) {
+    const T g = decay ? chunk.data[i] + weight_decay * p[i] : chunk.data[i];
+    const T v = s[i] * alpha + (T(1) - alpha) * g * g;
+    s[i] = v;
+    p[i] -= lr * (g / (dev_sqrt(v) + eps));
   }
 }
 
 template <class T>
-__global__ void sgd_kernel(T* param, const T* grad, T* buffer, int64_t n, T lr, T momentum, T weight_decay,
-                           bool decay, bool first_step) {
-  for (int64_t i = grid_start(); i < n; i += grid_step()) {
-    const T g = decay ? grad[i] + weight_decay * param[i] : grad[i];
-    const T b = first_step ? g : momentum * buffer[i] + g;
-    buffer[i] = b;
-    param[i] -= lr * b;
+__global__ void sgd_kernel(const __grid_constant__ ChunkTable<T> grads, T* param, T* buffer, T lr, T momentum,
+                           T weight_decay, bool decay, bool first_step) {
+  const typename ChunkTable<T>::Chunk& chunk = grads.chunks[blockIdx.x];
+  T* p = param + chunk.offset;
+  T* m = buffer + chunk.offset;
+  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x) {
+    const T g = decay ? chunk.data[i] + weight_decay * p[i] : chunk.data[i];
+    const T b = first_step ? g : momentum * m[i] + g;
+    m[i] = b;
+    p[i] -= lr * b;
   }
+}
+
+// The optimizers' pieces: each gradient, placed in the flat buffers by its offset (checked to fit).
+template <class T>
+std::vector<typename ChunkTable<T>::Chunk> gradient_pieces(const Tensor& params,
+                                                          const std::vector<GradientSlice>& grads,
+                                                          const char* kernel) {
+  std::vector<typename ChunkTable<T>::Chunk> pieces;
+  pieces.reserve(grads.size());
+  for (const GradientSlice& slice : grads) {
+    check_float(slice.grad, kernel, "a gradient");
+    MDFF_CHECK(slice.grad.dtype() == params.dtype() && slice.grad.device() == Device::CUDA && slice.offset >= 0 &&
+                   slice.offset + slice.grad.numel() <= params.numel(),
+               "cuda ", kernel, ": a ", dtype_name(slice.grad.dtype()), " gradient of ", slice.grad.numel(),
+               " elements at offset ", slice.offset, " does not fit ", params.numel(), " ",
+               dtype_name(params.dtype()), " parameters on the GPU");
+    pieces.push_back({slice.grad.data<T>(), slice.offset, slice.grad.numel()});
+  }
+  return pieces;
 }
 
 }  // namespace
@@ -1037,35 +1063,31 @@ void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, boo
   });
 }
 
-void rmsprop_step(const Tensor& param, const Tensor& grad, const Tensor& square_avg, double lr, double alpha,
-                  double eps, double weight_decay) {
-  check_float(param, "rmsprop_step", "param");
-  check_same(param, grad, "rmsprop_step", "grad");
-  check_same(param, square_avg, "rmsprop_step", "square_avg");
-  const int64_t n = param.numel();
-  if (n == 0) return;
-  dispatch_float(param.dtype(), [&](auto zero) {
+void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg, double lr,
+                  double alpha, double eps, double weight_decay) {
+  check_float(params, "rmsprop_step", "params");
+  check_same(params, square_avg, "rmsprop_step", "square_avg");
+  dispatch_float(params.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    rmsprop_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(param.data<T>(), grad.data<T>(), square_avg.data<T>(),
-                                                                n, T(lr), T(alpha), T(eps), T(weight_decay),
-                                                                weight_decay != 0);
-    MDFF_CUDA_CHECK_LAUNCH();
+    launch_chunked<T>(gradient_pieces<T>(params, grads, "rmsprop_step"), [&](const ChunkTable<T>& table) {
+      rmsprop_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, params.data<T>(), square_avg.data<T>(), T(lr),
+                                                               T(alpha), T(eps), T(weight_decay), weight_decay != 0);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
   });
 }
 
-void sgd_step(const Tensor& param, const Tensor& grad, const Tensor& buffer, double lr, double momentum,
-              double weight_decay, bool first_step) {
-  check_float(param, "sgd_step", "param");
-  check_same(param, grad, "sgd_step", "grad");
-  check_same(param, buffer, "sgd_step", "buffer");
-  const int64_t n = param.numel();
-  if (n == 0) return;
-  dispatch_float(param.dtype(), [&](auto zero) {
+void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
+              double momentum, double weight_decay, bool first_step) {
+  check_float(params, "sgd_step", "params");
+  check_same(params, buffer, "sgd_step", "buffer");
+  dispatch_float(params.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    sgd_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(param.data<T>(), grad.data<T>(), buffer.data<T>(), n,
-                                                             T(lr), T(momentum), T(weight_decay), weight_decay != 0,
-                                                             first_step);
-    MDFF_CUDA_CHECK_LAUNCH();
+    launch_chunked<T>(gradient_pieces<T>(params, grads, "sgd_step"), [&](const ChunkTable<T>& table) {
+      sgd_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, params.data<T>(), buffer.data<T>(), T(lr),
+                                                           T(momentum), T(weight_decay), weight_decay != 0, first_step);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
   });
 }
 

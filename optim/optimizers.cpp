@@ -21,15 +21,15 @@ ParameterBuffer::ParameterBuffer(const NamedTensors& parameters) : named_(parame
     total += p.numel();
   }
   values_ = Tensor::empty({total}, first.dtype(), first.device());
-  grads_ = Tensor::zeros({total}, first.dtype(), first.device());
   int64_t offset = 0;
   for (auto& [name, p] : named_) {
     Tensor value = values_.view_range(offset, p.shape());
     value.copy_(p);
     p.rebind_storage(value);  // the model's handle now reads and writes the flat buffer
-    p.set_grad(grads_.view_range(offset, p.shape()));
+    offsets_.push_back(offset);
     offset += p.numel();
   }
+  zero_grad();
   // The parameters' former storage was just freed: hand it back to the system rather than keep it
   // resident next to its copy (ResNet50's 114 MB and the allocator's slack; measured by bench_model).
   malloc_trim(0);
@@ -81,8 +81,38 @@ std::optional<NonFinite> first_non_finite(const NamedTensors& tensors) {
   return std::nullopt;
 }
 
-std::optional<NonFinite> ParameterBuffer::locate(const Tensor& flat) const {
-  std::optional<NonFinite> bad = find_in(flat);
+std::vector<GradientSlice> ParameterBuffer::gradients() const {
+  std::vector<GradientSlice> slices;
+  for (size_t k = 0; k < named_.size(); ++k) {
+    const Tensor grad = named_[k].second.grad();
+    if (!grad.defined()) continue;
+    MDFF_CHECK(grad.dtype() == values_.dtype() && grad.device() == values_.device(), "the gradient of ",
+               named_[k].first, " is a ", dtype_name(grad.dtype()), " tensor on ", device_name(grad.device()),
+               ", unlike its parameter (", dtype_name(values_.dtype()), " on ", device_name(values_.device()), ")");
+    slices.push_back({grad, offsets_[k]});
+  }
+  return slices;
+}
+
+std::vector<Tensor> ParameterBuffer::grads() const {
+  std::vector<Tensor> tensors;
+  for (const GradientSlice& slice : gradients()) tensors.push_back(slice.grad);
+  return tensors;
+}
+
+void ParameterBuffer::zero_grad() {
+  for (auto& [name, p] : named_) p.clear_grad();
+}
+
+std::optional<NonFinite> ParameterBuffer::first_non_finite_grad() const {
+  NamedTensors grads;
+  for (const auto& [name, p] : named_)
+    if (p.grad().defined()) grads.emplace_back(name, p.grad());
+  return first_non_finite(grads);
+}
+
+std::optional<NonFinite> ParameterBuffer::first_non_finite_value() const {
+  std::optional<NonFinite> bad = find_in(values_);
   if (!bad) return bad;
   size_t k = 0;  // the parameter holding the element: the views cover the buffer in order
   while (bad->index >= named_[k].second.numel()) bad->index -= named_[k++].second.numel();
@@ -101,7 +131,7 @@ RMSProp::RMSProp(ParameterBuffer& parameters, const RMSPropOptions& options)
 
 void RMSProp::update() {
   backend_of(parameters_.values())
-      .rmsprop_step(parameters_.values(), parameters_.grads(), square_avg_, lr, options_.alpha, options_.eps,
+      .rmsprop_step(parameters_.values(), parameters_.gradients(), square_avg_, lr, options_.alpha, options_.eps,
                     options_.weight_decay);
 }
 
@@ -115,7 +145,7 @@ Sgd::Sgd(ParameterBuffer& parameters, const SgdOptions& options) : Optimizer(par
 
 void Sgd::update() {
   backend_of(parameters_.values())
-      .sgd_step(parameters_.values(), parameters_.grads(), momentum_buffer_, lr, options_.momentum,
+      .sgd_step(parameters_.values(), parameters_.gradients(), momentum_buffer_, lr, options_.momentum,
                 options_.weight_decay, steps_ == 0);
 }
 

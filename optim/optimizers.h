@@ -1,13 +1,17 @@
 // Optimizers over flat buffers. ParameterBuffer moves a model's parameters into one contiguous
-// buffer (each parameter becomes a named view of it) and gives them gradient views into a second
-// one, so an update is one kernel over all parameters, a checkpoint is one write, and finding a NaN
-// or an infinity among all gradients is one pass. RMSProp and SGD follow PyTorch's torch.optim
-// semantics exactly.
+// buffer (each parameter becomes a named view of it), so a checkpoint is one write and the optimizers'
+// state is one buffer of the same layout. Gradients are not in a buffer: backward allocates each when it
+// reaches its parameter and zero_grad drops them all (PyTorch's set_to_none), so a training step's peak
+// (early in backward, when every activation is still saved) holds almost none of them; a flat gradient
+// buffer would hold all of them there (109 MiB for ResNet50-MDFF-SH). An update is still one kernel over
+// all parameters: the backend takes the gradients as slices of the flat layout. RMSProp and SGD follow
+// PyTorch's torch.optim semantics exactly, including that a parameter without a gradient is not updated.
 #pragma once
 #include <memory>
 #include <optional>
 #include <string>
 
+#include "core/backend.h"
 #include "layers/module.h"
 
 namespace mdff {
@@ -30,27 +34,31 @@ class ParameterBuffer {
   // the tensors rebound to it, so the model keeps working on the same handles.
   explicit ParameterBuffer(const NamedTensors& parameters);
   const Tensor& values() const { return values_; }  // (P) all parameters, in the model's order
-  const Tensor& grads() const { return grads_; }    // (P) their gradients; backward adds into it
-  void zero_grad() { grads_.fill_(0.0); }
+  // The gradients backward left on the parameters, each with its parameter's place in values(); the
+  // parameters it did not reach have none and are not listed.
+  std::vector<GradientSlice> gradients() const;
+  std::vector<Tensor> grads() const;  // the same gradients alone
+  // Drops every parameter's gradient (the next backward allocates them anew).
+  void zero_grad();
   const NamedTensors& named() const { return named_; }
   int64_t numel() const { return values_.numel(); }
   // The first element (in the model's order) of the gradients, or of the values, that is NaN or
-  // infinite; nullopt when every one is finite. One pass over the flat buffer; names are looked up
-  // only when one is found.
-  std::optional<NonFinite> first_non_finite_grad() const { return locate(grads_); }
-  std::optional<NonFinite> first_non_finite_value() const { return locate(values_); }
+  // infinite; nullopt when every one is finite. The values are one pass over the flat buffer; names are
+  // looked up only when one is found.
+  std::optional<NonFinite> first_non_finite_grad() const;
+  std::optional<NonFinite> first_non_finite_value() const;
 
  private:
-  std::optional<NonFinite> locate(const Tensor& flat) const;
   NamedTensors named_;
-  Tensor values_, grads_;
+  std::vector<int64_t> offsets_;  // where each parameter starts in values_
+  Tensor values_;
 };
 
 class Optimizer {
  public:
   explicit Optimizer(ParameterBuffer& parameters) : parameters_(parameters) {}
   virtual ~Optimizer() = default;
-  // One update from the gradients in the buffer.
+  // One update from the parameters' gradients.
   void step() {
     update();
     ++steps_;

@@ -44,6 +44,7 @@ Trainer::Trainer(MdffSh& model, const data::Dataset& dataset, std::vector<int64_
   loader_ = std::make_unique<data::BatchLoader>(dataset, std::move(train_rows), loader);
   parameters_ = std::make_unique<ParameterBuffer>(model.named_parameters());
   buffers_ = model.named_buffers();
+  for (const auto& [name, statistic] : buffers_) statistics_.push_back(statistic);
   if (settings.optimizer == "rmsprop")
     optimizer_ = std::make_unique<RMSProp>(*parameters_, RMSPropOptions{settings.lr, 0.99, 1e-8, settings.weight_decay});
   else
@@ -99,18 +100,19 @@ EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, doub
     optimizer_->step();
     // Activations that overflow in training mode (where batch norm normalises by the batch) reach only
     // the running statistics.
-    for (const auto& [name, statistic] : buffers_) ops::count_non_finite_(statistic, record.bad_stats);
+    ops::count_non_finite_(statistics_, record.bad_stats);
     pending.push_back(std::move(record));
     if (static_cast<int>(pending.size()) >= readout_every) read_and_report();
   }
   if (!pending.empty()) read_and_report();
+  parameters_->zero_grad();  // the last step's gradients, read: not held through evaluation
   // Finite gradients times a learning rate far too high can overflow a parameter. The next step's loss
   // almost always shows it; this check, once before every checkpoint rather than after every step (a
   // second pass over the parameters would cost ResNet50 2% more), makes sure no checkpoint keeps it. The
   // values are counted where they are (4 bytes come back, not the 114 MB of ResNet50's parameters) and
   // searched on the host only when one is bad.
   Tensor bad_values = Tensor::zeros({}, DType::I32, device);
-  ops::count_non_finite_(parameters_->values(), bad_values);
+  ops::count_non_finite_({parameters_->values()}, bad_values);
   if (bad_values.item() > 0)
     if (const std::optional<NonFinite> bad = parameters_->first_non_finite_value())
       throw TrainingDiverged(detail::concat("after epoch ", partial_.epoch, ", step ", batches_done_, ", parameter ",

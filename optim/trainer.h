@@ -99,7 +99,8 @@ class Trainer {
   TrainSettings settings_;
   std::unique_ptr<data::BatchLoader> loader_;
   std::unique_ptr<ParameterBuffer> parameters_;
-  NamedTensors buffers_;  // the model's batch-norm statistics, checked for NaN after every step
+  NamedTensors buffers_;             // the model's batch-norm statistics, checked for NaN after every step...
+  std::vector<Tensor> statistics_;  // ...the same tensors, as the NaN count takes them
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<PairMemory> memory_;
   int epochs_done_ = 0;

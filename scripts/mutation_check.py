@@ -72,6 +72,8 @@ MUTATIONS = [
     ("autograd: summing in place into a gradient another edge holds", "core/autograd.cpp",
      "const bool sole_owner = waiting.impl_ptr().use_count() == 1 && waiting.impl()->storage.use_count() == 1;",
      "const bool sole_owner = true;"),
+    ("autograd: a leaf keeping as its .grad a gradient another edge holds", "core/autograd.cpp",
+     "const bool sole_owner = g.impl_ptr().use_count() == 1 &&", "const bool sole_owner = true ||"),
 ]
 
 

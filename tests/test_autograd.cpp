@@ -1,10 +1,11 @@
-// Autograd semantics: accumulation into .grad, summed gradients for reused tensors, no-grad mode,
-// graph release, and the errors a user can run into.
+// Autograd semantics: accumulation into .grad (a leaf's first gradient kept without a copy when it can be),
+// summed gradients for reused tensors, no-grad mode, graph release, and the errors a user can run into.
 #include <doctest/doctest.h>
 
 #include <cmath>
 
 #include "core/autograd.h"
+#include "core/backend.h"
 #include "core/error.h"
 #include "core/ops.h"
 
@@ -93,6 +94,34 @@ TEST_CASE("backward of a non-scalar needs grad_output of its shape") {
   CHECK_THROWS_WITH_AS(y.backward(Tensor::zeros({2}, DType::F64)), doctest::Contains("grad_output of shape"), Error);
   y.backward(Tensor::from_vector(std::vector<double>{1, 10, 100}, {3}, DType::F64));
   CHECK(x.grad().to_vector() == std::vector<double>{2, 20, 200});
+}
+
+TEST_CASE("a leaf's first gradient becomes its .grad without a copy when nothing else holds it") {
+  // A copy would be a third tensor of x's size next to the two that backward holds at once (sum's
+  // gradient while mul's is made, or sum's zeros while its gradient is made).
+  const int64_t n = int64_t(1) << 20;
+  Tensor x = Tensor::zeros({n}).set_requires_grad();
+  const Tensor c = Tensor::full({n}, 2.0);
+  const Tensor y = ops::sum(ops::mul(x, c));
+  Backend& cpu = backend(Device::CPU);
+  const size_t before = cpu.memory_stats().bytes_in_use;
+  cpu.reset_peak_memory();
+  y.backward();
+  const size_t peak = cpu.memory_stats().peak_bytes_in_use - before;
+  INFO("backward's peak above what the graph held: ", peak, " bytes; x: ", x.nbytes());
+  CHECK(peak < 3 * x.nbytes());
+  CHECK(x.grad().to_vector() == std::vector<double>(n, 2.0));
+}
+
+TEST_CASE("leaves handed one gradient tensor by an op get .grad tensors of their own") {
+  // add gives a and b the same gradient: if both kept it, the second backward would add into it twice.
+  Tensor a = leaf({1, 2}), b = leaf({3, 4});
+  const Tensor y = ops::sum(ops::add(a, b));
+  y.backward(Tensor(), /*retain_graph=*/true);
+  y.backward();
+  CHECK(a.grad().to_vector() == std::vector<double>{2, 2});
+  CHECK(b.grad().to_vector() == std::vector<double>{2, 2});
+  CHECK(a.grad().raw() != b.grad().raw());
 }
 
 TEST_CASE("saved activations are released by backward") {

@@ -335,12 +335,16 @@ void check_deferred_error(const std::function<void()>& synchronise, const std::s
 
 // ---- optimizers ----
 
-// A few parameters on `device`, one large enough for several blocks of threads.
-NamedTensors optimizer_parameters(DType dtype, Device device) {
+// Parameters on `device`: a few, one of them large enough for several chunks of the multi-tensor kernels
+// (2^16 elements each); with `many`, 1,200 more small ones, so that the chunks fill more than one
+// table (1,000 chunks) and the update takes two launches.
+NamedTensors optimizer_parameters(DType dtype, Device device, bool many) {
   Rng rng(40);
   NamedTensors parameters{{"conv.weight", Tensor::randn({8, 3, 3, 3}, rng, 0.1, dtype)},
                           {"conv.bias", Tensor::zeros({8}, dtype)},
                           {"fc.weight", Tensor::randn({300, 400}, rng, 0.05, dtype)}};
+  for (int i = 0; many && i < 1200; ++i)
+    parameters.emplace_back("bn" + std::to_string(i) + ".weight", Tensor::randn({5}, rng, 1.0, dtype));
   for (auto& [name, p] : parameters) {
     p = p.to(device);
     p.set_requires_grad(true);
@@ -348,22 +352,38 @@ NamedTensors optimizer_parameters(DType dtype, Device device) {
   return parameters;
 }
 
+// Gives every parameter but `skipped` its range of `flat` (in the model's order) as its gradient, through a
+// backward pass of sum(p * g) (exact: d/dp = 1 * g), as an optimizer finds them after backward.
+void give_gradients(ParameterBuffer& buffer, const Tensor& flat, const std::string& skipped) {
+  buffer.zero_grad();
+  int64_t offset = 0;
+  for (const auto& [name, p] : buffer.named()) {
+    const Tensor g = flat.view_range(offset, p.shape()).to(p.device());
+    if (name != skipped) ops::sum(ops::mul(p, g)).backward();
+    offset += p.numel();
+  }
+}
+
 // Three steps of Optim over the same parameters and gradients on both devices: parameters and state
-// must match after each. Each element is updated alone, so the bound is the elementwise one.
+// must match after each. Each element is updated alone, so the bound is the elementwise one. In the
+// second step conv.bias gets no gradient: on both devices it and its state stay as they were.
 template <class Optim, class Options>
-void check_optimizer_parity(const Options& options, DType dtype, const std::string& name) {
-  ParameterBuffer cpu(optimizer_parameters(dtype, Device::CPU)), gpu(optimizer_parameters(dtype, Device::CUDA));
+void check_optimizer_parity(const Options& options, DType dtype, bool many, const std::string& name) {
+  ParameterBuffer cpu(optimizer_parameters(dtype, Device::CPU, many)),
+      gpu(optimizer_parameters(dtype, Device::CUDA, many));
   Optim cpu_optimizer(cpu, options), gpu_optimizer(gpu, options);
   Rng rng(41);
   for (int step = 1; step <= 3; ++step) {
     std::vector<double> g = Tensor::randn({cpu.numel()}, rng, 1.0 / step, DType::F64).to_vector();
-    std::fill(g.begin(), g.begin() + 50, 0.0);  // zero gradients: RMSProp divides 0 by eps
+    std::fill(g.begin() + 10, g.begin() + 60, 0.0);  // zero gradients: RMSProp divides 0 by eps
     const Tensor grads = Tensor::from_vector(g, {cpu.numel()}, dtype);
-    Tensor cpu_grads = cpu.grads(), gpu_grads = gpu.grads();
-    cpu_grads.copy_(grads);
-    gpu_grads.copy_(grads);
+    const std::string skipped = step == 2 ? "conv.bias" : "";
+    give_gradients(cpu, grads, skipped);
+    give_gradients(gpu, grads, skipped);
+    const Tensor bias_before = gpu.named()[1].second.to(Device::CPU);
     cpu_optimizer.step();
     gpu_optimizer.step();
+    if (!skipped.empty()) check_close(bias_before, gpu.named()[1].second, 0.0, name + ": a parameter without gradient");
     const std::string what = name + " " + dtype_name(dtype) + " after step " + std::to_string(step);
     check_close(cpu.values(), gpu.values(), elementwise_bound(dtype), what + ": parameters");
     const NamedTensors cpu_state = cpu_optimizer.state(), gpu_state = gpu_optimizer.state();
@@ -383,11 +403,11 @@ Tensor codes_with_zeros(int64_t n, int64_t d, DType dtype, Rng& rng) {
   return Tensor::from_vector(values, {n, d}, dtype);
 }
 
-// count_non_finite_ twice into a zero count on x's device: the count after both calls.
-double count_twice(const Tensor& x) {
-  Tensor count = Tensor::zeros({}, DType::I32, x.device());
-  ops::count_non_finite_(x, count);
-  ops::count_non_finite_(x, count);
+// count_non_finite_ twice into a zero count on the tensors' device: the count after both calls.
+double count_twice(const std::vector<Tensor>& tensors) {
+  Tensor count = Tensor::zeros({}, DType::I32, tensors.front().device());
+  ops::count_non_finite_(tensors, count);
+  ops::count_non_finite_(tensors, count);
   return count.item();
 }
 
@@ -1057,10 +1077,10 @@ TEST_CASE("a row index out of range on the GPU is an error at the next synchroni
 
 TEST_CASE("RMSProp and SGD steps over a ParameterBuffer match the CPU, parameters and state") {
   for (DType dtype : kFloatTypes) {
-    check_optimizer_parity<RMSProp>(RMSPropOptions{1e-2, 0.9, 1e-8, 1e-2}, dtype, "rmsprop");
-    check_optimizer_parity<RMSProp>(RMSPropOptions{}, dtype, "rmsprop (the paper's settings)");
-    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.9, 1e-3}, dtype, "sgd with momentum");
-    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.0, 0.0}, dtype, "plain sgd");
+    check_optimizer_parity<RMSProp>(RMSPropOptions{1e-2, 0.9, 1e-8, 1e-2}, dtype, false, "rmsprop");
+    check_optimizer_parity<RMSProp>(RMSPropOptions{}, dtype, true, "rmsprop (the paper's settings), two launches");
+    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.9, 1e-3}, dtype, true, "sgd with momentum, two launches");
+    check_optimizer_parity<Sgd>(SgdOptions{0.05, 0.0, 0.0}, dtype, false, "plain sgd");
   }
 }
 
@@ -1099,22 +1119,36 @@ TEST_CASE("hamming_top_k over 20,000 codes of 64 bits equals the CPU's ranking")
   }
 }
 
-TEST_CASE("count_non_finite_ counts NaN and infinities like the CPU, and accumulates across calls") {
+TEST_CASE("count_non_finite_ counts NaN and infinities like the CPU, over lists of tensors, and accumulates") {
   for (DType dtype : kFloatTypes) {
     std::vector<double> small(5000, 0.5);
     small[0] = small[2500] = std::nan("");
     small[17] = std::numeric_limits<double>::infinity();
     small[4999] = -std::numeric_limits<double>::infinity();
-    std::vector<double> large(3 << 20, -1.0);  // many blocks
+    std::vector<double> large(3 << 20, -1.0);  // many chunks of 2^16
     for (size_t i : {size_t(0), size_t(12345), size_t(1) << 20, size_t(2999999), large.size() - 1})
       large[i] = std::nan("");
-    const std::pair<std::vector<double>, double> cases[] = {
-        {small, 4}, {large, 5}, {std::vector<double>(1000, 2.0), 0}};
-    for (const auto& [values, expected] : cases) {
-      const Tensor x = Tensor::from_vector(values, {static_cast<int64_t>(values.size())}, dtype);
-      INFO(std::string(dtype_name(dtype)), ", ", values.size(), " elements, ", expected, " not finite");
-      CHECK(count_twice(x.to(Device::CUDA)) == 2 * expected);
-      CHECK(count_twice(x) == 2 * expected);
+    auto tensor = [&](const std::vector<double>& values) {
+      return Tensor::from_vector(values, {static_cast<int64_t>(values.size())}, dtype);
+    };
+    // 1,500 tensors of 7 elements, every 100th with an infinity: more chunks than one launch's table holds.
+    std::vector<Tensor> many;
+    for (int i = 0; i < 1500; ++i) {
+      std::vector<double> values(7, 1.0);
+      if (i % 100 == 99) values[i % 7] = -std::numeric_limits<double>::infinity();
+      many.push_back(tensor(values));
+    }
+    std::vector<Tensor> many_and_large = many;
+    many_and_large.push_back(tensor(large));
+    const std::pair<std::vector<Tensor>, double> cases[] = {
+        {{tensor(small)}, 4}, {{tensor(large)}, 5}, {{tensor(std::vector<double>(1000, 2.0))}, 0},
+        {{tensor(small), tensor(large)}, 9}, {many, 15}, {many_and_large, 20}};
+    for (const auto& [tensors, expected] : cases) {
+      std::vector<Tensor> on_gpu;
+      for (const Tensor& x : tensors) on_gpu.push_back(x.to(Device::CUDA));
+      INFO(std::string(dtype_name(dtype)), ", ", tensors.size(), " tensors, ", expected, " values not finite");
+      CHECK(count_twice(on_gpu) == 2 * expected);
+      CHECK(count_twice(tensors) == 2 * expected);
     }
   }
 }

@@ -420,17 +420,25 @@ TEST_CASE("hamming_top_k ranks by distance with ties by index, and stops at k") 
   CHECK_THROWS_WITH_AS(ops::hamming_top_k(query_codes, db_codes, 0), doctest::Contains("k must be at least 1"), Error);
 }
 
-TEST_CASE("count_non_finite_ adds the NaN and infinite elements") {
+TEST_CASE("count_non_finite_ adds the NaN and infinite elements of a list of tensors") {
   Tensor x = Tensor::zeros({100000});  // above the parallel grain
   x.data<float>()[7] = std::nanf("");
   x.data<float>()[99999] = -INFINITY;
   x.data<float>()[500] = 3e38f;  // large but finite
+  Tensor y = Tensor::zeros({2, 3});
+  y.data<float>()[5] = INFINITY;
   Tensor count = Tensor::zeros({}, DType::I32);
-  ops::count_non_finite_(x, count);
+  ops::count_non_finite_({x}, count);
   CHECK(count.item() == 2);
-  ops::count_non_finite_(x.to(DType::F64), count);
+  ops::count_non_finite_({x.to(DType::F64)}, count);
   CHECK(count.item() == 4);  // adds
-  CHECK_THROWS_WITH_AS(ops::count_non_finite_(x, x), doctest::Contains("the count must be one I32"), Error);
+  ops::count_non_finite_({y, Tensor::zeros({0}), x}, count);
+  CHECK(count.item() == 7);
+  ops::count_non_finite_({}, count);
+  CHECK(count.item() == 7);
+  CHECK_THROWS_WITH_AS(ops::count_non_finite_({x}, x), doctest::Contains("the count must be one I32"), Error);
+  CHECK_THROWS_WITH_AS(ops::count_non_finite_({x, x.to(DType::F64)}, count), doctest::Contains("mix"), Error);
+  CHECK_THROWS_WITH_AS(ops::count_non_finite_({count}, count), doctest::Contains("float"), Error);
 }
 
 TEST_CASE("shape errors are clear exceptions") {

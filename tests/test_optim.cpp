@@ -1,10 +1,12 @@
-// Optimizers: flat parameter buffers, and one RMSProp / SGD step against hand-computed updates with
-// PyTorch's formulas (weight decay added to the gradient; eps outside the square root); a NaN or an
-// infinity among the gradients or values is found and named by parameter.
+// Optimizers: flat parameter buffers with a gradient per parameter, and one RMSProp / SGD step against
+// hand-computed updates with PyTorch's formulas (weight decay added to the gradient; eps outside the
+// square root; a parameter without a gradient left alone); a NaN or an infinity among the gradients or
+// values is found and named by parameter.
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "core/error.h"
 #include "core/ops.h"
@@ -26,16 +28,56 @@ struct Fixture {
 };
 }  // namespace
 
-TEST_CASE("parameters and gradients live in one flat buffer each, as named views") {
+TEST_CASE("parameters live in one flat buffer as named views; backward gives each its own gradient") {
   Fixture f;
   CHECK(f.buffer.numel() == 3);
   const float* base = f.buffer.values().data<float>();
   CHECK(f.layer.weight.data<float>() == base);      // weight (1,2) first
   CHECK(f.layer.bias.data<float>() == base + 2);    // then bias (1)
+  CHECK(f.buffer.gradients().empty());              // none before backward
+  auto check_gradients = [&] {
+    const std::vector<GradientSlice> slices = f.buffer.gradients();
+    REQUIRE(slices.size() == 2);
+    CHECK(slices[0].offset == 0);
+    CHECK(slices[0].grad.to_vector() == std::vector<double>{3, -4});
+    CHECK(slices[1].offset == 2);
+    CHECK(slices[1].grad.to_vector() == std::vector<double>{1});
+    CHECK(f.buffer.grads().size() == 2);
+  };
   f.backward();
-  CHECK(f.buffer.grads().to_vector() == std::vector<double>{3, -4, 1});  // backward wrote into the flat buffer
+  check_gradients();
   f.backward();  // zero_grad, then once more: not accumulated across steps
-  CHECK(f.buffer.grads().to_vector() == std::vector<double>{3, -4, 1});
+  check_gradients();
+  f.buffer.zero_grad();  // drops them: the memory is free until the next backward
+  CHECK(f.buffer.gradients().empty());
+  CHECK_FALSE(f.layer.weight.grad().defined());
+}
+
+TEST_CASE("a parameter without a gradient is not updated, nor is its state (PyTorch skips it)") {
+  for (const bool rmsprop : {true, false}) {
+    CAPTURE(rmsprop);
+    Rng rng{3};
+    Linear used{2, 1, true, rng}, unused{2, 1, true, rng};
+    NamedTensors named = used.named_parameters();
+    for (auto& [name, p] : unused.named_parameters()) named.emplace_back("unused." + name, p);
+    ParameterBuffer buffer(named);
+    std::unique_ptr<Optimizer> optimizer;
+    if (rmsprop) optimizer = std::make_unique<RMSProp>(buffer, RMSPropOptions{0.01, 0.99, 1e-8, 0.1});
+    else optimizer = std::make_unique<Sgd>(buffer, SgdOptions{0.1, 0.9, 0.1});
+    const std::vector<double> before = buffer.values().to_vector();
+    for (int step = 0; step < 2; ++step) {
+      buffer.zero_grad();
+      ops::sum(used.forward(Tensor::from_vector(std::vector<float>{3, -4}, {1, 2}))).backward();
+      optimizer->step();
+    }
+    const std::vector<double> after = buffer.values().to_vector();
+    const std::vector<double> state = optimizer->state().front().second.to_vector();
+    for (int i = 0; i < 3; ++i) CHECK(after[i] != before[i]);  // used: weight (1,2), bias (1)
+    for (int i = 3; i < 6; ++i) {                                // unused: no weight decay, no state
+      CHECK(after[i] == before[i]);
+      CHECK(state[i] == 0);
+    }
+  }
 }
 
 TEST_CASE("one RMSProp step matches the hand-computed update") {
@@ -83,6 +125,8 @@ TEST_CASE("the first NaN or infinity among the gradients or values is named by p
   NamedTensors named = first.named_parameters();
   for (auto& [name, p] : second.named_parameters()) named.emplace_back("second." + name, p);
   ParameterBuffer buffer(named);  // weight (2,3), bias (2), second.weight (2,2), second.bias (2)
+  CHECK_FALSE(buffer.first_non_finite_grad());  // no gradients yet
+  ops::sum(second.forward(first.forward(Tensor::full({1, 3}, 1.0)))).backward();
   CHECK_FALSE(buffer.first_non_finite_grad());
   CHECK_FALSE(buffer.first_non_finite_value());
   const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
