@@ -32,17 +32,19 @@
 // Peak memory of a phase: each side resets its mark after its warm-up, so that the peak covers the timed
 // rounds (one-time work, such as cuDNN's algorithm search and its scratch memory, is left out; the JSON
 // keeps the warm-up's peak, the first one's from the model's construction on). On the GPU the warm-up
-// ends with both sides' caches given back to the driver and one more step. The model, gradients and
-// optimizer state stay allocated throughout and count in every peak.
+// ends with both sides' caches given back to the driver and one more step. The model and optimizer state
+// stay allocated throughout and count in every peak; the gradients, which both sides allocate during
+// backward and drop at zero_grad, count where they exist.
 //   GPU: the caching allocators' peak of bytes held by live tensors (the engine's
 //        memory_stats().peak_bytes_in_use, PyTorch's torch.cuda.max_memory_allocated()): the same measure
-//        on both sides; neither counts the CUDA context, the libraries' own memory or freed blocks kept
-//        for reuse. The JSON's reserved_peak_mib (and a line after the table) is the peak of memory held
+//        on both sides; both count cuBLAS's workspace (a block of each allocator) and cuDNN's while a
+//        convolution runs; neither counts the CUDA context, the libraries' internal memory or freed blocks
+//        kept for reuse. The JSON's reserved_peak_mib (and a line after the table) is the peak of memory held
 //        from the driver, in use or cached (the engine's segments, PyTorch's max_memory_reserved()).
 //   CPU: each process's resident high-water mark (VmHWM): before the reset each process hands the memory
 //        it has freed back to the system (malloc_trim) and lowers its mark through /proc/self/clear_refs;
 //        where the kernel refuses that, the peak is cumulative and the row says so. The engine's allocator
-//        count of its tensors' peak (the GPU's measure, without cuDNN's workspace) is listed after the
+//        count of its tensors' peak (the GPU's measure, without cuBLAS's and cuDNN's workspaces) is listed after the
 //        table and kept as tensor_peak_mib; PyTorch's CPU allocator counts nothing.
 //
 // PyTorch's Python: --python, else $MDFF_TORCH_PYTHON, else the first of `python3` on PATH (the lent GPU
@@ -658,8 +660,8 @@ int main(int argc, char** argv) try {
   if (!torch_problem.empty()) result["torch"][torch_failed ? "error" : "unavailable"] = torch_problem;
 
   std::printf("\nratio: engine/PyTorch throughput, above 1 when the engine is faster. mem ratio: engine/PyTorch peak, "
-              "below 1 when the engine needs less.\npeak: %s, reset after each side's warm-up; the model, gradients "
-              "and optimizer state count in every peak.\n", memory_measure.c_str());
+              "below 1 when the engine needs less.\npeak: %s, reset after each side's warm-up; the model and "
+              "optimizer state count in every peak, the gradients where they exist.\n", memory_measure.c_str());
   if (cumulative_peaks)
     std::printf("* CUMULATIVE peak: the kernel refused to reset the high-water mark, so it includes earlier phases.\n");
   std::printf("process peaks: engine %.0f MiB (%.0f MiB before the model, %.0f MiB once it and the optimizer were "
@@ -669,7 +671,7 @@ int main(int argc, char** argv) try {
   std::printf("\n");
   if (!tensor_rows.empty()) {
     std::printf("engine tensor peaks (its allocator's count over the timed rounds: what a GPU would hold at the "
-                "peak, before cuDNN's workspace):\n");
+                "peak, before cuBLAS's 32 MiB workspace and cuDNN's):\n");
     for (const std::string& row : tensor_rows) std::printf("  %s\n", row.c_str());
   }
   if (!reserved_rows.empty()) {

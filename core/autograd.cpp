@@ -136,7 +136,7 @@ void run_backward(const Tensor& root, const Tensor& grad_output, bool retain_gra
     for (size_t i = 0; i < grads.size(); ++i) {
       const Edge& edge = node->edges[i];
       if (!grads[i].defined() || (!edge.node && !edge.leaf)) continue;
-      Tensor g = std::move(grads[i]);  // the only handle, unless the op returned one tensor for two inputs
+      Tensor g = std::move(grads[i]);  // so that a leaf can keep it when nothing else holds it
       if (factor != 1.0) {
         Tensor scaled = Tensor::empty(g.shape(), g.dtype(), g.device());
         backend_of(g).scale(g, factor, scaled);

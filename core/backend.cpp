@@ -55,6 +55,24 @@ Backend& backend(Device device) {
 
 Backend& backend_of(const Tensor& t) { return backend(t.device()); }
 
+void check_gradient_slices(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& state,
+                           const char* kernel) {
+  MDFF_CHECK(params.defined() && is_floating(params.dtype()), kernel, ": the parameters must be a float tensor");
+  MDFF_CHECK(state.defined() && state.dtype() == params.dtype() && state.device() == params.device() &&
+                 state.numel() == params.numel(),
+             kernel, ": the optimizer's state must be ", dtype_name(params.dtype()), " on ",
+             device_name(params.device()), " with ", params.numel(), " elements, like the parameters");
+  for (const GradientSlice& slice : grads) {
+    MDFF_CHECK(slice.grad.defined() && slice.grad.dtype() == params.dtype() &&
+                   slice.grad.device() == params.device() && slice.offset >= 0 &&
+                   slice.offset <= params.numel() - slice.grad.numel(),
+               kernel, ": a gradient (", slice.grad.defined() ? dtype_name(slice.grad.dtype()) : "undefined", ", ",
+               slice.grad.defined() ? slice.grad.numel() : 0, " elements at offset ", slice.offset,
+               ") does not fit the ", params.numel(), " ", dtype_name(params.dtype()), " parameters on ",
+               device_name(params.device()));
+  }
+}
+
 void Backend::missing(const char* kernel) const {
   MDFF_FAIL("kernel '", kernel, "' is not implemented on the ", name(), " backend");
 }

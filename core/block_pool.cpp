@@ -137,6 +137,12 @@ size_t BlockPool::bytes_in_use() const {
   return stats_.bytes_in_use;
 }
 
+size_t BlockPool::block_in_use_bytes(const void* ptr) const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = in_use_.find(const_cast<void*>(ptr));
+  return it == in_use_.end() ? 0 : it->second->size;
+}
+
 void BlockPool::reset_peaks() {
   const std::lock_guard<std::mutex> lock(mutex_);
   stats_.peak_bytes_in_use = stats_.bytes_in_use;

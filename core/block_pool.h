@@ -72,6 +72,8 @@ class BlockPool {
   void release_cached();
   BlockPoolStats stats() const;
   size_t bytes_in_use() const;  // stats().bytes_in_use without walking the free blocks
+  // The size of the block in use that starts at ptr, or 0 when none does.
+  size_t block_in_use_bytes(const void* ptr) const;
   // Starts new peaks from the bytes in use and reserved now.
   void reset_peaks();
 

@@ -1188,6 +1188,7 @@ class CpuBackend final : public Backend {
 
   void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg,
                     double lr, double alpha, double eps, double weight_decay) override {
+    check_gradient_slices(params, grads, square_avg, "rmsprop_step");
     dispatch_float(params.dtype(), "rmsprop_step", [&](auto zero) {
       using T = decltype(zero);
       const T a = T(alpha), e = T(eps), l = T(lr), wd = T(weight_decay);
@@ -1208,6 +1209,7 @@ class CpuBackend final : public Backend {
 
   void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
                 double momentum, double weight_decay, bool first_step) override {
+    check_gradient_slices(params, grads, buffer, "sgd_step");
     dispatch_float(params.dtype(), "sgd_step", [&](auto zero) {
       using T = decltype(zero);
       const T m = T(momentum), l = T(lr), wd = T(weight_decay);

@@ -92,7 +92,7 @@ Tensor hamming_distances(const Tensor& queries, const Tensor& database);
 // {indices, distances}, each (Q,k) I32. On the GPU one warp ranks each query.
 std::pair<Tensor, Tensor> hamming_top_k(const Tensor& queries, const Tensor& database, int64_t k);
 // count (an I32 scalar on their device) += the number of NaN and infinite elements of `tensors` (floating
-// point, one dtype); nothing waits, and on the GPU one launch covers them all.
+// point, one dtype); nothing waits, and on the GPU one launch covers up to 1,000 chunks of 2^16 elements.
 void count_non_finite_(const std::vector<Tensor>& tensors, Tensor& count);
 
 }  // namespace mdff::ops

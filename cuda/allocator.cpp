@@ -50,6 +50,7 @@ void deallocate(void* ptr, size_t bytes) { pool().deallocate(ptr, bytes); }
 void empty_cache() { pool().release_cached(); }
 AllocatorStats allocator_stats() { return pool().stats(); }
 size_t bytes_in_use() { return pool().bytes_in_use(); }
+size_t block_in_use_bytes(const void* ptr) { return pool().block_in_use_bytes(ptr); }
 void reset_peak_bytes() { pool().reset_peaks(); }
 
 }  // namespace mdff::cuda

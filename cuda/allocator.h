@@ -31,6 +31,7 @@ void empty_cache();
 
 AllocatorStats allocator_stats();
 size_t bytes_in_use();  // allocator_stats().bytes_in_use, cheaply (each convolution asks)
+size_t block_in_use_bytes(const void* ptr);  // the size of the block in use at ptr, or 0 (BlockPool's)
 // False when MDFF_CUDA_NO_CACHING=1 (read once).
 bool caching_enabled();
 

@@ -69,19 +69,30 @@ cudaStream_t stream() { return nullptr; }  // the default stream
 
 size_t cublas_workspace_bytes() { return size_t(32) << 20; }
 
-cublasHandle_t cublas_handle() {
-  // Never destroyed: the driver reclaims it at exit, and cublasDestroy during static destruction can
+namespace {
+struct Cublas {
+  void* workspace;
+  cublasHandle_t handle;
+};
+
+const Cublas& cublas() {
+  // Never destroyed: the driver reclaims them at exit, and cublasDestroy during static destruction can
   // run after the CUDA runtime has already shut down.
-  static cublasHandle_t handle = [] {
-    cublasHandle_t h = nullptr;
-    MDFF_CUBLAS_CHECK(cublasCreate(&h));
-    MDFF_CUBLAS_CHECK(cublasSetStream(h, stream()));
-    MDFF_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
-    // Kept, like the handle, for the whole run.
-    MDFF_CUBLAS_CHECK(cublasSetWorkspace(h, allocate(cublas_workspace_bytes()), cublas_workspace_bytes()));
-    return h;
+  static const Cublas created = [] {
+    // The workspace first: when the device is full, that is the call that fails (an OutOfMemory), before
+    // a handle exists to leak.
+    Cublas c{allocate(cublas_workspace_bytes()), nullptr};
+    MDFF_CUBLAS_CHECK(cublasCreate(&c.handle));
+    MDFF_CUBLAS_CHECK(cublasSetStream(c.handle, stream()));  // before the workspace: setting the stream resets it
+    MDFF_CUBLAS_CHECK(cublasSetMathMode(c.handle, CUBLAS_DEFAULT_MATH));
+    MDFF_CUBLAS_CHECK(cublasSetWorkspace(c.handle, c.workspace, cublas_workspace_bytes()));
+    return c;
   }();
-  return handle;
+  return created;
 }
+}  // namespace
+
+cublasHandle_t cublas_handle() { return cublas().handle; }
+void* cublas_workspace() { return cublas().workspace; }
 
 }  // namespace mdff::cuda

@@ -28,12 +28,14 @@ const DeviceInfo& device_info();
 // stream runs in order, which is what lets the allocator hand a freed block to the next tensor at once.
 cudaStream_t stream();
 
-// cuBLAS handle bound to stream(), created on first use (full FP32 math: no TF32 unless asked for). Its
-// workspace comes from the caching allocator (cuda/allocator.h), as PyTorch's does, instead of a cudaMalloc
-// inside cuBLAS: it counts in the memory in use and in the peaks a run reports, as it does in PyTorch's.
+// cuBLAS handle bound to stream(), created on first use (full FP32 math: no TF32 unless asked for). The
+// workspace its calls use is a block of the caching allocator (cuda/allocator.h), as PyTorch's is: it
+// counts in the memory in use and in the peaks a run reports, as it does in PyTorch's. (cuBLAS still
+// makes its default pool at cublasCreate, outside every count, in PyTorch as here.)
 cublasHandle_t cublas_handle();
-// The size of that workspace: 32 MiB, NVIDIA's recommendation for Hopper (cublasSetWorkspace) and
-// PyTorch's default there.
+// That workspace (creating the handle if needed), and its size: 32 MiB, NVIDIA's recommendation for
+// Hopper (cublasSetWorkspace) and PyTorch's default there.
+void* cublas_workspace();
 size_t cublas_workspace_bytes();
 
 }  // namespace mdff::cuda

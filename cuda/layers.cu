@@ -55,12 +55,6 @@ void check_rank(const Tensor& t, int64_t rank, const char* kernel, const char* w
              shape_str(t.shape()));
 }
 
-// The float tensor t and `other` have the same dtype and number of elements.
-void check_same(const Tensor& t, const Tensor& other, const char* kernel, const char* what) {
-  MDFF_CHECK(other.defined() && other.dtype() == t.dtype() && other.numel() == t.numel(), "cuda ", kernel, ": ",
-             what, " must be ", dtype_name(t.dtype()), " with ", t.numel(), " elements like ", shape_str(t.shape()));
-}
-
 // (N,C,H,W) input and output that share N and C and the dtype.
 void check_planes(const Tensor& in, const Tensor& out, const char* kernel, const char* in_name, const char* out_name) {
   check_float(in, kernel, in_name);
@@ -677,51 +671,56 @@ void check_rows(const Tensor& index, const Tensor& rows, const Tensor& other, co
 // optimizers: one block per chunk of the gradients (kernel_helpers.cuh), one thread per element of it, the
 // CPU's formulas in T; the chunk's offset places it in the flat parameters and state.
 
-template <class T>
-__global__ void rmsprop_kernel(const __grid_constant__ ChunkTable<T> grads, T* param, T* square_avg, T lr, T alpha,
-                               T eps, T weight_decay, bool decay) {
+// g = grad + weight_decay * p, then update(p, state, g) per element.
+template <class T, class Update>
+__global__ void optimizer_kernel(const __grid_constant__ ChunkTable<T> grads, T* param, T* state, T weight_decay,
+                                 bool decay, Update update) {
   const typename ChunkTable<T>::Chunk& chunk = grads.chunks[blockIdx.x];
   T* p = param + chunk.offset;
-  T* s = square_avg + chunk.offset;
-  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x) {
-    const T g = decay ? chunk.data[i] + weight_decay * p[i] : chunk.data[i];
-    const T v = s[i] * alpha + (T(1) - alpha) * g * g;
-    s[i] = v;
-    p[i] -= lr * (g / (dev_sqrt(v) + eps));
-  }
+  T* s = state + chunk.offset;
+  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x)
+    update(p[i], s[i], decay ? chunk.data[i] + weight_decay * p[i] : chunk.data[i]);
 }
 
 template <class T>
-__global__ void sgd_kernel(const __grid_constant__ ChunkTable<T> grads, T* param, T* buffer, T lr, T momentum,
-                           T weight_decay, bool decay, bool first_step) {
-  const typename ChunkTable<T>::Chunk& chunk = grads.chunks[blockIdx.x];
-  T* p = param + chunk.offset;
-  T* m = buffer + chunk.offset;
-  for (int64_t i = threadIdx.x; i < chunk.count; i += blockDim.x) {
-    const T g = decay ? chunk.data[i] + weight_decay * p[i] : chunk.data[i];
-    const T b = first_step ? g : momentum * m[i] + g;
-    m[i] = b;
-    p[i] -= lr * b;
+struct RMSPropUpdate {  // state: the running mean of g^2
+  T lr, alpha, eps;
+  __device__ void operator()(T& p, T& square_avg, T g) const {
+    const T v = square_avg * alpha + (T(1) - alpha) * g * g;
+    square_avg = v;
+    p -= lr * (g / (dev_sqrt(v) + eps));
   }
-}
+};
 
-// The optimizers' pieces: each gradient, placed in the flat buffers by its offset (checked to fit).
 template <class T>
-std::vector<typename ChunkTable<T>::Chunk> gradient_pieces(const Tensor& params,
-                                                          const std::vector<GradientSlice>& grads,
-                                                          const char* kernel) {
-  std::vector<typename ChunkTable<T>::Chunk> pieces;
-  pieces.reserve(grads.size());
-  for (const GradientSlice& slice : grads) {
-    check_float(slice.grad, kernel, "a gradient");
-    MDFF_CHECK(slice.grad.dtype() == params.dtype() && slice.grad.device() == Device::CUDA && slice.offset >= 0 &&
-                   slice.offset + slice.grad.numel() <= params.numel(),
-               "cuda ", kernel, ": a ", dtype_name(slice.grad.dtype()), " gradient of ", slice.grad.numel(),
-               " elements at offset ", slice.offset, " does not fit ", params.numel(), " ",
-               dtype_name(params.dtype()), " parameters on the GPU");
-    pieces.push_back({slice.grad.data<T>(), slice.offset, slice.grad.numel()});
+struct SgdUpdate {  // state: the momentum buffer
+  T lr, momentum;
+  bool first_step;
+  __device__ void operator()(T& p, T& buffer, T g) const {
+    const T b = first_step ? g : momentum * buffer + g;
+    buffer = b;
+    p -= lr * b;
   }
-  return pieces;
+};
+
+// Checks, then one launch per table of chunks (one for a whole model) of optimizer_kernel with the update
+// that make_update<T>() returns.
+template <class MakeUpdate>
+void launch_optimizer(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& state,
+                      double weight_decay, const char* kernel, MakeUpdate&& make_update) {
+  check_gradient_slices(params, grads, state, kernel);
+  dispatch_float(params.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<typename ChunkTable<T>::Chunk> pieces;
+    pieces.reserve(grads.size());
+    for (const GradientSlice& slice : grads) pieces.push_back({slice.grad.data<T>(), slice.offset, slice.grad.numel()});
+    const auto update = make_update(zero);
+    launch_chunked<T>(pieces, [&](const ChunkTable<T>& table) {
+      optimizer_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, params.data<T>(), state.data<T>(),
+                                                                 T(weight_decay), weight_decay != 0, update);
+      MDFF_CUDA_CHECK_LAUNCH();
+    });
+  });
 }
 
 }  // namespace
@@ -1065,29 +1064,17 @@ void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst, boo
 
 void rmsprop_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& square_avg, double lr,
                   double alpha, double eps, double weight_decay) {
-  check_float(params, "rmsprop_step", "params");
-  check_same(params, square_avg, "rmsprop_step", "square_avg");
-  dispatch_float(params.dtype(), [&](auto zero) {
+  launch_optimizer(params, grads, square_avg, weight_decay, "cuda rmsprop_step", [&](auto zero) {
     using T = decltype(zero);
-    launch_chunked<T>(gradient_pieces<T>(params, grads, "rmsprop_step"), [&](const ChunkTable<T>& table) {
-      rmsprop_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, params.data<T>(), square_avg.data<T>(), T(lr),
-                                                               T(alpha), T(eps), T(weight_decay), weight_decay != 0);
-      MDFF_CUDA_CHECK_LAUNCH();
-    });
+    return RMSPropUpdate<T>{T(lr), T(alpha), T(eps)};
   });
 }
 
 void sgd_step(const Tensor& params, const std::vector<GradientSlice>& grads, const Tensor& buffer, double lr,
               double momentum, double weight_decay, bool first_step) {
-  check_float(params, "sgd_step", "params");
-  check_same(params, buffer, "sgd_step", "buffer");
-  dispatch_float(params.dtype(), [&](auto zero) {
+  launch_optimizer(params, grads, buffer, weight_decay, "cuda sgd_step", [&](auto zero) {
     using T = decltype(zero);
-    launch_chunked<T>(gradient_pieces<T>(params, grads, "sgd_step"), [&](const ChunkTable<T>& table) {
-      sgd_kernel<T><<<table.size, kThreads, 0, stream()>>>(table, params.data<T>(), buffer.data<T>(), T(lr),
-                                                           T(momentum), T(weight_decay), weight_decay != 0, first_step);
-      MDFF_CUDA_CHECK_LAUNCH();
-    });
+    return SgdUpdate<T>{T(lr), T(momentum), first_step};
   });
 }
 

@@ -156,7 +156,7 @@ void Trainer::read_out(std::vector<StepRecord>& pending) {
       throw TrainingDiverged(detail::concat("the loss became ", loss, " ", at, " (J1 ", j1, ", J2 ", j2, ", J3 ", j3,
                                             "); lower --lr"));
     if (bad_grads > 0) {
-      // The gradients still in the buffer are this step's only when it is the last one read.
+      // The parameters' gradients are this step's only when it is the last one read.
       const std::optional<NonFinite> bad =
           i + 1 == records.size() ? parameters_->first_non_finite_grad() : std::optional<NonFinite>();
       if (bad)

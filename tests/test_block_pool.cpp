@@ -309,7 +309,10 @@ TEST_CASE("block pool: freeing a pointer it did not give, twice, or with another
   int on_stack = 0;
   CHECK_THROWS_WITH_AS(rig.pool.deallocate(&on_stack, 4), doctest::Contains("which is not a block in use"), Error);
   CHECK_THROWS_WITH_AS(rig.pool.deallocate(p, 5000), doctest::Contains("was allocated for 4096 bytes"), Error);
+  CHECK(rig.pool.block_in_use_bytes(p) == 4096);
+  CHECK(rig.pool.block_in_use_bytes(&on_stack) == 0);
   rig.pool.deallocate(p, 3900);  // the same rounded size is the same request
+  CHECK(rig.pool.block_in_use_bytes(p) == 0);
   CHECK_THROWS_WITH_AS(rig.pool.deallocate(p, 4000), doctest::Contains("freed twice"), Error);
   rig.pool.deallocate(nullptr, 123);  // ignored
 }

@@ -8,6 +8,7 @@
 #include <limits>
 #include <memory>
 
+#include "core/backend.h"
 #include "core/error.h"
 #include "core/ops.h"
 #include "layers/layers.h"
@@ -117,6 +118,25 @@ TEST_CASE("impossible optimizer settings are clear errors") {
   CHECK_THROWS_WITH_AS(RMSProp(f.buffer, {-1.0, 0.99, 1e-8, 0}), doctest::Contains("out of range"), Error);
   CHECK_THROWS_WITH_AS(RMSProp(f.buffer, {1e-3, 1.0, 1e-8, 0}), doctest::Contains("alpha"), Error);
   CHECK_THROWS_WITH_AS(Sgd(f.buffer, {0.1, -0.5, 0}), doctest::Contains("momentum"), Error);
+}
+
+TEST_CASE("an optimizer kernel refuses a gradient that does not fit the flat buffers, before writing") {
+  Backend& cpu = backend(Device::CPU);
+  const Tensor params = Tensor::zeros({10}), state = Tensor::zeros({10});
+  const Tensor grad = Tensor::full({4}, 1.0);
+  const std::vector<GradientSlice> past_the_end{{grad, 7}}, negative{{grad, -1}}, wrong_dtype{{grad.to(DType::F64), 0}};
+  for (const auto* slices : {&past_the_end, &negative, &wrong_dtype}) {
+    CHECK_THROWS_WITH_AS(cpu.rmsprop_step(params, *slices, state, 0.1, 0.99, 1e-8, 0), doctest::Contains("does not fit"),
+                         Error);
+    CHECK_THROWS_WITH_AS(cpu.sgd_step(params, *slices, state, 0.1, 0.9, 0, true), doctest::Contains("does not fit"),
+                         Error);
+  }
+  CHECK_THROWS_WITH_AS(cpu.rmsprop_step(params, {{grad, 6}}, Tensor::zeros({9}), 0.1, 0.99, 1e-8, 0),
+                       doctest::Contains("the optimizer's state must be"), Error);
+  CHECK(params.to_vector() == std::vector<double>(10, 0.0));
+  cpu.rmsprop_step(params, {{grad, 6}}, state, 0.1, 0.99, 1e-8, 0);  // the last four elements: fits exactly
+  CHECK(params.to_vector()[5] == 0.0);
+  CHECK(params.to_vector()[6] < 0.0);
 }
 
 TEST_CASE("the first NaN or infinity among the gradients or values is named by parameter and element") {
