@@ -194,8 +194,8 @@ void ProfilingBackend::sum_to(const Tensor& src, const Tensor& out) {
 }
 
 void ProfilingBackend::count_non_finite(const std::vector<Tensor>& tensors, const Tensor& count) {
-  timed(wrapped_, "count_non_finite", tensors.empty() ? nullptr : &tensors.front(), [&] { return Cost{dims(tensors), 0, moved(tensors)}; },
-        [&] { wrapped_.count_non_finite(tensors, count); });
+  timed(wrapped_, "count_non_finite", tensors.empty() ? nullptr : &tensors.front(),
+        [&] { return Cost{dims(tensors), 0, moved(tensors)}; }, [&] { wrapped_.count_non_finite(tensors, count); });
 }
 
 void ProfilingBackend::gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,

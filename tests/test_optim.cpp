@@ -126,8 +126,8 @@ TEST_CASE("an optimizer kernel refuses a gradient that does not fit the flat buf
   const Tensor grad = Tensor::full({4}, 1.0);
   const std::vector<GradientSlice> past_the_end{{grad, 7}}, negative{{grad, -1}}, wrong_dtype{{grad.to(DType::F64), 0}};
   for (const auto* slices : {&past_the_end, &negative, &wrong_dtype}) {
-    CHECK_THROWS_WITH_AS(cpu.rmsprop_step(params, *slices, state, 0.1, 0.99, 1e-8, 0), doctest::Contains("does not fit"),
-                         Error);
+    CHECK_THROWS_WITH_AS(cpu.rmsprop_step(params, *slices, state, 0.1, 0.99, 1e-8, 0),
+                         doctest::Contains("does not fit"), Error);
     CHECK_THROWS_WITH_AS(cpu.sgd_step(params, *slices, state, 0.1, 0.9, 0, true), doctest::Contains("does not fit"),
                          Error);
   }
