@@ -131,19 +131,6 @@ int run_cpu(int input, int batch, bool with_torch, const std::string& json_path)
 }
 
 #ifdef MDFF_WITH_CUDA
-// Median seconds of one call of fn on the GPU: rounds of kCallsPerRound calls queued back to back, each
-// round ended by a synchronisation, so that a call's time is the GPU's and not a lone launch's wait.
-double gpu_seconds(Backend& gpu, const std::function<void()>& fn) {
-  constexpr int kCallsPerRound = 5;
-  const double round = bench::median_seconds(
-      [&] {
-        for (int i = 0; i < kCallsPerRound; ++i) fn();
-        gpu.synchronize();
-      },
-      3, 0.1);
-  return round / kCallsPerRound;
-}
-
 // The largest |a - b| over the largest |b| (NaN when either holds a NaN): how far cuBLAS's result is from
 // cuDNN's.
 double relative_difference(const Tensor& a, const Tensor& b) {
@@ -211,11 +198,14 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   setenv("MDFF_CONV_LEAN", "0", 1);
   set_tf32_allowed(tf32);
   Backend& gpu = backend(Device::CUDA);
+  auto seconds = [](const std::function<void()>& call) {
+    return bench::device_median_seconds(Device::CUDA, call, 3, 0.1);
+  };
   const double tolerance = tf32 ? 2e-2 : 1e-4;  // TF32 rounds the inputs to 10-bit mantissas
   std::printf("%s: ResNet50 convolutions at %dx%d, batch %d, %s; ms per call, cuDNN's fastest algorithm; "
               "cuBLAS for the 1x1 convolutions of stride 1 (its difference from cuDNN's result, relative to the "
               "largest value, must stay under %.0e)\n\n",
-              cuda::device_info().name.c_str(), input, input, batch, tf32 ? "TF32" : "FP32", tolerance);
+              bench::device_name(Device::CUDA).c_str(), input, input, batch, tf32 ? "TF32" : "FP32", tolerance);
   std::printf("%-28s %3s | %8s %8s %8s | %8s %8s %8s | %8s\n", "convolution", "n", "fwd", "bwd-data", "bwd-filt",
               "cuBLAS f", "cuBLAS d", "cuBLAS w", "max diff");
 
@@ -234,9 +224,9 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
     const Tensor grad_w = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
     const Conv2dParams p{s.stride, s.padding};
     const double cudnn[3] = {
-        gpu_seconds(gpu, [&] { gpu.conv2d_forward(x, w, Tensor(), p, y); }),
-        gpu_seconds(gpu, [&] { gpu.conv2d_backward(x, w, grad_y, p, grad_x, Tensor(), Tensor()); }),
-        gpu_seconds(gpu, [&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), grad_w, Tensor()); })};
+        seconds([&] { gpu.conv2d_forward(x, w, Tensor(), p, y); }),
+        seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, grad_x, Tensor(), Tensor()); }),
+        seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), grad_w, Tensor()); })};
     std::printf("%-28s %3d | %8.3f %8.3f %8.3f |", s.name.c_str(), s.count, cudnn[0] * 1e3, cudnn[1] * 1e3,
                 cudnn[2] * 1e3);
     json row{{"name", s.name}, {"count", s.count}, {"gflop_forward", s.flops(batch) / 1e9},
@@ -247,9 +237,9 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
       const Tensor y2 = Tensor::empty(y.shape(), DType::F32, Device::CUDA);
       const Tensor grad_x2 = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
       const Tensor grad_w2 = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
-      const double cublas[3] = {gpu_seconds(gpu, [&] { gemm.forward(x, w, y2); }),
-                                gpu_seconds(gpu, [&] { gemm.backward_data(grad_y, w, grad_x2); }),
-                                gpu_seconds(gpu, [&] { gemm.backward_filter(x, grad_y, grad_w2); })};
+      const double cublas[3] = {seconds([&] { gemm.forward(x, w, y2); }),
+                                seconds([&] { gemm.backward_data(grad_y, w, grad_x2); }),
+                                seconds([&] { gemm.backward_filter(x, grad_y, grad_w2); })};
       const double difference = std::max({relative_difference(y2, y), relative_difference(grad_x2, grad_x),
                                           relative_difference(grad_w2, grad_w)});
       const bool agrees = difference <= tolerance;
@@ -280,7 +270,7 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
               cudnn_total * 1e3, gemm_candidates_total * 1e3, best_total * 1e3,
               100 * (cudnn_total - best_total) / cudnn_total);
   if (!all_agree) std::printf("A cuBLAS result is not cuDNN's (DIFFERS above): the GEMM formulation is wrong.\n");
-  const json result{{"device", cuda::device_info().name}, {"input", input}, {"batch", batch},
+  const json result{{"device", bench::device_name(Device::CUDA)}, {"input", input}, {"batch", batch},
                     {"precision", tf32 ? "tf32" : "fp32"}, {"convolutions", rows}, {"cudnn_s", cudnn_total},
                     {"cudnn_1x1_stride1_s", gemm_candidates_total}, {"best_of_both_s", best_total},
                     {"cublas_faster_products", faster}, {"compared_products", compared}};

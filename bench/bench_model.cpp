@@ -164,26 +164,6 @@ int64_t lean_conv_calls() {
 #endif
 }
 
-// The best GEMM rate of `device` in GFLOP/s: OpenBLAS's SGEMM on the CPU (bench/timing.h); on the GPU,
-// cuBLAS through the backend on square float32 products of 4096 and 8192, in the precision set
-// (set_tf32_allowed).
-double gemm_peak_gflops(Device device) {
-  if (device == Device::CPU) return bench::sgemm_peak_gflops();
-  Backend& gpu = backend(device);
-  Rng rng(1);
-  double best = 0;
-  for (int n : {4096, 8192}) {
-    const Tensor a = Tensor::randn({n, n}, rng).to(device), b = Tensor::randn({n, n}, rng).to(device);
-    const Tensor c = Tensor::zeros({n, n}, DType::F32, device);
-    const double s = bench::median_seconds([&] {
-      gpu.gemm(false, false, 1.0, a, b, 0.0, c);
-      gpu.synchronize();
-    });
-    best = std::max(best, 2.0 * n * n * n / s / 1e9);
-  }
-  return best;
-}
-
 // The FLOPs of one call of fn, as the profiler counts them (2 x multiply-adds of convolutions and
 // matrix products). A profile the user asked for (MDFF_PROFILE=1) keeps running and keeps its records.
 double count_flops(const std::function<void()>& fn) {
@@ -416,7 +396,7 @@ int main(int argc, char** argv) try {
 
   Backend& engine_backend = backend(device);
   const EngineMemory memory{device};
-  const double gemm_peak = gemm_peak_gflops(device);
+  const double gemm_peak = bench::gemm_peak_gflops(device);
   // The GEMM's operands are the benchmark's, not the model's: out of the peaks, and out of the cache (the
   // model would otherwise be carved out of their segments).
   engine_backend.release_cached_memory();

@@ -1,17 +1,23 @@
-// Timing and this machine's roofline, shared by the benchmarks: medians, the median time of a call, the SGEMM
-// peak (OpenBLAS through core/blas.h) and the memory bandwidth (a STREAM-like triad on every OpenMP
-// thread).
+// Timing and the roofline of a device, shared by the benchmarks: medians, the median time of a call (on the
+// CPU or, queued in rounds, on the GPU), the GEMM peak (OpenBLAS through core/blas.h on the CPU, cuBLAS on
+// the GPU) and the memory bandwidth (a STREAM-like triad: on every OpenMP thread, or the engine's add kernel
+// on the GPU).
 #pragma once
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/blas.h"
 #include "core/rng.h"
 #include "core/tensor.h"
+#ifdef MDFF_WITH_CUDA
+#include "cuda/device.h"
+#endif
 
 namespace mdff::bench {
 
@@ -37,6 +43,30 @@ inline double median_seconds(const std::function<void()>& fn, int min_runs = 3, 
   return median(std::move(times));
 }
 
+// What a device is, for the benchmarks' headers: the GPU's name (e.g. "NVIDIA H200"), or "CPU".
+inline std::string device_name(Device device) {
+#ifdef MDFF_WITH_CUDA
+  if (device == Device::CUDA) return cuda::device_info().name;
+#endif
+  return device == Device::CPU ? "CPU" : backend(device).name();
+}
+
+// Median seconds of one call of fn on `device`. On the CPU, median_seconds. On a GPU a call only queues
+// work, so the calls run in rounds of 5 queued back to back, each round ended by a synchronisation: the
+// time is the device's, not a lone launch's round trip to the host.
+inline double device_median_seconds(Device device, const std::function<void()>& fn, int min_runs = 3,
+                                    double budget = 0.3) {
+  if (device == Device::CPU) return median_seconds(fn, min_runs, budget);
+  constexpr int kCallsPerRound = 5;
+  const double round = median_seconds(
+      [&] {
+        for (int i = 0; i < kCallsPerRound; ++i) fn();
+        backend(device).synchronize();
+      },
+      min_runs, budget);
+  return round / kCallsPerRound;
+}
+
 // The best single-precision GEMM rate in GFLOP/s over square products of 512, 1024 and 2048.
 inline double sgemm_peak_gflops() {
   Rng rng(1);
@@ -51,6 +81,21 @@ inline double sgemm_peak_gflops() {
   return best;
 }
 
+// The best GEMM rate of `device` in GFLOP/s: OpenBLAS's SGEMM on the CPU (above); on the GPU, cuBLAS through
+// the backend on square float32 products of 4096 and 8192, in the precision set (set_tf32_allowed).
+inline double gemm_peak_gflops(Device device) {
+  if (device == Device::CPU) return sgemm_peak_gflops();
+  Rng rng(1);
+  double best = 0;
+  for (int n : {4096, 8192}) {
+    const Tensor a = Tensor::randn({n, n}, rng).to(device), b = Tensor::randn({n, n}, rng).to(device);
+    const Tensor c = Tensor::zeros({n, n}, DType::F32, device);
+    const double s = device_median_seconds(device, [&] { backend(device).gemm(false, false, 1.0, a, b, 0.0, c); });
+    best = std::max(best, 2.0 * n * n * n / s / 1e9);
+  }
+  return best;
+}
+
 // Memory bandwidth in GB/s: a = b + s c over three float arrays of 64 MiB each (far beyond the caches),
 // counting 12 bytes per element (two reads and one write, as STREAM does).
 inline double memory_bandwidth_gbs() {
@@ -60,6 +105,17 @@ inline double memory_bandwidth_gbs() {
 #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
   });
+  return 12.0 * static_cast<double>(n) / s / 1e9;
+}
+
+// The same on `device`: on the GPU, the engine's add kernel a = b + c over three float tensors of 256 MiB each
+// (far beyond the H200's 50 MB L2 cache), 12 bytes per element.
+inline double memory_bandwidth_gbs(Device device) {
+  if (device == Device::CPU) return memory_bandwidth_gbs();
+  const int64_t n = int64_t(1) << 26;
+  const Tensor a = Tensor::empty({n}, DType::F32, device), b = Tensor::full({n}, 1.0, DType::F32, device);
+  const Tensor c = Tensor::full({n}, 2.0, DType::F32, device);
+  const double s = device_median_seconds(device, [&] { backend(device).binary(BinaryOp::Add, b, c, a); });
   return 12.0 * static_cast<double>(n) / s / 1e9;
 }
 

@@ -10,7 +10,8 @@
 #       runs, most valuable first, within GPU_CHECK_BUDGET seconds (default 540: the device tool allows 600
 #       a call; each step's time limit is cut to what is left, and a step with no time left is a FAIL line):
 #       the CUDA parity tests, the GPU benchmark, the main job (train_mdff's defaults on the GPU), the GPU
-#       convolution benchmark (cuDNN, and cuBLAS for the 1x1 ones), the CUDA tests again with MDFF_CUDA_SYNC=1,
+#       convolution benchmark (cuDNN, and cuBLAS for the 1x1 ones), the GPU op benchmark (every op of a training
+#       step against the roofline, and the fusions' savings), the CUDA tests again with MDFF_CUDA_SYNC=1,
 #       compute-sanitizer memcheck and racecheck over them (error summaries in the summary), then the CPU test
 #       executables (CI runs those too) and the CPU conv benchmark. Writes summary.txt, the benchmarks' JSON
 #       and logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files, as the device
@@ -19,7 +20,8 @@
 #       GPU_CHECK_ONLY='test_cuda|benchmark'); the names are those of summary.txt.
 #       The device time of a session is 15 minutes, a machine's start included (a minute or more), and a
 #       machine goes back 30 s after a call: to leave room for a rerun after a fix, run the first call with
-#       GPU_CHECK_BUDGET=400 (test_cuda, the benchmarks, the ranking, the main job, then what time leaves),
+#       GPU_CHECK_BUDGET=480 (estimated: test_cuda 30 s, the model benchmarks 220 s, the ranking 10 s, the main
+#       job 60 s, the conv and op benchmarks 60 s each; then the sync run and the sanitizers as time leaves),
 #       give the machine back while reading, and rerun only what failed or did not run.
 #       The GPU benchmark (bench_model --device cuda, next to PyTorch in the same run) times the training
 #       step and encoding at batch 32 and 128, 224x224 and 32x32, in TF32 (bench_gpu.log/.json), then 224x224
@@ -199,6 +201,12 @@ step "GPU conv benchmark (cuDNN, cuBLAS 1x1)" bench_conv_gpu.log 100 bash -c \
   "$bundle/bin/bench_conv" "$logs"
 [[ -f "$logs/bench_conv_gpu.log" ]] && grep -E '^(cuBLAS was faster|One pass)' "$logs/bench_conv_gpu.log" \
   | sed 's/^/  /' | tee -a "$summary"
+# Every op of a training step at 224x224 batch 32 on the GPU against its roofline (the GEMM peak and the memory
+# bandwidth measured in the same run), and what each fusion (batch norm + ReLU, add + ReLU) saves. ~1 min.
+step "GPU op benchmark (roofline, fusions)" bench_ops_gpu.log 90 "$bundle/bin/bench_ops" --device cuda --input 224 \
+  --batch 32 --json "$logs/bench_ops_gpu.json"
+[[ -f "$logs/bench_ops_gpu.log" ]] && grep -E '^(roofline|sum of n|bn\+relu fwd train:|add\+relu fwd:)' \
+  "$logs/bench_ops_gpu.log" | sed 's/^/  /' | tee -a "$summary"
 step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log 120 env MDFF_CUDA_SYNC=1 "$bundle/bin/test_cuda"
 # compute-sanitizer over the CUDA tests (test_cuda is the only test executable that touches the GPU): memcheck
 # (out-of-bounds and misaligned device accesses) and racecheck (shared-memory data races). memcheck runs with
