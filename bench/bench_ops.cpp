@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <string>
@@ -45,7 +46,7 @@ Backend& dev() { return backend(g_device); }  // looked up per call, so the prof
 
 // Operands on the benchmark's device.
 Tensor randn(const Shape& shape, Rng& rng, double std = 1.0) {
-  return Tensor::randn(shape, rng, std, DType::F32, g_device);
+  return bench::random_operand(shape, g_device, rng, std);
 }
 Tensor empty(const Shape& shape, DType dtype = DType::F32) { return Tensor::empty(shape, dtype, g_device); }
 Tensor full(const Shape& shape, double value) { return Tensor::full(shape, value, DType::F32, g_device); }
@@ -165,7 +166,8 @@ void add_relu_forward(std::vector<Op>& ops, const Shape& shape, int count) {
                  }});
 }
 
-// ReLU's gradient, taken from its output as the model does (fused or not, relu(h) > 0 exactly where h > 0).
+// ReLU's gradient: from the output where the ReLU is fused (relu(h) > 0 exactly where h > 0), from the input
+// for the head's standalone ReLUs; the same kernel either way.
 void add_relu_backward(std::vector<Op>& ops, const Shape& shape, int count) {
   ops.push_back({"relu bwd", count, [=] {
                    Rng rng(6);
@@ -353,8 +355,9 @@ struct Measured {
   double seconds, flops, bytes;  // median seconds of one call; FLOPs and bytes of one call
 };
 
-// Times `call` with the profiler off, after counting one call's FLOPs and bytes with it on.
-Measured measure(const std::function<void()>& call, int repeat) {
+// Times `call` with the profiler off (unless `timed` is false: seconds 0), after counting one call's FLOPs and
+// bytes with it on.
+Measured measure(const std::function<void()>& call, int repeat, bool timed = true) {
   profiler::reset();
   profiler::enable(true);
   call();
@@ -365,7 +368,7 @@ Measured measure(const std::function<void()>& call, int repeat) {
     m.bytes += e.bytes;
   }
   profiler::reset();
-  m.seconds = bench::device_median_seconds(g_device, call, repeat, 0.0);
+  if (timed) m.seconds = bench::device_median_seconds(g_device, call, repeat, 0.0);
   return m;
 }
 
@@ -408,6 +411,7 @@ int main(int argc, char** argv) {
   app.add_option("--filter", filter, "only the ops whose name contains this text (e.g. conv, bn, linear, step)");
   app.add_option("--json", json_path, "write the results to this JSON file");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured, also into a log a timeout may cut short
   try {
     g_device = cli::choose_device(device);
   } catch (const Error& e) {
@@ -416,6 +420,10 @@ int main(int argc, char** argv) {
   }
   set_tf32_allowed(precision == "tf32");
   const bool on_gpu = g_device == Device::CUDA;
+  // Every convolution on its plan's fastest algorithm (cuda/conv.cpp): the memory mark of
+  // core/workspace_policy.h would otherwise send the ops that hold more memory than any before them to the
+  // lean algorithm, which a training step takes at its peak only.
+  if (on_gpu) setenv("MDFF_CONV_LEAN", "0", 1);
 
   MdffConfig config;
   config.bits = bits;
@@ -453,11 +461,11 @@ int main(int argc, char** argv) {
   double weighted_seconds = 0;
   for (const Op& op : selected) {
     const Prepared prepared = op.prepare();
-    Measured m = measure(prepared.call, repeat);
+    Measured m = measure(prepared.call, repeat, !op.unfused);
     Measured unfused{0, 0, 0};
     if (op.unfused) {  // timed in turns with the fused op
       const Prepared twin = op.unfused();
-      unfused = measure(twin.call, repeat);
+      unfused = measure(twin.call, repeat, false);
       std::tie(m.seconds, unfused.seconds) = alternating_seconds(prepared.call, twin.call, repeat);
     }
     const bool compute = m.flops > 0;  // else memory-bound: rated by bytes
