@@ -180,19 +180,17 @@ void add_relu_backward(std::vector<Op>& ops, const Shape& shape, int count) {
 // The residual join of a bottleneck block: relu(a + b) in one pass (ops::add_relu), fused from an add and a
 // ReLU over its result.
 void add_residual_join(std::vector<Op>& ops, const Shape& shape, int count) {
-  auto operands = [shape] {
-    Rng rng(10);
-    const Tensor a = randn(shape, rng), b = randn(shape, rng);
-    return std::make_pair(a, b);
+  auto operand = [shape](uint64_t seed) {
+    Rng rng(seed);
+    return randn(shape, rng);
   };
   ops.push_back({"add+relu fwd", count,
                  [=] {
-                   const auto [a, b] = operands();
-                   const Tensor y = empty(shape);
+                   const Tensor a = operand(10), b = operand(11), y = empty(shape);
                    return Prepared{shape_str(shape), [=] { dev().binary(BinaryOp::AddRelu, a, b, y); }};
                  },
                  [=] {
-                   const auto [a, b] = operands();
+                   const Tensor a = operand(10), b = operand(11);
                    const Tensor sum = empty(shape), y = empty(shape);
                    return Prepared{shape_str(shape), [=] {
                                      dev().binary(BinaryOp::Add, a, b, sum);
@@ -446,7 +444,7 @@ int main(int argc, char** argv) {
   std::printf("ResNet50-MDFF-SH at %dx%d, batch %d, %d bits, float32%s; median of %d %s; n = calls per pass;\n"
               "%% roof = share of the GEMM peak (GFLOP/s) or of the bandwidth (GB/s)\n\n",
               input, input, batch, bits, on_gpu ? (precision == "tf32" ? " (TF32 products)" : "") : "", repeat,
-              on_gpu ? "rounds of 5 queued calls" : "calls", repeat);
+              on_gpu ? "rounds of 5 queued calls" : "calls");
   int name_width = 2;
   for (const Op& op : selected) name_width = std::max(name_width, static_cast<int>(op.name.size()));
   std::printf("%-*s %-32s %3s %10s %9s %9s %7s\n", name_width, "op", "shapes", "n", "median ms", "GFLOP/s", "GB/s",
