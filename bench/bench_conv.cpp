@@ -211,6 +211,7 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   std::printf("%-28s %3s | %8s %8s %8s | %8s %8s %8s | %8s\n", "convolution", "n", "fwd", "bwd-data", "bwd-filt",
               "cuBLAS f", "cuBLAS d", "cuBLAS w", "max diff");
 
+  const bench::RandomOperands random(Device::CUDA);
   Rng rng(2);
   NoGradGuard no_grad;
   json rows = json::array();
@@ -218,10 +219,10 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   int faster = 0, compared = 0;
   bool all_agree = true;
   for (const bench::ConvShape& s : bench::resnet50_convs(input)) {
-    const Tensor x = bench::random_operand({batch, s.cin, s.size, s.size}, Device::CUDA, rng);
-    const Tensor w = bench::random_operand({s.cout, s.cin, s.kernel, s.kernel}, Device::CUDA, rng, 0.05);
+    const Tensor x = random({batch, s.cin, s.size, s.size}, rng);
+    const Tensor w = random({s.cout, s.cin, s.kernel, s.kernel}, rng, 0.05);
     const Tensor y = Tensor::empty({batch, s.cout, s.out_size(), s.out_size()}, DType::F32, Device::CUDA);
-    const Tensor grad_y = bench::random_operand(y.shape(), Device::CUDA, rng);
+    const Tensor grad_y = random(y.shape(), rng);
     const Tensor grad_x = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
     const Tensor grad_w = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
     const Conv2dParams p{s.stride, s.padding};

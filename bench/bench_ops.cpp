@@ -42,12 +42,11 @@ namespace {
 constexpr int kTrainSize = 5000;
 
 Device g_device = Device::CPU;  // --device: where every operand lives and every op runs
+const bench::RandomOperands* g_random = nullptr;  // g_device's, made by main before any op is prepared
 Backend& dev() { return backend(g_device); }  // looked up per call, so the profiler sees it when on
 
 // Operands on the benchmark's device.
-Tensor randn(const Shape& shape, Rng& rng, double std = 1.0) {
-  return bench::random_operand(shape, g_device, rng, std);
-}
+Tensor randn(const Shape& shape, Rng& rng, double std = 1.0) { return (*g_random)(shape, rng, std); }
 Tensor empty(const Shape& shape, DType dtype = DType::F32) { return Tensor::empty(shape, dtype, g_device); }
 Tensor full(const Shape& shape, double value) { return Tensor::full(shape, value, DType::F32, g_device); }
 
@@ -423,6 +422,8 @@ int main(int argc, char** argv) {
   // lean algorithm, which a training step takes at its peak only.
   if (on_gpu) setenv("MDFF_CONV_LEAN", "0", 1);
 
+  const bench::RandomOperands random(g_device);
+  g_random = &random;
   MdffConfig config;
   config.bits = bits;
   std::vector<Op> selected;

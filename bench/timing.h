@@ -51,32 +51,41 @@ inline std::string device_name(Device device) {
   return device == Device::CPU ? "CPU" : backend(device).name();
 }
 
-// A benchmark's operand of N(0, std^2)-distributed values, fast at any size on any device. On the CPU,
+// A benchmark's operands of N(0, std^2)-distributed values, fast at any size on any device. On the CPU,
 // Tensor::randn. On a GPU, drawing each operand on the host (~40 ns an element, one thread) would take
 // longer than timing it (ResNet50's 224x224 batch-128 operands hold ~2 G values), so the values are copied
 // on the device from a pool drawn once: 2^24 - 3 values (a prime count, so that no tensor's strides line
-// up with the repetition), starting at an offset drawn from rng.
-inline Tensor random_operand(const Shape& shape, Device device, Rng& rng, double std = 1.0) {
-  if (device == Device::CPU) return Tensor::randn(shape, rng, std);
-  constexpr int64_t kPool = (int64_t(1) << 24) - 3;
-  // Never destroyed: freeing device memory during static destruction can run after the CUDA runtime's end.
-  static const Tensor* pool = [device] {
+// up with the repetition), starting at an offset drawn from rng. The pool (64 MiB on a GPU) lives as long as
+// this object: a benchmark that measures memory afterwards must not keep one.
+class RandomOperands {
+ public:
+  explicit RandomOperands(Device device) : device_(device) {
+    if (device == Device::CPU) return;
     Rng pool_rng(12345);
-    return new Tensor(Tensor::randn({kPool}, pool_rng, 1.0, DType::F32, device));
-  }();
-  Tensor out = Tensor::empty(shape, DType::F32, device);
-  const float* source = pool->data<float>();
-  float* target = out.data<float>();
-  int64_t offset = static_cast<int64_t>(rng.below(kPool));
-  for (int64_t done = 0; done < out.numel();) {
-    const int64_t n = std::min(out.numel() - done, kPool - offset);
-    backend(device).copy_on_device(target + done, source + offset, static_cast<size_t>(n) * sizeof(float));
-    done += n;
-    offset = 0;
+    pool_ = Tensor::randn({kPool}, pool_rng, 1.0, DType::F32, device);
   }
-  if (std != 1.0) backend(device).scale(out, std, out);
-  return out;
-}
+
+  Tensor operator()(const Shape& shape, Rng& rng, double std = 1.0) const {
+    if (device_ == Device::CPU) return Tensor::randn(shape, rng, std);
+    Tensor out = Tensor::empty(shape, DType::F32, device_);
+    const float* source = pool_.data<float>();
+    float* target = out.data<float>();
+    int64_t offset = static_cast<int64_t>(rng.below(kPool));
+    for (int64_t done = 0; done < out.numel();) {
+      const int64_t n = std::min(out.numel() - done, kPool - offset);
+      backend(device_).copy_on_device(target + done, source + offset, static_cast<size_t>(n) * sizeof(float));
+      done += n;
+      offset = 0;
+    }
+    if (std != 1.0) backend(device_).scale(out, std, out);
+    return out;
+  }
+
+ private:
+  static constexpr int64_t kPool = (int64_t(1) << 24) - 3;
+  Device device_;
+  Tensor pool_;  // on a GPU only
+};
 
 // Median seconds of one call of fn on `device`. On the CPU, median_seconds. On a GPU a call only queues
 // work, so the calls run in rounds of 5 queued back to back, each round ended by a synchronisation: the
@@ -112,10 +121,11 @@ inline double sgemm_peak_gflops() {
 // the backend on square float32 products of 4096 and 8192, in the precision set (set_tf32_allowed).
 inline double gemm_peak_gflops(Device device) {
   if (device == Device::CPU) return sgemm_peak_gflops();
+  const RandomOperands random(device);  // freed on return, before the caller measures any memory
   Rng rng(1);
   double best = 0;
   for (int n : {4096, 8192}) {
-    const Tensor a = random_operand({n, n}, device, rng), b = random_operand({n, n}, device, rng);
+    const Tensor a = random({n, n}, rng), b = random({n, n}, rng);
     const Tensor c = Tensor::zeros({n, n}, DType::F32, device);
     const double s = device_median_seconds(device, [&] { backend(device).gemm(false, false, 1.0, a, b, 0.0, c); });
     best = std::max(best, 2.0 * n * n * n / s / 1e9);
