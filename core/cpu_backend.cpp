@@ -843,29 +843,46 @@ class CpuBackend final : public Backend {
       const T* xp = ptr<T>(x);
       T* yp = ptr<T>(y);
       int32_t* ap = ptr<int32_t>(argmax);
+      // Row by row of the output: each tap (ki, kj) of the windows is applied to the whole output row at once,
+      // in the taps' row-major order, so that every output still sees its taps in that order (the first
+      // maximum wins, the last NaN propagates) while the loop over the row carries no dependence from one
+      // output to the next. (A window at a time, the running maximum chained every tap's compare to the last
+      // and mispredicted on random data: 164 ms, 0.9 GB/s, at ResNet50's 224x224 batch 32 before.)
+      const int64_t kernel = p.kernel, stride = p.stride, padding = p.padding;  // locals: no reload per tap
+      // For each tap column kj, the outputs of a row whose tap falls inside the input row:
+      // 0 <= ow * stride + kj - padding < w for ow in [first_ow[kj], end_ow[kj]).
+      std::vector<int64_t> first_ow(kernel), end_ow(kernel);
+      for (int64_t kj = 0; kj < kernel; ++kj) {
+        const int64_t offset = kj - padding;
+        first_ow[kj] = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+        end_ow[kj] = w - offset <= 0 ? 0 : std::min<int64_t>(wo, (w - 1 - offset) / stride + 1);
+      }
 #pragma omp parallel for schedule(static)
       for (int64_t pl = 0; pl < planes; ++pl) {
         const T* in = xp + pl * h * w;
-        for (int64_t oh = 0; oh < ho; ++oh)
-          for (int64_t ow = 0; ow < wo; ++ow) {
-            T best = -std::numeric_limits<T>::infinity();
-            int64_t best_at = -1;
-            for (int64_t ki = 0; ki < p.kernel; ++ki) {
-              const int64_t ih = oh * p.stride - p.padding + ki;
-              if (ih < 0 || ih >= h) continue;
-              for (int64_t kj = 0; kj < p.kernel; ++kj) {
-                const int64_t iw = ow * p.stride - p.padding + kj;
-                if (iw < 0 || iw >= w) continue;
-                const T v = in[ih * w + iw];
-                if (v > best || std::isnan(v) || best_at < 0) {  // first maximum wins, NaN propagates
-                  best = v;
-                  best_at = ih * w + iw;
-                }
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          T* __restrict best = yp + (pl * ho + oh) * wo;
+          int32_t* __restrict best_at = ap + (pl * ho + oh) * wo;
+          std::fill(best, best + wo, -std::numeric_limits<T>::infinity());
+          std::fill(best_at, best_at + wo, -1);  // stays -1 only for a window wholly in the padding
+          for (int64_t ki = 0; ki < kernel; ++ki) {
+            const int64_t ih = oh * stride - padding + ki;
+            if (ih < 0 || ih >= h) continue;
+            const T* __restrict row = in + ih * w;
+            for (int64_t kj = 0; kj < kernel; ++kj) {
+              const int64_t offset = kj - padding;
+              const int32_t first_at = static_cast<int32_t>(ih * w + offset);
+              for (int64_t ow = first_ow[kj], end = end_ow[kj]; ow < end; ++ow) {
+                const T v = row[ow * stride + offset], current = best[ow];
+                const int32_t current_at = best_at[ow];
+                // Bitwise, not short-circuit: a select, not a branch that random data mispredicts.
+                const bool take = (v > current) | std::isnan(v) | (current_at < 0);
+                best[ow] = take ? v : current;
+                best_at[ow] = take ? first_at + static_cast<int32_t>(ow * stride) : current_at;
               }
             }
-            yp[(pl * ho + oh) * wo + ow] = best;
-            ap[(pl * ho + oh) * wo + ow] = static_cast<int32_t>(best_at);
           }
+        }
       }
     });
   }

@@ -162,6 +162,28 @@ TEST_CASE("max_pool2d 3x3 stride 2 padding 1") {
   check_close(ops::max_pool2d(ops::scale(ops::add(iota({1, 1, 2, 2}), t64({1}, {1})), -1.0), 3, 2, 1), {-1});
 }
 
+TEST_CASE("max_pool2d: a tie goes to the window's first maximum, the last NaN propagates (PyTorch's rules)") {
+  for (DType dtype : {DType::F32, DType::F64}) {
+    CAPTURE(dtype_name(dtype));
+    // 3x3 of equal values, 3x3 windows of stride 2 and padding 1: the four windows' first taps inside the
+    // input, in row-major order, are (0,0), (0,1), (1,0) and (1,1); each gets its window's gradient.
+    const Tensor ties = Tensor::full({1, 1, 3, 3}, 2.0, dtype).set_requires_grad();
+    const Tensor y = ops::max_pool2d(ties, 3, 2, 1);
+    check_close(y, {2, 2, 2, 2});
+    ops::sum(y).backward();
+    check_close(ties.grad(), {1, 1, 0, 1, 1, 0, 0, 0, 0});
+    // NaN at (0,0) and (1,1): every window holding one is NaN, and its gradient goes to its last NaN: (1,1)
+    // for all four windows (the window of (0,0) holds both).
+    const double nan = std::nan("");
+    const Tensor with_nan = Tensor::from_vector({nan, 1, 2, 3, nan, 5, 6, 7, 8}, {1, 1, 3, 3}, dtype)
+                                .set_requires_grad();
+    const Tensor z = ops::max_pool2d(with_nan, 3, 2, 1);
+    for (double v : z.to_vector()) CHECK(std::isnan(v));
+    ops::sum(z).backward();
+    check_close(with_nan.grad(), {0, 0, 0, 0, 4, 0, 0, 0, 0});
+  }
+}
+
 TEST_CASE("global average pool, nearest upsampling and bilinear resizing") {
   check_close(ops::global_avg_pool(iota({1, 2, 2, 2})), {1.5, 5.5});
   // nearest 2x2 -> 3x3: source index floor(d * 2/3) = 0, 0, 1
