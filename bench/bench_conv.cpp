@@ -20,6 +20,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bench/resnet50_convs.h"
 #include "bench/timing.h"
@@ -134,15 +135,13 @@ int run_cpu(int input, int batch, bool with_torch, const std::string& json_path)
 // The largest |a - b| over the largest |b| (NaN when either holds a NaN): how far cuBLAS's result is from
 // cuDNN's.
 double relative_difference(const Tensor& a, const Tensor& b) {
-  const Tensor host_a = a.to(Device::CPU), host_b = b.to(Device::CPU);
-  const float* pa = host_a.data<float>();
-  const float* pb = host_b.data<float>();
+  const std::vector<double> va = a.to_vector(), vb = b.to_vector();
   double difference = 0, scale = 0;
-  for (int64_t i = 0; i < host_a.numel(); ++i) {
-    const double d = std::fabs(double(pa[i]) - double(pb[i]));
+  for (size_t i = 0; i < va.size(); ++i) {
+    const double d = std::fabs(va[i] - vb[i]);
     if (std::isnan(d)) return d;
     difference = std::max(difference, d);
-    scale = std::max(scale, std::fabs(double(pb[i])));
+    scale = std::max(scale, std::fabs(vb[i]));
   }
   return scale > 0 ? difference / scale : difference;
 }

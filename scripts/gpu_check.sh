@@ -155,6 +155,11 @@ fi
 # the engine is within 2x of PyTorch, ~2.5 min at 10x: the timeouts stop a much slower engine (the JSON is
 # written after each configuration, so what finished is kept). The FP32 run: ~30 s.
 gpu_bench=("$bundle/bin/bench_model" --device cuda --warmup 2 --rounds 3 --iterations 2)
+excerpt() {  # excerpt LOGFILE GREP_ARGUMENTS...: the log's lines that grep selects, indented, into the summary
+  local log=$1; shift
+  [[ -f "$logs/$log" ]] && grep "$@" "$logs/$log" | sed 's/^/  /' | tee -a "$summary"
+  return 0
+}
 verdict() {  # verdict LOGFILE: the benchmark's verdict on the issue's targets, into the summary
   [[ -f "$logs/$1" ]] || return
   printf '  %-32s %s\n' "$1" "$(grep -m 1 -E "^(every row reaches|short of PyTorch)" "$logs/$1" ||
@@ -187,8 +192,7 @@ if [[ -f "$carried/fashion-mnist/train-images-idx3-ubyte.gz" ]]; then
   step "main job on the GPU (train_mdff)" train_mdff.log 200 $line_buffered "$bundle/bin/train_mdff" --device cuda \
     --data-dir "$carried/fashion-mnist" --out "$gpu_run/run"
   cp "$gpu_run/run/metrics.json" "$logs/train_mdff_metrics.json" 2>/dev/null
-  [[ -f "$logs/train_mdff.log" ]] && grep -A 1 -E '^bits +mAP' "$logs/train_mdff.log" | sed 's/^/  /' \
-    | tee -a "$summary"
+  excerpt train_mdff.log -A 1 -E '^bits +mAP'
   rm -rf "$gpu_run"
 elif [[ -z "${GPU_CHECK_ONLY:-}" || "main job on the GPU (train_mdff)" =~ $GPU_CHECK_ONLY ]]; then
   echo "main job on the GPU (train_mdff)   FAIL: no $carried/fashion-mnist (gpu_check.sh --prepare carries it)" \
@@ -202,14 +206,12 @@ fi
 step "GPU conv benchmark (cuDNN, cuBLAS 1x1)" bench_conv_gpu.log 150 bash -c \
   'for b in 32 128; do "$0" --device cuda --input 224 --batch $b --json "$1/bench_conv_gpu_b$b.json" || exit; done' \
   "$bundle/bin/bench_conv" "$logs"
-[[ -f "$logs/bench_conv_gpu.log" ]] && grep -E '^(cuBLAS was faster|One pass)' "$logs/bench_conv_gpu.log" \
-  | sed 's/^/  /' | tee -a "$summary"
+excerpt bench_conv_gpu.log -E '^(cuBLAS was faster|One pass)'
 # Every op of a training step at 224x224 batch 32 on the GPU against its roofline (the GEMM peak and the memory
 # bandwidth measured in the same run), and what each fusion (batch norm + ReLU, add + ReLU) saves. ~1 min.
 step "GPU op benchmark (roofline, fusions)" bench_ops_gpu.log 120 "$bundle/bin/bench_ops" --device cuda --input 224 \
   --batch 32 --json "$logs/bench_ops_gpu.json"
-[[ -f "$logs/bench_ops_gpu.log" ]] && grep -E '^(roofline|sum of n|bn\+relu fwd train:|add\+relu fwd:)' \
-  "$logs/bench_ops_gpu.log" | sed 's/^/  /' | tee -a "$summary"
+excerpt bench_ops_gpu.log -E '^(roofline|sum of n|bn\+relu fwd train:|add\+relu fwd:)'
 step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log 120 env MDFF_CUDA_SYNC=1 "$bundle/bin/test_cuda"
 # compute-sanitizer over the CUDA tests (test_cuda is the only test executable that touches the GPU): memcheck
 # (out-of-bounds and misaligned device accesses) and racecheck (shared-memory data races). memcheck runs with
