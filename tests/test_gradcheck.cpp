@@ -20,7 +20,10 @@ TEST_CASE("elementwise ops with broadcasting") {
       {{4, 3, 5, 5}, {1, 3, 1, 1}}, {{8, 16}, {16}}, {{2, 3}, {2, 3}}, {{3, 1}, {1, 4}},
       // the CPU backend's fast paths: a scalar on either side, a repeating row on the left
       {{5, 4}, {}}, {{}, {5, 4}}, {{1, 16}, {8, 16}}};
-  for (const auto& [sa, sb] : shapes) {
+  for (const auto& operands : shapes) {
+    // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding.
+    const Shape& sa = operands.first;
+    const Shape& sb = operands.second;
     CAPTURE(shape_str(sa));
     CAPTURE(shape_str(sb));
     const Ts in{param(sa, rng), param(sb, rng)};
@@ -181,9 +184,10 @@ TEST_CASE("pooling and resizing") {
   Rng rng(10);
   check_op("max_pool2d", [](const Ts& t) { return ops::max_pool2d(t[0], 3, 2, 1); }, {test::distinct({2, 3, 7, 6}, rng)});
   check_op("global_avg_pool", [](const Ts& t) { return ops::global_avg_pool(t[0]); }, {param({3, 4, 5, 2}, rng)});
-  for (auto [h, w] : {std::pair<int64_t, int64_t>{6, 4}, {5, 7}, {3, 2}}) {  // 2x, not a multiple, identity
+  for (const auto& size : {std::pair<int64_t, int64_t>{6, 4}, {5, 7}, {3, 2}}) {  // 2x, not a multiple, identity
+    const int64_t h = size.first, w = size.second;
     CAPTURE(h);
-    check_op("upsample_nearest", [h = h, w = w](const Ts& t) { return ops::upsample_nearest(t[0], h, w); },
+    check_op("upsample_nearest", [h, w](const Ts& t) { return ops::upsample_nearest(t[0], h, w); },
              {param({2, 3, 3, 2}, rng)});
   }
   const Ts in{test::distinct({2, 3, 9, 9}, rng)};

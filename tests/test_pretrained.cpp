@@ -101,8 +101,9 @@ TEST_CASE("an mdff checkpoint loads into the backbone; its head and training sta
   CHECK(values_of(model->backbone()) == values_of(source->backbone()));
   const auto after = values_of(*model);
   size_t head_tensors = 0;
-  for (const auto& [name, values] : after)
-    if (name.rfind("backbone.", 0) != 0) {
+  for (const auto& [key, values] : after)
+    if (key.rfind("backbone.", 0) != 0) {
+      const std::string& name = key;  // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding
       CAPTURE(name);
       CHECK(values == head_before.at(name));
       ++head_tensors;
@@ -141,7 +142,8 @@ TEST_CASE("torchvision names with DataParallel's prefix: counters and the classi
     CHECK(values_of(model->backbone()) == values_of(source->backbone()));
   }
   SUBCASE("the parameters stay leaves that learn") {
-    for (const auto& [name, p] : model->named_parameters()) {
+    for (const auto& [key, p] : model->named_parameters()) {
+      const std::string& name = key;
       CAPTURE(name);
       CHECK(p.is_leaf());
       CHECK(p.requires_grad());

@@ -79,7 +79,10 @@ TEST_CASE("torchvision's ResNet50 weights give torchvision's C3, C4 and C5 in MD
     const ResNetTaps taps = model.backbone().forward_taps(reference_tensor(expected, "input", dtype));
     const double tolerance = dtype == DType::F64 ? kFloat64Tolerance : kFloat32Tolerance;
     const std::vector<std::pair<std::string, Tensor>> outputs_of{{"c3", taps.c3}, {"c4", taps.c4}, {"c5", taps.c5}};
-    for (const auto& [name, engine] : outputs_of) {
+    for (const auto& output : outputs_of) {
+      // CHECK_MESSAGE captures in a lambda, which in C++17 cannot name a structured binding.
+      const std::string& name = output.first;
+      const Tensor& engine = output.second;
       const Tensor torchvision = reference_tensor(expected, name, DType::F64);
       const double error = relative_error(engine, torchvision);
       MESSAGE(type, " ", name, ": max relative error ", error, " (PyTorch's own float32: ",

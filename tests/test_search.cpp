@@ -306,7 +306,10 @@ TEST_CASE("nearest ranks by distance with ties by index; within_radius returns e
 
 TEST_CASE("load_model_checkpoint rebuilds the model train_mdff saved and reproduces its outputs exactly") {
   const std::vector<std::pair<std::string, std::vector<double>>> variants{{"all", {1, 0.5}}, {"convs", {1}}, {"fc1", {1, 0.5}}};
-  for (const auto& [taps, scales] : variants) {
+  for (const auto& variant : variants) {
+    // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding.
+    const std::string& taps = variant.first;
+    const std::vector<double>& scales = variant.second;
     CAPTURE(taps);
     const std::string path = temp_path("tiny_" + taps + ".safetensors").string();
     // training state a later change will store is skipped

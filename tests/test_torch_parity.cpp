@@ -151,18 +151,23 @@ void check_float32(const io::SafetensorsFile& file, const Case& k) {
     return std::pair<double, double>{relative_error(engine, reference), relative_error(test::reference_tensor(file, prefix32), reference)};
   };
   std::string report = "float32 error against float64 (engine / PyTorch):";
-  for (auto [name, t] : std::vector<std::pair<std::string, Tensor>>{
+  // CHECK_MESSAGE and CAPTURE capture in a lambda, which in C++17 cannot name a structured binding.
+  for (const auto& output : std::vector<std::pair<std::string, Tensor>>{
            {"u", out.u}, {"logits", out.logits}, {"j1", terms.j1}, {"j2", terms.j2}, {"j3", terms.j3},
            {"total", terms.total}}) {
-    const auto [engine, torch] = errors(t, "ref/" + name, "ref32/" + name);
+    const std::string& name = output.first;
+    const std::pair<double, double> error = errors(output.second, "ref/" + name, "ref32/" + name);
+    const double engine = error.first, torch = error.second;
     report += detail::concat(" ", name, " ", engine, " / ", torch, ";");
     if (name == "u" || name == "logits")
       CHECK_MESSAGE(engine <= kFloat32Factor * torch + kFloat32Floor, "float32 ", name, ": engine error ", engine,
                     ", PyTorch's ", torch);
   }
   double backbone_engine = 0, backbone_torch = 0;
-  for (const auto& [name, p] : model->named_parameters()) {
-    const auto [engine, torch] = errors(p.grad(), "grad/" + name, "grad32/" + name);
+  for (const auto& parameter : model->named_parameters()) {
+    const std::string& name = parameter.first;
+    const std::pair<double, double> error = errors(parameter.second.grad(), "grad/" + name, "grad32/" + name);
+    const double engine = error.first, torch = error.second;
     if (name.rfind("backbone.", 0) == 0) {
       backbone_engine = std::max(backbone_engine, engine);
       backbone_torch = std::max(backbone_torch, torch);
@@ -198,16 +203,22 @@ void check_case(const io::SafetensorsFile& file, const std::string& what) {
     if (step == 0) {
       CHECK(relative_error(out.u, test::reference_tensor(file, "ref/u", DType::F64)) < kForwardTolerance);
       CHECK(relative_error(out.logits, test::reference_tensor(file, "ref/logits", DType::F64)) < kForwardTolerance);
-      for (auto [name, t] : std::vector<std::pair<const char*, Tensor>>{
+      for (const auto& loss : std::vector<std::pair<const char*, Tensor>>{
                {"j1", terms.j1}, {"j2", terms.j2}, {"j3", terms.j3}, {"total", terms.total}}) {
+        const char* const name = loss.first;
         CAPTURE(name);
-        CHECK(relative_error(t, test::reference_tensor(file, std::string("ref/") + name, DType::F64)) < kForwardTolerance);
+        CHECK(relative_error(loss.second, test::reference_tensor(file, std::string("ref/") + name, DType::F64)) <
+              kForwardTolerance);
       }
-      const auto [worst, where] = worst_gradient(*model, file, "grad/");
+      const std::pair<double, std::string> worst_where = worst_gradient(*model, file, "grad/");
+      const double worst = worst_where.first;
+      const std::string& where = worst_where.second;
       CHECK_MESSAGE(worst < kGradientTolerance, "largest gradient error ", worst, " in ", where);
-      for (const auto& [name, b] : model->named_buffers()) {
+      for (const auto& buffer : model->named_buffers()) {
+        const std::string& name = buffer.first;
         CAPTURE(name);
-        CHECK(relative_error(b, test::reference_tensor(file, "running/" + name, DType::F64)) < kForwardTolerance);
+        CHECK(relative_error(buffer.second, test::reference_tensor(file, "running/" + name, DType::F64)) <
+              kForwardTolerance);
       }
     }
     optimizer.step();
@@ -224,9 +235,11 @@ void check_case(const io::SafetensorsFile& file, const std::string& what) {
                   " (drift of PyTorch perturbed by 1e-13: ", drift, ")");
   }
   if (k.record_final)
-    for (const auto& [name, p] : model->named_parameters()) {
+    for (const auto& parameter : model->named_parameters()) {
+      const std::string& name = parameter.first;
       CAPTURE(name);
-      CHECK(relative_error(p, test::reference_tensor(file, "final/" + name, DType::F64)) < kForwardTolerance);
+      CHECK(relative_error(parameter.second, test::reference_tensor(file, "final/" + name, DType::F64)) <
+            kForwardTolerance);
     }
   if (k.float32_check) check_float32(file, k);
 }

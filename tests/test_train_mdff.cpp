@@ -377,7 +377,8 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   CHECK(expected.count("optimizer.square_avg") == 1);
   CHECK(expected.count("trainer.codes") == 1);
   REQUIRE(expected.size() == resumed.size());
-  for (const auto& [name, bytes] : expected) {
+  for (const auto& [key, bytes] : expected) {
+    const std::string& name = key;  // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding
     CAPTURE(name);
     REQUIRE(resumed.count(name) == 1);
     CHECK(resumed.at(name) == bytes);

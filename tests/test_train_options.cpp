@@ -22,7 +22,10 @@ TEST_CASE("config.json: the options come back as written; an integer option must
   // Found by fuzz_config_json: nlohmann::json casts these to an integer with undefined behaviour.
   const std::pair<const char*, json> damaged[] = {{"epochs", 1e300}, {"seed", -1.5}, {"epochs", -1.5},
                                                   {"batch_size", "64"}, {"shift", json::array()}};
-  for (const auto& [key, value] : damaged) {
+  for (const auto& entry : damaged) {
+    // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding.
+    const char* const key = entry.first;
+    const json& value = entry.second;
     CAPTURE(key);
     CAPTURE(value.dump());
     json bad = config;

@@ -58,7 +58,8 @@ struct Setup {
 // gradient) holds a NaN or an infinity.
 void check_first_non_finite(MdffSh& model, const std::string& named, const std::function<Tensor(const Tensor&)>& part) {
   bool reached = false;
-  for (const auto& [name, p] : model.named_parameters()) {
+  for (const auto& [key, p] : model.named_parameters()) {
+    const std::string& name = key;  // CAPTURE captures in a lambda, which in C++17 cannot name a structured binding
     bool finite = true;
     for (double v : part(p).to_vector()) finite = finite && std::isfinite(v);
     CAPTURE(name);
