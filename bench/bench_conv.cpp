@@ -4,8 +4,9 @@
 //   peak and, with --torch, PyTorch's time for the same shapes measured in the same run.
 //   On the GPU (--device cuda): cuDNN's forward, backward-data and backward-filter times (each plan's
 //   fastest algorithm), and for every 1x1 convolution of stride 1 the same three products through cuBLAS
-//   (strided-batched GEMMs over the images; the filter gradient one GEMM per image, summed), checked against
-//   cuDNN's results: whether routing 1x1 convolutions to cuBLAS would be faster, and by how much per pass.
+//   (the engine's routes of cuda/conv.h: strided-batched GEMMs over the images, the filter gradient one GEMM
+//   per image, summed), checked against cuDNN's results; what the engine's measured route picked for each
+//   product, and what routing each to the faster library saves per pass.
 //
 //   bench_conv [--device cpu|cuda] [--input 32] [--batch 32] [--precision tf32|fp32] [--torch] [--json FILE]
 #include <nlohmann/json.hpp>
@@ -32,11 +33,7 @@
 #include "core/rng.h"
 
 #ifdef MDFF_WITH_CUDA
-#include <cublas_v2.h>
-
-#include "cuda/check.h"
 #include "cuda/conv.h"
-#include "cuda/device.h"
 #endif
 
 using namespace mdff;
@@ -146,50 +143,9 @@ double relative_difference(const Tensor& a, const Tensor& b) {
   return scale > 0 ? difference / scale : difference;
 }
 
-// A 1x1 convolution of stride 1 without padding through cuBLAS: per image a matrix product,
-// y[n] (Cout,HW) = w (Cout,Cin) x[n] (Cin,HW), all images in one strided-batched call. cuBLAS is
-// column-major, where a row-major (R,C) matrix reads as its (C,R) transpose, so each call computes the
-// transposed product on the same memory (the run checks every result against cuDNN's).
-class Conv1x1Gemm {
- public:
-  Conv1x1Gemm(int batch, int cin, int cout, int hw, bool tf32)
-      : batch_(batch), cin_(cin), cout_(cout), hw_(hw), tf32_(tf32) {}
-
-  // y^T[n] (HW,Cout) = x^T[n] (HW,Cin) w^T (Cin,Cout)
-  void forward(const Tensor& x, const Tensor& w, const Tensor& y) const {
-    MDFF_CUBLAS_CHECK(cublasSgemmStridedBatched(handle(), CUBLAS_OP_N, CUBLAS_OP_N, hw_, cout_, cin_, &kOne,
-                                                x.data<float>(), hw_, int64_t(cin_) * hw_, w.data<float>(), cin_, 0,
-                                                &kZero, y.data<float>(), hw_, int64_t(cout_) * hw_, batch_));
-  }
-  // grad_x^T[n] (HW,Cin) = grad_y^T[n] (HW,Cout) w (Cout,Cin)
-  void backward_data(const Tensor& grad_y, const Tensor& w, const Tensor& grad_x) const {
-    MDFF_CUBLAS_CHECK(cublasSgemmStridedBatched(handle(), CUBLAS_OP_N, CUBLAS_OP_T, hw_, cin_, cout_, &kOne,
-                                                grad_y.data<float>(), hw_, int64_t(cout_) * hw_, w.data<float>(), cin_,
-                                                0, &kZero, grad_x.data<float>(), hw_, int64_t(cin_) * hw_, batch_));
-  }
-  // grad_w^T (Cin,Cout) = sum over the images of x[n] (Cin,HW) grad_y^T[n] (HW,Cout): in NCHW the images'
-  // pixels are not one stride apart, so one GEMM per image, each adding to the last.
-  void backward_filter(const Tensor& x, const Tensor& grad_y, const Tensor& grad_w) const {
-    for (int n = 0; n < batch_; ++n)
-      MDFF_CUBLAS_CHECK(cublasSgemm(handle(), CUBLAS_OP_T, CUBLAS_OP_N, cin_, cout_, hw_, &kOne,
-                                    x.data<float>() + int64_t(n) * cin_ * hw_, hw_,
-                                    grad_y.data<float>() + int64_t(n) * cout_ * hw_, hw_, n == 0 ? &kZero : &kOne,
-                                    grad_w.data<float>(), cin_));
-  }
-
- private:
-  static constexpr float kOne = 1.0f, kZero = 0.0f;
-  cublasHandle_t handle() const {  // the engine's handle (its workspace, its stream), in this run's math mode
-    cublasHandle_t h = cuda::cublas_handle();
-    MDFF_CUBLAS_CHECK(cublasSetMathMode(h, tf32_ ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-    return h;
-  }
-  int batch_, cin_, cout_, hw_;
-  bool tf32_;
-};
-
 // The GPU table: cuDNN's three products for every distinct convolution, and cuBLAS's next to them for the
-// 1x1 convolutions of stride 1. Returns 1 when a cuBLAS result is not cuDNN's.
+// 1x1 convolutions of stride 1 (the engine's forced routes, cuda/conv.h), with the library the engine's
+// measured route picked. Returns 1 when a cuBLAS result is not cuDNN's.
 int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   std::string why_not;
   MDFF_CHECK(cuda_available(&why_not), "--device cuda: ", why_not);
@@ -205,69 +161,94 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   const double tolerance = tf32 ? 2e-2 : 1e-3;
   std::printf("%s: ResNet50 convolutions at %dx%d, batch %d, %s; ms per call, cuDNN's fastest algorithm; "
               "cuBLAS for the 1x1 convolutions of stride 1 (its difference from cuDNN's result, relative to the "
-              "largest value, must stay under %.0e)\n\n",
+              "largest value, must stay under %.0e); \"engine\": the library the measured route picked for "
+              "forward, backward-data, backward-filter (D cuDNN, B cuBLAS)\n\n",
               bench::device_name(Device::CUDA).c_str(), input, input, batch, tf32 ? "TF32" : "FP32", tolerance);
-  std::printf("%-28s %3s | %8s %8s %8s | %8s %8s %8s | %8s\n", "convolution", "n", "fwd", "bwd-data", "bwd-filt",
-              "cuBLAS f", "cuBLAS d", "cuBLAS w", "max diff");
+  std::printf("%-28s %3s | %8s %8s %8s | %8s %8s %8s | %8s | %6s\n", "convolution", "n", "fwd", "bwd-data",
+              "bwd-filt", "cuBLAS f", "cuBLAS d", "cuBLAS w", "max diff", "engine");
 
   const bench::RandomOperands random(Device::CUDA);
   Rng rng(2);
   NoGradGuard no_grad;
   json rows = json::array();
   double cudnn_total = 0, best_total = 0, gemm_candidates_total = 0;  // seconds per pass, counts applied
-  int faster = 0, compared = 0;
+  int faster = 0, compared = 0, engine_cublas = 0, engine_agrees = 0;
   bool all_agree = true;
   for (const bench::ConvShape& s : bench::resnet50_convs(input)) {
     const Tensor x = random({batch, s.cin, s.size, s.size}, rng);
     const Tensor w = random({s.cout, s.cin, s.kernel, s.kernel}, rng, 0.05);
-    const Tensor y = Tensor::empty({batch, s.cout, s.out_size(), s.out_size()}, DType::F32, Device::CUDA);
-    const Tensor grad_y = random(y.shape(), rng);
-    const Tensor grad_x = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
-    const Tensor grad_w = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
+    const Tensor grad_y = random({batch, s.cout, s.out_size(), s.out_size()}, rng);
     const Conv2dParams p{s.stride, s.padding};
-    const double cudnn[3] = {
-        seconds([&] { gpu.conv2d_forward(x, w, Tensor(), p, y); }),
-        seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, grad_x, Tensor(), Tensor()); }),
-        seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), grad_w, Tensor()); })};
-    std::printf("%-28s %3d | %8.3f %8.3f %8.3f |", s.name.c_str(), s.count, cudnn[0] * 1e3, cudnn[1] * 1e3,
-                cudnn[2] * 1e3);
+    // The three products on the current route, timed, and their results.
+    struct Products {
+      double seconds[3];
+      Tensor y, grad_x, grad_w;
+    };
+    auto products = [&] {
+      Products r{{}, Tensor::empty(grad_y.shape(), DType::F32, Device::CUDA),
+                 Tensor::empty(x.shape(), DType::F32, Device::CUDA), Tensor::empty(w.shape(), DType::F32, Device::CUDA)};
+      r.seconds[0] = seconds([&] { gpu.conv2d_forward(x, w, Tensor(), p, r.y); });
+      r.seconds[1] = seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, r.grad_x, Tensor(), Tensor()); });
+      r.seconds[2] = seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), r.grad_w, Tensor()); });
+      return r;
+    };
+    cuda::set_conv1x1_route(cuda::Conv1x1Route::Cudnn);
+    const Products cudnn = products();
+    const double* t = cudnn.seconds;
+    std::printf("%-28s %3d | %8.3f %8.3f %8.3f |", s.name.c_str(), s.count, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3);
     json row{{"name", s.name}, {"count", s.count}, {"gflop_forward", s.flops(batch) / 1e9},
-             {"cudnn_s", {cudnn[0], cudnn[1], cudnn[2]}}};
-    double row_best = cudnn[0] + cudnn[1] + cudnn[2];
+             {"cudnn_s", {t[0], t[1], t[2]}}};
+    double row_best = t[0] + t[1] + t[2];
     if (s.kernel == 1 && s.stride == 1 && s.padding == 0) {
-      const Conv1x1Gemm gemm(batch, s.cin, s.cout, s.size * s.size, tf32);
-      const Tensor y2 = Tensor::empty(y.shape(), DType::F32, Device::CUDA);
-      const Tensor grad_x2 = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
-      const Tensor grad_w2 = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
-      const double cublas[3] = {seconds([&] { gemm.forward(x, w, y2); }),
-                                seconds([&] { gemm.backward_data(grad_y, w, grad_x2); }),
-                                seconds([&] { gemm.backward_filter(x, grad_y, grad_w2); })};
-      const double difference = std::max({relative_difference(y2, y), relative_difference(grad_x2, grad_x),
-                                          relative_difference(grad_w2, grad_w)});
+      cuda::set_conv1x1_route(cuda::Conv1x1Route::Cublas);
+      const Products cublas = products();
+      const double* b = cublas.seconds;
+      const double difference =
+          std::max({relative_difference(cublas.y, cudnn.y), relative_difference(cublas.grad_x, cudnn.grad_x),
+                    relative_difference(cublas.grad_w, cudnn.grad_w)});
       const bool agrees = difference <= tolerance;
       all_agree = all_agree && agrees;
-      std::printf(" %8.3f %8.3f %8.3f | %8.1e%s\n", cublas[0] * 1e3, cublas[1] * 1e3, cublas[2] * 1e3, difference,
-                  agrees ? "" : "  DIFFERS");
+      // What the measured route runs (its plans were made by the first calls above): one call of each product.
+      cuda::set_conv1x1_route(cuda::Conv1x1Route::Measured);
+      std::string engine;
+      const Tensor scratch_y = Tensor::empty(grad_y.shape(), DType::F32, Device::CUDA);
+      const Tensor scratch_x = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+      const Tensor scratch_w = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
+      const std::function<void()> calls[3] = {
+          [&] { gpu.conv2d_forward(x, w, Tensor(), p, scratch_y); },
+          [&] { gpu.conv2d_backward(x, w, grad_y, p, scratch_x, Tensor(), Tensor()); },
+          [&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), scratch_w, Tensor()); }};
       row_best = 0;
       for (int d = 0; d < 3; ++d) {
-        faster += cublas[d] < cudnn[d];
-        row_best += std::min(cudnn[d], cublas[d]);
+        const int64_t before = cuda::conv_stats().cublas_calls;
+        calls[d]();
+        const bool picked_cublas = cuda::conv_stats().cublas_calls > before;
+        engine += picked_cublas ? 'B' : 'D';
+        engine_cublas += picked_cublas;
+        engine_agrees += picked_cublas == (b[d] < t[d]);
+        faster += b[d] < t[d];
+        row_best += std::min(t[d], b[d]);
       }
       compared += 3;
-      gemm_candidates_total += s.count * (cudnn[0] + cudnn[1] + cudnn[2]);
-      row["cublas_s"] = {cublas[0], cublas[1], cublas[2]};
+      std::printf(" %8.3f %8.3f %8.3f | %8.1e | %6s%s\n", b[0] * 1e3, b[1] * 1e3, b[2] * 1e3, difference,
+                  engine.c_str(), agrees ? "" : "  DIFFERS");
+      gemm_candidates_total += s.count * (t[0] + t[1] + t[2]);
+      row["cublas_s"] = {b[0], b[1], b[2]};
       row["max_relative_difference"] = difference;
+      row["engine_route"] = engine;
     } else {
-      std::printf(" %8s %8s %8s |\n", "-", "-", "-");
+      std::printf(" %8s %8s %8s | %8s | %6s\n", "-", "-", "-", "-", "DDD");
     }
-    cudnn_total += s.count * (cudnn[0] + cudnn[1] + cudnn[2]);
+    cudnn_total += s.count * (t[0] + t[1] + t[2]);
     best_total += s.count * row_best;
     rows.push_back(row);
   }
-  std::printf("\ncuBLAS was faster than cuDNN in %d of the %d products of 1x1 convolutions of stride 1 (batch %d).\n"
-              "(cuBLAS's filter gradient here is one GEMM per image, launch-bound on small maps: where it loses, a "
-              "better GEMM formulation might not.)\n",
-              faster, compared, batch);
+  cuda::set_conv1x1_route(cuda::Conv1x1Route::Measured);
+  std::printf("\ncuBLAS was faster than cuDNN in %d of the %d products of 1x1 convolutions of stride 1 (batch %d); "
+              "the engine's measured route (one timing when each plan was made) picked cuBLAS for %d of them, and "
+              "agreed with this table on %d of the %d.\n"
+              "(cuBLAS's filter gradient is one GEMM per image, launch-bound on small maps.)\n",
+              faster, compared, batch, engine_cublas, engine_agrees, compared);
   std::printf("One pass's convolutions at batch %d (forward, backward-data, backward-filter, each counted as often as "
               "ResNet50 has it): cuDNN %.2f ms, of which %.2f ms the 1x1 convolutions of stride 1; with the faster of "
               "cuDNN and cuBLAS for each of their products %.2f ms (%.1f%% less)\n",
@@ -277,7 +258,8 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
   const json result{{"device", bench::device_name(Device::CUDA)}, {"input", input}, {"batch", batch},
                     {"precision", tf32 ? "tf32" : "fp32"}, {"convolutions", rows}, {"cudnn_s", cudnn_total},
                     {"cudnn_1x1_stride1_s", gemm_candidates_total}, {"best_of_both_s", best_total},
-                    {"cublas_faster_products", faster}, {"compared_products", compared}};
+                    {"cublas_faster_products", faster}, {"compared_products", compared},
+                    {"engine_cublas_products", engine_cublas}, {"engine_agrees_products", engine_agrees}};
   if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
   return all_agree ? 0 : 1;
 }

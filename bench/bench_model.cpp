@@ -664,9 +664,15 @@ int main(int argc, char** argv) try {
     const cuda::ConvStats convs = cuda::conv_stats();
     result["engine"]["largest_conv_workspace_mib"] = convs.largest_workspace_bytes / kMiB;
     result["engine"]["conv_plans_with_lean_algorithm"] = convs.plans_with_lean_variant;
+    result["engine"]["conv_1x1_plans_timed_on_cublas"] = convs.plans_timed_on_cublas;
+    result["engine"]["conv_1x1_plans_faster_on_cublas"] = convs.plans_faster_on_cublas;
+    result["engine"]["conv_cublas_calls"] = convs.cublas_calls;
     std::printf("cuDNN: %lld plans, %lld with a lean algorithm besides the fastest; the largest workspace a fastest "
-                "one takes while it runs: %.1f MiB\n", static_cast<long long>(convs.cached_plans),
-                static_cast<long long>(convs.plans_with_lean_variant), convs.largest_workspace_bytes / kMiB);
+                "one takes while it runs: %.1f MiB; %lld plans of 1x1 stride-1 products timed on cuBLAS too, %lld of "
+                "them faster there; %lld calls ran on cuBLAS\n", static_cast<long long>(convs.cached_plans),
+                static_cast<long long>(convs.plans_with_lean_variant), convs.largest_workspace_bytes / kMiB,
+                static_cast<long long>(convs.plans_timed_on_cublas),
+                static_cast<long long>(convs.plans_faster_on_cublas), static_cast<long long>(convs.cublas_calls));
   }
 #endif
   if (torch_failed) std::printf("%s\n", torch_problem.c_str());

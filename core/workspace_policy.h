@@ -57,9 +57,11 @@ class WorkspaceHeadroom {
   // At a call with `in_use` bytes held by tensors (before its workspace): whether `workspace_bytes` more
   // stays within the highest level seen at any call so far, this one included.
   bool fits(size_t in_use, size_t workspace_bytes) {
-    mark_ = std::max(mark_, in_use);
+    observe(in_use);
     return workspace_bytes <= mark_ - in_use;
   }
+  // At a call that takes no workspace: its `in_use` bytes still count toward the mark.
+  void observe(size_t in_use) { mark_ = std::max(mark_, in_use); }
   size_t mark() const { return mark_; }
 
  private:

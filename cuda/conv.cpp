@@ -13,15 +13,24 @@
 // it back once queued, as PyTorch does: a workspace holds memory only while its convolution runs (a
 // single block kept at the largest plan's size, the first design, held it through every step's peak).
 //
+// A 1x1 convolution of stride 1 without padding is a matrix product per image. The plan of each of its
+// products also times that product through cuBLAS (strided-batched GEMMs, see gemm_convolution) against
+// its fastest cuDNN algorithm, and the calls take cuBLAS when it ran faster (Conv1x1Route in conv.h). cuBLAS's
+// GEMMs need no workspace but cuBLAS's own (32 MiB, a block of the caching allocator from the moment the
+// handle is made: cuda/device.h).
+//
 // Shapes: x (N,C,H,W), weight (Cout,C,kh,kw), bias (Cout), y (N,Cout,Ho,Wo) with
 // Ho = (H + 2*padding - kh) / stride + 1 (and Wo alike); cross-correlation (no kernel flip), as PyTorch
 // and the CPU backend compute it.
+#include <cublas_v2.h>
 #include <cudnn.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -199,9 +208,13 @@ struct Variant {
 };
 
 // One direction's algorithms for one shape, dtype and TF32 setting: the fastest, and the lean one (the same
-// algorithm when the fastest is lean).
+// algorithm when the fastest is lean); for a 1x1 convolution of stride 1 without padding, also whether
+// cuBLAS's GEMMs ran faster than the fastest.
 struct Plan {
   Variant fastest, lean;
+  bool matrix_product = false;  // is_matrix_product: cuBLAS can run it
+  bool timed_on_cublas = false;  // whether cublas_faster has been measured (ConvCache::time_against_cublas)
+  bool cublas_faster = false;
 };
 
 struct PlanKey {
@@ -254,10 +267,11 @@ size_t largest_workspace(int algorithm_count, size_t budget, SizeOf size_of) {
   return largest;
 }
 
-// The device buffers a search measures on, in the descriptors' slots: x (N,C,H,W), w (Cout,C,kh,kw) and
-// y (N,Cout,Ho,Wo). The direction's output is overwritten with arbitrary values, which the real call that
-// follows replaces: forward writes y, backward-data x (grad_x), backward-filter w (grad_weight).
-struct SearchBuffers {
+// The device buffers of one call, in the descriptors' slots: x (N,C,H,W), w (Cout,C,kh,kw) and
+// y (N,Cout,Ho,Wo). The direction's output is written: forward writes y, backward-data x (grad_x),
+// backward-filter w (grad_weight). A plan's search measures on its first call's buffers and leaves
+// arbitrary values in the output, which that call then replaces.
+struct ConvBuffers {
   void* x = nullptr;
   void* w = nullptr;
   void* y = nullptr;
@@ -300,7 +314,7 @@ Choices choose(const std::vector<Perf>& results, int returned, size_t workspace_
 // Measures the direction's algorithms with cudnnFind*AlgorithmEx and returns the fastest and the lean one.
 // `conv` carries the search math type.
 Choices search(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
-              cudnnConvolutionDescriptor_t conv, const SearchBuffers& buffers) {
+              cudnnConvolutionDescriptor_t conv, const ConvBuffers& buffers) {
   cudnnHandle_t handle = cudnn_handle();
   const size_t budget = workspace_budget();
   int max_count = 0, returned = 0;
@@ -354,6 +368,144 @@ Choices search(Direction direction, const ConvShape& s, bool tf32, const ShapeDe
   MDFF_FAIL("cuda conv2d: unknown direction");
 }
 
+// ---- 1x1 convolutions of stride 1 without padding, as matrix products ----
+//
+// In NCHW such a convolution is, for each image n, y[n] (Cout, HW) = w (Cout, C) x[n] (C, HW) with HW = H*W;
+// backward-data is grad_x[n] = w^T grad_y[n], and backward-filter grad_w = the sum over the images of
+// grad_y[n] x[n]^T. cuBLAS is column-major, and a row-major (R, K) matrix is a column-major (K, R) one, so
+// each product is computed transposed, on the same memory:
+//   y[n]^T (HW, Cout) = x[n]^T (HW, C) w^T (C, Cout)
+//   grad_x[n]^T (HW, C) = grad_y[n]^T (HW, Cout) w (Cout, C)
+//   grad_w^T (C, Cout) = sum over n of x[n] (C, HW) grad_y[n]^T (HW, Cout)
+// In NCHW one image's pixels are not one stride from the next image's, so backward-filter is one GEMM per
+// image, each adding to the last: launch-bound on small maps, where the measured route keeps cuDNN.
+
+bool is_matrix_product(const ConvShape& s) { return s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0; }
+
+// One column-major operand of a strided-batched GEMM: its data, whether it is transposed, its leading
+// dimension, and the elements from one batch entry's matrix to the next (0: the same matrix for all).
+struct GemmOperand {
+  const void* data;
+  cublasOperation_t op;
+  int ld;
+  long long stride;
+};
+
+// c[i] (m,n) = op(a[i]) (m,k) op(b[i]) (k,n) + beta c[i] for each i < batch, column-major.
+void gemm(DType dtype, int m, int n, int k, const GemmOperand& a, const GemmOperand& b, double beta, void* c,
+          int ldc, long long stride_c, int batch) {
+  cublasHandle_t handle = cublas_handle();
+  if (dtype == DType::F32) {
+    const float one = 1.0f, beta_f = static_cast<float>(beta);
+    MDFF_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, a.op, b.op, m, n, k, &one, static_cast<const float*>(a.data),
+                                                a.ld, a.stride, static_cast<const float*>(b.data), b.ld, b.stride,
+                                                &beta_f, static_cast<float*>(c), ldc, stride_c, batch));
+  } else {
+    const double one = 1.0;
+    MDFF_CUBLAS_CHECK(cublasDgemmStridedBatched(handle, a.op, b.op, m, n, k, &one, static_cast<const double*>(a.data),
+                                                a.ld, a.stride, static_cast<const double*>(b.data), b.ld, b.stride,
+                                                &beta, static_cast<double*>(c), ldc, stride_c, batch));
+  }
+}
+
+// The direction's product of a 1x1 convolution of stride 1 without padding (is_matrix_product), through
+// cuBLAS on `buffers`, TF32 as the plan's key says (cuBLAS reads the handle's math mode at each call).
+void gemm_convolution(Direction direction, const ConvShape& s, bool tf32, const ConvBuffers& buffers) {
+  MDFF_CUBLAS_CHECK(cublasSetMathMode(cublas_handle(), tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  const int hw = s.h * s.w;  // within int: conv_shape checked every tensor's element count
+  const long long x_image = static_cast<long long>(s.c) * hw, y_image = static_cast<long long>(s.cout) * hw;
+  switch (direction) {
+    case Direction::Forward:
+      gemm(s.dtype, hw, s.cout, s.c, {buffers.x, CUBLAS_OP_N, hw, x_image}, {buffers.w, CUBLAS_OP_N, s.c, 0}, 0.0,
+           buffers.y, hw, y_image, s.n);
+      return;
+    case Direction::BackwardData:
+      gemm(s.dtype, hw, s.c, s.cout, {buffers.y, CUBLAS_OP_N, hw, y_image}, {buffers.w, CUBLAS_OP_T, s.c, 0}, 0.0,
+           buffers.x, hw, x_image, s.n);
+      return;
+    case Direction::BackwardFilter: {
+      const size_t element = dtype_size(s.dtype);
+      const char* x = static_cast<const char*>(buffers.x);
+      const char* grad_y = static_cast<const char*>(buffers.y);
+      for (int n = 0; n < s.n; ++n)  // beta 0 for the first image: grad_w's old values are never read
+        gemm(s.dtype, s.c, s.cout, hw, {x + n * x_image * element, CUBLAS_OP_T, hw, 0},
+             {grad_y + n * y_image * element, CUBLAS_OP_N, hw, 0}, n == 0 ? 0.0 : 1.0, buffers.w, s.c, 0, 1);
+      return;
+    }
+  }
+}
+
+// Runs one direction of a convolution on `buffers` (ConvBuffers) with cuDNN's algorithm `v`, in `workspace`
+// (at least v.workspace_bytes).
+void cudnn_convolution(Direction direction, const ConvShape& s, const ShapeDescriptors& d, const Variant& v,
+                       const ScratchBuffer& workspace, const ConvBuffers& buffers) {
+  cudnnHandle_t handle = cudnn_handle();
+  const void* one = kOne.of(s.dtype);
+  const void* zero = kZero.of(s.dtype);
+  switch (direction) {
+    case Direction::Forward:
+      MDFF_CUDNN_CHECK(cudnnConvolutionForward(handle, one, d.x.get(), buffers.x, d.w.get(), buffers.w, v.conv.get(),
+                                               static_cast<cudnnConvolutionFwdAlgo_t>(v.algorithm), workspace.data(),
+                                               v.workspace_bytes, zero, d.y.get(), buffers.y));
+      return;
+    case Direction::BackwardData:
+      MDFF_CUDNN_CHECK(cudnnConvolutionBackwardData(handle, one, d.w.get(), buffers.w, d.y.get(), buffers.y,
+                                                    v.conv.get(), static_cast<cudnnConvolutionBwdDataAlgo_t>(v.algorithm),
+                                                    workspace.data(), v.workspace_bytes, zero, d.x.get(), buffers.x));
+      return;
+    case Direction::BackwardFilter:
+      MDFF_CUDNN_CHECK(cudnnConvolutionBackwardFilter(handle, one, d.x.get(), buffers.x, d.y.get(), buffers.y,
+                                                      v.conv.get(),
+                                                      static_cast<cudnnConvolutionBwdFilterAlgo_t>(v.algorithm),
+                                                      workspace.data(), v.workspace_bytes, zero, d.w.get(),
+                                                      buffers.w));
+      return;
+  }
+}
+
+// Owns a CUDA event that records time.
+class TimingEvent {
+ public:
+  TimingEvent() { MDFF_CUDA_CHECK(cudaEventCreate(&event_)); }
+  ~TimingEvent() { cudaEventDestroy(event_); }
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// The milliseconds one call of `call` takes on the stream: the median of 5 calls, after one to warm up.
+// (The host waits here, as it does in cudnnFind*: only once per plan, at its first call.)
+float milliseconds_per_call(const std::function<void()>& call) {
+  const TimingEvent start, stop;
+  call();
+  std::vector<float> times;
+  for (int i = 0; i < 5; ++i) {
+    MDFF_CUDA_CHECK(cudaEventRecord(start.get(), stream()));
+    call();
+    MDFF_CUDA_CHECK(cudaEventRecord(stop.get(), stream()));
+    MDFF_CUDA_CHECK(cudaEventSynchronize(stop.get()));
+    float ms = 0;
+    MDFF_CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+    times.push_back(ms);
+  }
+  std::nth_element(times.begin(), times.begin() + 2, times.end());
+  return times[2];
+}
+
+// The route the process starts with: MDFF_CONV_1X1, else Measured.
+Conv1x1Route route_from_environment() {
+  const char* value = std::getenv("MDFF_CONV_1X1");
+  const std::string route = value ? value : "";
+  if (route.empty() || route == "measured") return Conv1x1Route::Measured;
+  if (route == "cudnn") return Conv1x1Route::Cudnn;
+  if (route == "cublas") return Conv1x1Route::Cublas;
+  MDFF_FAIL("MDFF_CONV_1X1=", route, ": expected measured (the default: the faster of cuDNN and cuBLAS), cudnn or "
+            "cublas; unset it or choose one of those");
+}
+
 // False when MDFF_CONV_LEAN=0: every call then runs its plan's fastest algorithm, as PyTorch's benchmark mode
 // does (scripts/gpu_check.sh times the model both ways, to measure what the lean choice costs and saves).
 bool lean_allowed() {
@@ -373,12 +525,51 @@ class ConvCache {
     return *it->second;
   }
 
-  // The direction's plan, searched (on `buffers`) on first use.
+  // The direction's plan, searched (on `buffers`) on first use; a 1x1 stride-1 plan is also timed against
+  // cuBLAS at its first call on a route other than Cudnn (on that one, nothing runs on cuBLAS).
   const Plan& plan(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
-                   const SearchBuffers& buffers) {
+                   const ConvBuffers& buffers) {
     const PlanKey key{s, tf32, direction};
     auto it = plans_.find(key);
-    if (it != plans_.end()) return *it->second;
+    if (it == plans_.end()) it = plans_.emplace(key, search_plan(direction, s, tf32, d, buffers)).first;
+    Plan& found = *it->second;
+    if (found.matrix_product && !found.timed_on_cublas && route_ != Conv1x1Route::Cudnn)
+      time_against_cublas(found, direction, s, tf32, d, buffers);
+    return found;
+  }
+
+  // Whether a call of `plan` runs through cuBLAS (the route, and what the plan measured). Such a call takes
+  // no cuDNN workspace, but the memory in use at it still counts toward the mark.
+  bool runs_cublas(const Plan& plan) {
+    if (!plan.matrix_product || route_ == Conv1x1Route::Cudnn) return false;
+    if (route_ == Conv1x1Route::Measured && !plan.cublas_faster) return false;
+    headroom_.observe(bytes_in_use());
+    ++cublas_calls_;
+    return true;
+  }
+
+  // The cuDNN variant a call with the memory in use now runs (see the top of this file).
+  const Variant& variant(const Plan& plan) {
+    const bool fits = headroom_.fits(bytes_in_use(), plan.fastest.workspace_bytes);
+    if (fits || !lean_allowed() || plan.lean.workspace_bytes >= plan.fastest.workspace_bytes) return plan.fastest;
+    ++lean_calls_;
+    return plan.lean;
+  }
+
+  void reset_memory_mark() { headroom_ = WorkspaceHeadroom(); }
+
+  Conv1x1Route route() const { return route_; }
+  void set_route(Conv1x1Route route) { route_ = route; }
+
+  ConvStats stats() const {
+    return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_, plans_with_lean_variant_,
+            lean_calls_, headroom_.mark(), plans_timed_on_cublas_, plans_faster_on_cublas_, cublas_calls_};
+  }
+
+ private:
+  // A new plan: its descriptors and the algorithms cuDNN's search measured on `buffers`.
+  std::unique_ptr<Plan> search_plan(Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+                                    const ConvBuffers& buffers) {
     auto plan = std::make_unique<Plan>();
     for (const Variant* v : {&plan->fastest, &plan->lean})
       MDFF_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(v->conv.get(), s.padding, s.padding, s.stride, s.stride, 1,
@@ -395,34 +586,36 @@ class ConvCache {
     };
     settle(plan->fastest, choices.fastest);
     settle(plan->lean, choices.lean);
+    plan->matrix_product = is_matrix_product(s);
     largest_workspace_bytes_ = std::max(largest_workspace_bytes_, choices.fastest.workspace_bytes);
     if (choices.lean.workspace_bytes < choices.fastest.workspace_bytes) ++plans_with_lean_variant_;
     ++searches_;
-    return *plans_.emplace(key, std::move(plan)).first->second;
+    return plan;
   }
 
-  // The variant a call with the memory in use now runs (see the top of this file).
-  const Variant& variant(const Plan& plan) {
-    const bool fits = headroom_.fits(bytes_in_use(), plan.fastest.workspace_bytes);
-    if (fits || !lean_allowed() || plan.lean.workspace_bytes >= plan.fastest.workspace_bytes) return plan.fastest;
-    ++lean_calls_;
-    return plan.lean;
+  // Times the plan's product through cuBLAS and through its fastest cuDNN algorithm, the same way (the median
+  // of 5 calls between events, milliseconds_per_call) on `buffers`, and keeps the faster. (cuDNN's search
+  // reports its own times, but not how it takes them: a comparison on equal terms times both here.)
+  void time_against_cublas(Plan& plan, Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+                           const ConvBuffers& buffers) {
+    const float cublas_ms = milliseconds_per_call([&] { gemm_convolution(direction, s, tf32, buffers); });
+    const ScratchBuffer workspace(plan.fastest.workspace_bytes);  // as the search lent, back after the timing
+    const float cudnn_ms =
+        milliseconds_per_call([&] { cudnn_convolution(direction, s, d, plan.fastest, workspace, buffers); });
+    plan.timed_on_cublas = true;
+    plan.cublas_faster = cublas_ms < cudnn_ms;
+    ++plans_timed_on_cublas_;
+    plans_faster_on_cublas_ += plan.cublas_faster;
   }
 
-  void reset_memory_mark() { headroom_ = WorkspaceHeadroom(); }
-
-  ConvStats stats() const {
-    return {static_cast<int64_t>(plans_.size()), searches_, largest_workspace_bytes_, plans_with_lean_variant_,
-            lean_calls_, headroom_.mark()};
-  }
-
- private:
   std::map<ConvShape, std::unique_ptr<ShapeDescriptors>> descriptors_;
   std::map<PlanKey, std::unique_ptr<Plan>> plans_;
   int64_t searches_ = 0;
   size_t largest_workspace_bytes_ = 0;
   int64_t plans_with_lean_variant_ = 0, lean_calls_ = 0;
   WorkspaceHeadroom headroom_;
+  Conv1x1Route route_ = route_from_environment();
+  int64_t plans_timed_on_cublas_ = 0, plans_faster_on_cublas_ = 0, cublas_calls_ = 0;
 };
 
 ConvCache& cache() {
@@ -447,6 +640,20 @@ void bias_gradient(DType dtype, const TensorDescriptor& y_desc, const Tensor& gr
                    const TensorDescriptor& bias_desc, const Tensor& grad_bias) {
   MDFF_CUDNN_CHECK(cudnnConvolutionBackwardBias(cudnn_handle(), kOne.of(dtype), y_desc.get(), grad_y.raw(),
                                                 kZero.of(dtype), bias_desc.get(), grad_bias.raw()));
+}
+
+// Runs one direction of a convolution on `buffers` (ConvBuffers): the plan's cuDNN algorithm, or cuBLAS's
+// GEMMs (ConvCache::runs_cublas). The caller holds the cache's mutex.
+void convolve(ConvCache& c, Direction direction, const ConvShape& s, bool tf32, const ShapeDescriptors& d,
+              const ConvBuffers& buffers) {
+  const Plan& plan = c.plan(direction, s, tf32, d, buffers);
+  if (c.runs_cublas(plan)) {
+    gemm_convolution(direction, s, tf32, buffers);
+    return;
+  }
+  const Variant& v = c.variant(plan);
+  const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
+  cudnn_convolution(direction, s, d, v, workspace, buffers);
 }
 
 // The output side's descriptors for a shape that cuDNN cannot convolve (an operand without elements) but whose
@@ -479,12 +686,7 @@ void conv2d_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, c
     return;
   }
   const ShapeDescriptors& d = c.descriptors(s);
-  const Variant& v = c.variant(c.plan(Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()}));
-  const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
-  MDFF_CUDNN_CHECK(cudnnConvolutionForward(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(), d.w.get(),
-                                           weight.raw(), v.conv.get(),
-                                           static_cast<cudnnConvolutionFwdAlgo_t>(v.algorithm), workspace.data(),
-                                           v.workspace_bytes, kZero.of(s.dtype), d.y.get(), y.raw()));
+  convolve(c, Direction::Forward, s, tf32, d, {x.raw(), weight.raw(), y.raw()});
   if (bias.defined()) add_bias(s.dtype, d.bias, bias, d.y, y);
 }
 
@@ -510,26 +712,9 @@ void conv2d_backward(const Tensor& x, const Tensor& weight, const Tensor& grad_y
     return;
   }
   const ShapeDescriptors& d = c.descriptors(s);
-  if (grad_x.defined()) {
-    const Variant& v =
-        c.variant(c.plan(Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()}));
-    const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
-    MDFF_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_handle(), kOne.of(s.dtype), d.w.get(), weight.raw(),
-                                                  d.y.get(), grad_y.raw(), v.conv.get(),
-                                                  static_cast<cudnnConvolutionBwdDataAlgo_t>(v.algorithm),
-                                                  workspace.data(), v.workspace_bytes, kZero.of(s.dtype), d.x.get(),
-                                                  grad_x.raw()));
-  }
-  if (grad_weight.defined()) {
-    const Variant& v =
-        c.variant(c.plan(Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()}));
-    const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
-    MDFF_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_handle(), kOne.of(s.dtype), d.x.get(), x.raw(),
-                                                    d.y.get(), grad_y.raw(), v.conv.get(),
-                                                    static_cast<cudnnConvolutionBwdFilterAlgo_t>(v.algorithm),
-                                                    workspace.data(), v.workspace_bytes, kZero.of(s.dtype),
-                                                    d.w.get(), grad_weight.raw()));
-  }
+  if (grad_x.defined()) convolve(c, Direction::BackwardData, s, tf32, d, {grad_x.raw(), weight.raw(), grad_y.raw()});
+  if (grad_weight.defined())
+    convolve(c, Direction::BackwardFilter, s, tf32, d, {x.raw(), grad_weight.raw(), grad_y.raw()});
   if (grad_bias.defined()) bias_gradient(s.dtype, d.y, grad_y, d.bias, grad_bias);
 }
 
@@ -537,6 +722,18 @@ void reset_conv_memory_mark() {
   ConvCache& c = cache();
   const std::lock_guard<std::mutex> lock(c.mutex);
   c.reset_memory_mark();
+}
+
+void set_conv1x1_route(Conv1x1Route route) {
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  c.set_route(route);
+}
+
+Conv1x1Route conv1x1_route() {
+  ConvCache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  return c.route();
 }
 
 ConvStats conv_stats() {

@@ -26,7 +26,10 @@
 #       The GPU benchmark (bench_model --device cuda, next to PyTorch in the same run) times the training
 #       step and encoding at batch 32 and 128, 224x224 and 32x32, in TF32 (bench_gpu.log/.json), then 224x224
 #       batch 32 in FP32 (bench_gpu_fp32.log/.json), then the 224x224 rows again with every convolution on its
-#       fastest algorithm (bench_gpu_fastest.log/.json). Its PyTorch is the first python3 (PATH's, then
+#       fastest algorithm (bench_gpu_fastest.log/.json); after the sanitizers, the engine's 224x224 rows with
+#       the 1x1 convolutions on cuDNN only (bench_gpu_cudnn_1x1.log/.json, in logs.tar.gz).
+#       Should the cuBLAS route of 1x1 convolutions fail (test_cuda's 1x1 cases), MDFF_CONV_1X1=cudnn before
+#       the command keeps every step on cuDNN (cuda/conv.h). Its PyTorch is the first python3 (PATH's, then
 #       /usr/bin/python3) that can import torch, started with the environment it had before this script
 #       set LD_LIBRARY_PATH (so that it loads its own cuDNN and cuBLAS).
 set -uo pipefail
@@ -246,6 +249,12 @@ elif [[ -z "${GPU_CHECK_ONLY:-}" || "compute-sanitizer" =~ $GPU_CHECK_ONLY ]]; t
     | tee -a "$summary"
   status=1
 fi
+# The engine alone at 224x224, batch 32 and 128, with the 1x1 convolutions of stride 1 on cuDNN only
+# (MDFF_CONV_1X1=cudnn; cuda/conv.h): against the first benchmark's engine rows, what the measured route
+# (cuBLAS where a plan timed it faster) gains or loses on a whole step. ~40 s; after the
+# correctness checks, which come first when time is short.
+step "GPU benchmark (TF32, 224, 1x1 convolutions on cuDNN only)" bench_gpu_cudnn_1x1.log 90 env MDFF_CONV_1X1=cudnn \
+  "${gpu_bench[@]}" --no-torch --precision tf32 --batch 32,128 --image-size 224 --json "$logs/bench_gpu_cudnn_1x1.json"
 # The CPU tests (CI runs them on every change; here they show the GPU machine's build works whole).
 for test in "$bundle"/bin/test_*; do
   [[ -x "$test" && -f "$test" && "$(basename "$test")" != test_cuda ]] && \

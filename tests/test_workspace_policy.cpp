@@ -67,3 +67,14 @@ TEST_CASE("after the first step, a workspace fits only where it stays under the 
   CHECK(headroom.fits(2000 * MiB, 0));
   CHECK(headroom.mark() == 2000 * MiB);
 }
+
+TEST_CASE("a call that takes no workspace (a 1x1 convolution on cuBLAS) still counts toward the mark") {
+  WorkspaceHeadroom headroom;
+  headroom.observe(100 * MiB);
+  CHECK(headroom.mark() == 100 * MiB);
+  // A later call at 60 MiB in use has 40 MiB under the mark that call set.
+  CHECK(headroom.fits(60 * MiB, 40 * MiB));
+  CHECK_FALSE(headroom.fits(60 * MiB, 40 * MiB + 1));
+  headroom.observe(50 * MiB);  // lower: the mark stays
+  CHECK(headroom.mark() == 100 * MiB);
+}
