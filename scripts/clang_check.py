@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Compiles every C++ source of a build with clang++ -fsyntax-only, with the build's own flags.
+
+The project builds with g++; clang rejects some code that g++ accepts (in C++17, a lambda, such as the one
+inside doctest's INFO and CAPTURE, may not name a structured binding: 22 such errors had crept into the tests
+before this check). So CI runs this after the build: every translation unit of build/compile_commands.json
+(the CUDA backend's .cpp files included when the build has CUDA; .cu files are nvcc's and skipped), on all
+cores. Errors fail the check; warnings are printed and do not.
+
+    scripts/clang_check.py [BUILD_DIR]        default: build
+"""
+import concurrent.futures
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+# g++ options clang does not take or that do not matter for a syntax check.
+DROPPED = ("-fno-math-errno",)
+
+
+def clang_command(entry):
+    """The entry's compile command for clang++ -fsyntax-only: its compiler, -c and -o FILE removed."""
+    args = shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
+    kept, skip_next = [], False
+    for arg in args[1:]:
+        if skip_next:
+            skip_next = False
+        elif arg == "-o":
+            skip_next = True
+        elif arg != "-c" and arg not in DROPPED:
+            kept.append(arg)
+    return ["clang++", "-fsyntax-only"] + kept
+
+
+def check(entry):
+    result = subprocess.run(clang_command(entry), cwd=entry["directory"], capture_output=True, text=True)
+    return entry["file"], result.returncode, result.stderr
+
+
+def main():
+    build = sys.argv[1] if len(sys.argv) > 1 else "build"
+    database = os.path.join(build, "compile_commands.json")
+    if not os.path.isfile(database):
+        sys.exit(f"clang_check: no {database}: build first (scripts/build.sh)")
+    if shutil.which("clang++") is None:
+        sys.exit("clang_check: clang++ not found; run scripts/setup.sh --test")
+    entries = [e for e in json.load(open(database)) if e["file"].endswith(".cpp")]
+    failed, warned = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for path, returncode, stderr in pool.map(check, entries):
+            if returncode != 0:
+                failed.append(path)
+            elif stderr.strip():
+                warned.append(path)
+            if stderr.strip():
+                print(stderr.rstrip())
+    print(f"clang_check: {len(entries)} files, {len(failed)} with errors, {len(warned)} with warnings only")
+    for path in failed:
+        print(f"  error: {os.path.relpath(path)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
