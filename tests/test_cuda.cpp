@@ -802,86 +802,6 @@ TEST_CASE("conv2d (cuDNN) matches the CPU forward and backward at ResNet50's kin
     for (const ConvCase& c : kConvCases) check_conv_parity(c, dtype, conv_bound(dtype));
 }
 
-// Sets the route of 1x1 convolutions of stride 1 (cuda/conv.h) for its lifetime, then restores the previous one.
-class Conv1x1RouteGuard {
- public:
-  explicit Conv1x1RouteGuard(cuda::Conv1x1Route route) : previous_(cuda::conv1x1_route()) {
-    cuda::set_conv1x1_route(route);
-  }
-  ~Conv1x1RouteGuard() { cuda::set_conv1x1_route(previous_); }
-  Conv1x1RouteGuard(const Conv1x1RouteGuard&) = delete;
-  Conv1x1RouteGuard& operator=(const Conv1x1RouteGuard&) = delete;
-
- private:
-  cuda::Conv1x1Route previous_;
-};
-
-// The calls that have run through cuBLAS while `run` ran.
-int64_t cublas_conv_calls(const std::function<void()>& run) {
-  const int64_t before = cuda::conv_stats().cublas_calls;
-  run();
-  return cuda::conv_stats().cublas_calls - before;
-}
-
-TEST_CASE("1x1 convolutions of stride 1 match the CPU through cuBLAS and through cuDNN, forward and backward") {
-  // Besides ResNet50's kind: a map that is not square, more output channels than input and fewer, batch 3
-  // (the filter gradient adds one GEMM per image).
-  const ConvCase cases[] = {
-      kConvCases[0], kConvCases[1],
-      {"1x1 stride 1 on a 5x7 map, 24 -> 40 channels", {3, 24, 5, 7}, {40, 24, 1, 1}, 1, 0, true},
-      {"1x1 stride 1 on a 5x7 map, 40 -> 24 channels", {3, 40, 5, 7}, {24, 40, 1, 1}, 1, 0, false}};
-  for (bool tf32 : {false, true}) {
-    const Tf32Guard precision(tf32);
-    for (DType dtype : kFloatTypes) {
-      const double bound = dtype == DType::F32 && tf32 ? kTf32Bound : conv_bound(dtype);
-      for (cuda::Conv1x1Route route : {cuda::Conv1x1Route::Cublas, cuda::Conv1x1Route::Cudnn}) {
-        const Conv1x1RouteGuard guard(route);
-        for (const ConvCase& c : cases) {
-          INFO(c.role, ", ", dtype_name(dtype), ", TF32 ", tf32, ", through ",
-               route == cuda::Conv1x1Route::Cublas ? "cuBLAS" : "cuDNN");
-          // One forward and one backward: forward, backward-data and backward-filter, all three through the route.
-          const int64_t calls = cublas_conv_calls([&] { check_conv_parity(c, dtype, bound); });
-          CHECK(calls == (route == cuda::Conv1x1Route::Cublas ? 3 : 0));
-        }
-      }
-    }
-  }
-  // What is not a matrix product goes to cuDNN on every route: a 1x1 of stride 2, a 3x3.
-  const Conv1x1RouteGuard cublas(cuda::Conv1x1Route::Cublas);
-  const Tf32Guard exact(false);
-  CHECK(cublas_conv_calls([] {
-          check_conv_parity(kConvCases[8], DType::F32, conv_bound(DType::F32));
-          check_conv_parity(kConvCases[2], DType::F32, conv_bound(DType::F32));
-        }) == 0);
-}
-
-TEST_CASE("the measured route times each 1x1 stride-1 product on cuBLAS and cuDNN and runs the faster; the cuDNN "
-          "route runs nothing on cuBLAS") {
-  const Tf32Guard on(true);
-  // A shape no other test uses: its three plans are made here.
-  const ConvCase fresh{"1x1 stride 1, 48 -> 96 channels on 12x12", {2, 48, 12, 12}, {96, 48, 1, 1}, 1, 0, true};
-  const cuda::ConvStats before = cuda::conv_stats();
-  {
-    // MDFF_CONV_1X1=cudnn's way out: the plans are made, none is timed on cuBLAS, no call runs there.
-    const Conv1x1RouteGuard cudnn(cuda::Conv1x1Route::Cudnn);
-    CHECK(cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); }) == 0);
-    CHECK(cuda::conv_stats().cached_plans == before.cached_plans + 3);
-    CHECK(cuda::conv_stats().plans_timed_on_cublas == before.plans_timed_on_cublas);
-  }
-  const Conv1x1RouteGuard measured(cuda::Conv1x1Route::Measured);
-  // The first calls on the measured route time the three plans, then run each on the faster library.
-  const int64_t calls = cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); });
-  const cuda::ConvStats after = cuda::conv_stats();
-  CHECK(after.plans_timed_on_cublas - before.plans_timed_on_cublas == 3);
-  CHECK(calls == after.plans_faster_on_cublas - before.plans_faster_on_cublas);
-  // The same shape again: no new plan or timing, the same choices.
-  CHECK(cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); }) == calls);
-  CHECK(cuda::conv_stats().plans_timed_on_cublas == after.plans_timed_on_cublas);
-  CHECK(cuda::conv_stats().cached_plans == after.cached_plans);
-  MESSAGE(fresh.role, ": ", calls, " of its 3 products ran faster on cuBLAS than on cuDNN's fastest algorithm; "
-          "over all the plans so far, ", after.plans_faster_on_cublas, " of ", after.plans_timed_on_cublas);
-}
-
 TEST_CASE("with TF32 on (the default), conv2d and matmul stay within TF32's accuracy; float64 ignores TF32") {
   const Tf32Guard on(true);
   // Wider than kConvCases: K = 32 * 9 = 288 and 512 terms per dot product, where TF32 rounding shows.
@@ -1493,6 +1413,86 @@ TEST_CASE("a convolution at the memory mark runs its lean algorithm; either algo
           at_mark.largest_workspace_bytes, " bytes; ", at_mark.plans_with_lean_variant, " of ", at_mark.cached_plans,
           " plans have a lean algorithm");
   cuda::reset_conv_memory_mark();  // the ballast's mark would keep later tests' convolutions from ever reaching it
+}
+
+// Sets the route of 1x1 convolutions of stride 1 (cuda/conv.h) for its lifetime, then restores the previous one.
+class Conv1x1RouteGuard {
+ public:
+  explicit Conv1x1RouteGuard(cuda::Conv1x1Route route) : previous_(cuda::conv1x1_route()) {
+    cuda::set_conv1x1_route(route);
+  }
+  ~Conv1x1RouteGuard() { cuda::set_conv1x1_route(previous_); }
+  Conv1x1RouteGuard(const Conv1x1RouteGuard&) = delete;
+  Conv1x1RouteGuard& operator=(const Conv1x1RouteGuard&) = delete;
+
+ private:
+  cuda::Conv1x1Route previous_;
+};
+
+// The calls that have run through cuBLAS while `run` ran.
+int64_t cublas_conv_calls(const std::function<void()>& run) {
+  const int64_t before = cuda::conv_stats().cublas_calls;
+  run();
+  return cuda::conv_stats().cublas_calls - before;
+}
+
+TEST_CASE("1x1 convolutions of stride 1 match the CPU through cuBLAS and through cuDNN, forward and backward") {
+  // Besides ResNet50's kind: a map that is not square, more output channels than input and fewer, batch 3
+  // (the filter gradient adds one GEMM per image).
+  const ConvCase cases[] = {
+      kConvCases[0], kConvCases[1],
+      {"1x1 stride 1 on a 5x7 map, 24 -> 40 channels", {3, 24, 5, 7}, {40, 24, 1, 1}, 1, 0, true},
+      {"1x1 stride 1 on a 5x7 map, 40 -> 24 channels", {3, 40, 5, 7}, {24, 40, 1, 1}, 1, 0, false}};
+  for (bool tf32 : {false, true}) {
+    const Tf32Guard precision(tf32);
+    for (DType dtype : kFloatTypes) {
+      const double bound = dtype == DType::F32 && tf32 ? kTf32Bound : conv_bound(dtype);
+      for (cuda::Conv1x1Route route : {cuda::Conv1x1Route::Cublas, cuda::Conv1x1Route::Cudnn}) {
+        const Conv1x1RouteGuard guard(route);
+        for (const ConvCase& c : cases) {
+          INFO(c.role, ", ", dtype_name(dtype), ", TF32 ", tf32, ", through ",
+               route == cuda::Conv1x1Route::Cublas ? "cuBLAS" : "cuDNN");
+          // One forward and one backward: forward, backward-data and backward-filter, all three through the route.
+          const int64_t calls = cublas_conv_calls([&] { check_conv_parity(c, dtype, bound); });
+          CHECK(calls == (route == cuda::Conv1x1Route::Cublas ? 3 : 0));
+        }
+      }
+    }
+  }
+  // What is not a matrix product goes to cuDNN on every route: a 1x1 of stride 2, a 3x3.
+  const Conv1x1RouteGuard cublas(cuda::Conv1x1Route::Cublas);
+  const Tf32Guard exact(false);
+  CHECK(cublas_conv_calls([] {
+          check_conv_parity(kConvCases[8], DType::F32, conv_bound(DType::F32));
+          check_conv_parity(kConvCases[2], DType::F32, conv_bound(DType::F32));
+        }) == 0);
+}
+
+TEST_CASE("the measured route times each 1x1 stride-1 product on cuBLAS and cuDNN and runs the faster; the cuDNN "
+          "route runs nothing on cuBLAS") {
+  const Tf32Guard on(true);
+  // A shape no other test uses: its three plans are made here.
+  const ConvCase fresh{"1x1 stride 1, 48 -> 96 channels on 12x12", {2, 48, 12, 12}, {96, 48, 1, 1}, 1, 0, true};
+  const cuda::ConvStats before = cuda::conv_stats();
+  {
+    // MDFF_CONV_1X1=cudnn's way out: the plans are made, none is timed on cuBLAS, no call runs there.
+    const Conv1x1RouteGuard cudnn(cuda::Conv1x1Route::Cudnn);
+    CHECK(cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); }) == 0);
+    CHECK(cuda::conv_stats().cached_plans == before.cached_plans + 3);
+    CHECK(cuda::conv_stats().plans_timed_on_cublas == before.plans_timed_on_cublas);
+  }
+  const Conv1x1RouteGuard measured(cuda::Conv1x1Route::Measured);
+  // The first calls on the measured route time the three plans, then run each on the faster library.
+  const int64_t calls = cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); });
+  const cuda::ConvStats after = cuda::conv_stats();
+  CHECK(after.plans_timed_on_cublas - before.plans_timed_on_cublas == 3);
+  CHECK(calls == after.plans_faster_on_cublas - before.plans_faster_on_cublas);
+  // The same shape again: no new plan or timing, the same choices.
+  CHECK(cublas_conv_calls([&] { check_conv_parity(fresh, DType::F32, kTf32Bound); }) == calls);
+  CHECK(cuda::conv_stats().plans_timed_on_cublas == after.plans_timed_on_cublas);
+  CHECK(cuda::conv_stats().cached_plans == after.cached_plans);
+  MESSAGE(fresh.role, ": ", calls, " of its 3 products ran faster on cuBLAS than on cuDNN's fastest algorithm; "
+          "over all the plans so far, ", after.plans_faster_on_cublas, " of ", after.plans_timed_on_cublas);
 }
 
 TEST_CASE("full ResNet50-MDFF-SH training steps perform no cudaMalloc after warm-up") {
