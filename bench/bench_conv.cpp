@@ -179,17 +179,21 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
     const Tensor w = random({s.cout, s.cin, s.kernel, s.kernel}, rng, 0.05);
     const Tensor grad_y = random({batch, s.cout, s.out_size(), s.out_size()}, rng);
     const Conv2dParams p{s.stride, s.padding};
-    // The three products on the current route, timed, and their results.
+    // The three products' results, and their times on the current route.
     struct Products {
       double seconds[3];
       Tensor y, grad_x, grad_w;
     };
+    // Product d (0 forward, 1 backward-data, 2 backward-filter) into `out`.
+    auto product = [&](int d, const Products& out) {
+      if (d == 0) gpu.conv2d_forward(x, w, Tensor(), p, out.y);
+      else if (d == 1) gpu.conv2d_backward(x, w, grad_y, p, out.grad_x, Tensor(), Tensor());
+      else gpu.conv2d_backward(x, w, grad_y, p, Tensor(), out.grad_w, Tensor());
+    };
     auto products = [&] {
       Products r{{}, Tensor::empty(grad_y.shape(), DType::F32, Device::CUDA),
                  Tensor::empty(x.shape(), DType::F32, Device::CUDA), Tensor::empty(w.shape(), DType::F32, Device::CUDA)};
-      r.seconds[0] = seconds([&] { gpu.conv2d_forward(x, w, Tensor(), p, r.y); });
-      r.seconds[1] = seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, r.grad_x, Tensor(), Tensor()); });
-      r.seconds[2] = seconds([&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), r.grad_w, Tensor()); });
+      for (int d = 0; d < 3; ++d) r.seconds[d] = seconds([&] { product(d, r); });
       return r;
     };
     cuda::set_conv1x1_route(cuda::Conv1x1Route::Cudnn);
@@ -208,20 +212,14 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
                     relative_difference(cublas.grad_w, cudnn.grad_w)});
       const bool agrees = difference <= tolerance;
       all_agree = all_agree && agrees;
-      // What the measured route runs (its plans were made by the first calls above): one call of each product.
+      // What the measured route runs (its plans were timed by the cuBLAS route's first calls): one call of each
+      // product, into cuBLAS's results, which have been compared.
       cuda::set_conv1x1_route(cuda::Conv1x1Route::Measured);
       std::string engine;
-      const Tensor scratch_y = Tensor::empty(grad_y.shape(), DType::F32, Device::CUDA);
-      const Tensor scratch_x = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
-      const Tensor scratch_w = Tensor::empty(w.shape(), DType::F32, Device::CUDA);
-      const std::function<void()> calls[3] = {
-          [&] { gpu.conv2d_forward(x, w, Tensor(), p, scratch_y); },
-          [&] { gpu.conv2d_backward(x, w, grad_y, p, scratch_x, Tensor(), Tensor()); },
-          [&] { gpu.conv2d_backward(x, w, grad_y, p, Tensor(), scratch_w, Tensor()); }};
       row_best = 0;
       for (int d = 0; d < 3; ++d) {
         const int64_t before = cuda::conv_stats().cublas_calls;
-        calls[d]();
+        product(d, cublas);
         const bool picked_cublas = cuda::conv_stats().cublas_calls > before;
         engine += picked_cublas ? 'B' : 'D';
         engine_cublas += picked_cublas;
