@@ -183,9 +183,10 @@ TEST_CASE("a diverging run stops naming the step and the last good checkpoint, a
                              " --train-per-class 10 --monitor-every 0 ";
   const Run diverged = run(common + "--epochs 3 --optimizer sgd --lr 1e12 --out " + (root / "diverged").string());
   CHECK(diverged.exit_code == 1);
-  // Which value is reported first (the loss, a gradient, a batch-norm statistic) depends on the machine: the
-  // earlier development and CI machines reported the loss as -nan, an AMD EPYC with AVX-512 (2026-11-30) a
-  // running variance as inf, at the same step. Each report names the value, the step and the fix.
+  // Which value is reported first (the loss, a gradient, a batch-norm statistic) depends on OpenBLAS's kernels,
+  // which round differently: on an AVX-512 machine, SkylakeX's (what core/blas.cpp picks there) make the loss
+  // -nan, Haswell's (OPENBLAS_CORETYPE=Haswell, set by one development environment) make a running variance
+  // inf first, at the same step. Each report names the value, the step and the fix.
   INFO(diverged.output);
   CHECK(std::regex_search(diverged.output, std::regex("became (-?nan|-?inf|NaN or infinite)[^\\n]* at epoch 1, "
                                                       "step 2[^\\n]*[Ll]ower --lr")));
