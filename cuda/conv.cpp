@@ -1,17 +1,17 @@
 // Convolutions on the GPU through cuDNN 9's convolution API (see conv.h): forward, backward-data,
 // backward-filter and the bias terms, NCHW, for F32 and F64.
 //
-// Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and two of
-// the algorithms that cudnnFind*AlgorithmEx measures on the real tensors (PyTorch's benchmark mode keeps
-// the fastest), within a workspace of at most kMaxWorkspaceBytes: the fastest, and a lean one that needs
-// at most kLeanWorkspaceBytes where some algorithm does (core/workspace_policy.h). A call runs the fastest
-// unless its workspace would lift the memory in use above the highest level seen at a convolution before:
-// at a training step's peak the lean one runs, so that a workspace raises the peak of bytes in use by no
-// more than the lean one's, a few MiB as a rule. (The first step, while that level still rises, runs the
-// lean ones.) Plans are cached for the life of the process, so a training step in the steady state makes
-// no descriptor calls and no searches. Each call takes its workspace from the caching allocator and gives
-// it back once queued, as PyTorch does: a workspace holds memory only while its convolution runs (a
-// single block kept at the largest plan's size, the first design, held it through every step's peak).
+// Each (shape, dtype, TF32 setting, direction) gets a plan on first use: its cuDNN descriptors and two of the
+// algorithms that cudnnFind*AlgorithmEx measures on the real tensors (PyTorch's benchmark mode keeps the fastest),
+// within a workspace of at most kMaxWorkspaceBytes: the fastest, and a lean one that needs at most kLeanWorkspaceBytes
+// where some algorithm does (core/workspace_policy.h). A call runs the fastest unless its workspace would lift the
+// memory in use above the highest level seen at a convolution before: at a training step's peak the lean one runs, so
+// that a workspace raises the peak of bytes in use by no more than the lean one's, a few MiB as a rule. (The first
+// step, while that level still rises, runs the lean ones; so does a call whose fastest workspace the device cannot
+// give.) Plans are cached for the life of the process, so a training step in the steady state makes no descriptor calls
+// and no searches. Each call takes its workspace from the caching allocator and gives it back once queued, as PyTorch
+// does: a workspace holds memory only while its convolution runs (a single block kept at the largest plan's size, the
+// first design, held it through every step's peak).
 //
 // A 1x1 convolution of stride 1 without padding is a matrix product per image. The plan of each of its
 // products also times that product through cuBLAS (strided-batched GEMMs, see gemm_convolution) against
@@ -34,6 +34,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -557,6 +558,7 @@ class ConvCache {
   }
 
   void reset_memory_mark() { headroom_ = WorkspaceHeadroom(); }
+  void count_lean_call() { ++lean_calls_; }
 
   Conv1x1Route route() const { return route_; }
   void set_route(Conv1x1Route route) { route_ = route; }
@@ -651,9 +653,19 @@ void convolve(ConvCache& c, Direction direction, const ConvShape& s, bool tf32, 
     gemm_convolution(direction, s, tf32, buffers);
     return;
   }
-  const Variant& v = c.variant(plan);
-  const ScratchBuffer workspace(v.workspace_bytes);  // back to the allocator once the call is queued
-  cudnn_convolution(direction, s, d, v, workspace, buffers);
+  const Variant* v = &c.variant(plan);
+  std::optional<ScratchBuffer> workspace;  // back to the allocator once the call is queued
+  try {
+    workspace.emplace(v->workspace_bytes);
+  } catch (const OutOfMemory&) {
+    // The device cannot give the fastest algorithm's workspace even after the cache is released: the lean
+    // one's (a few MiB as a rule) may still fit, as PyTorch tries its next algorithm. Counted as a lean call.
+    if (plan.lean.workspace_bytes >= v->workspace_bytes) throw;
+    v = &plan.lean;
+    workspace.emplace(v->workspace_bytes);
+    c.count_lean_call();
+  }
+  cudnn_convolution(direction, s, d, *v, *workspace, buffers);
 }
 
 // The output side's descriptors for a shape that cuDNN cannot convolve (an operand without elements) but whose

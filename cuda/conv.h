@@ -31,7 +31,8 @@ struct ConvStats {
   int64_t algorithm_searches = 0;  // cache misses: times an algorithm was chosen
   size_t largest_workspace_bytes = 0;  // the most workspace a plan's fastest cuDNN algorithm takes while it runs
   int64_t plans_with_lean_variant = 0;  // plans whose lean algorithm needs less workspace than their fastest
-  int64_t lean_calls = 0;  // calls that ran the lean algorithm: the fastest's workspace would have raised the mark
+  int64_t lean_calls = 0;  // calls that ran the lean algorithm: the fastest's workspace would have raised the
+                           // mark, or did not fit in the device's memory
   size_t memory_mark_bytes = 0;  // the highest memory in use seen at a convolution call (core/workspace_policy.h)
   int64_t plans_timed_on_cublas = 0;  // plans of 1x1 stride-1 products timed on cuBLAS and cuDNN (Measured)
   int64_t plans_faster_on_cublas = 0;  // of those, the ones where cuBLAS ran faster than cuDNN's fastest
