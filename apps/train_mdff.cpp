@@ -450,20 +450,27 @@ int main(int argc, char** argv) {
     config["out"] = out.string();
     io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n");
 
-    Run run{o, plan, out, dataset, split, config, last_checkpoint};
-    // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
-    run.map_at = dataset.multi_label ? std::min<int64_t>(5000, static_cast<int64_t>(split.database.size())) : -1;
-    run.pn_at = retrieval::default_pn_at(static_cast<int64_t>(split.database.size()));
-    run.query_labels = labels_of(dataset, split.query);
-    run.database_labels = labels_of(dataset, split.database);
     // The learning curve's database: a fixed sample of kMonitorImages (encoding all of it every epoch
     // would cost more than the training on a CPU).
-    run.monitor_rows = split.database;
+    std::vector<int64_t> monitor_rows = split.database;
     Rng monitor_rng(o.seed + 1);
-    for (size_t i = run.monitor_rows.size(); i > 1; --i)
-      std::swap(run.monitor_rows[i - 1], run.monitor_rows[monitor_rng.below(i)]);
-    run.monitor_rows.resize(std::min<size_t>(run.monitor_rows.size(), kMonitorImages));
-    run.monitor_labels = labels_of(dataset, run.monitor_rows);
+    for (size_t i = monitor_rows.size(); i > 1; --i) std::swap(monitor_rows[i - 1], monitor_rows[monitor_rng.below(i)]);
+    monitor_rows.resize(std::min<size_t>(monitor_rows.size(), kMonitorImages));
+    const auto database_size = static_cast<int64_t>(split.database.size());
+    Run run{o,
+            plan,
+            out,
+            dataset,
+            split,
+            config,
+            last_checkpoint,
+            // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
+            dataset.multi_label ? std::min<int64_t>(5000, database_size) : -1,
+            retrieval::default_pn_at(database_size),
+            labels_of(dataset, split.query),
+            labels_of(dataset, split.database),
+            monitor_rows,
+            labels_of(dataset, monitor_rows)};
 
     json results = json::object();
     struct TableRow {

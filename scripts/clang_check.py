@@ -5,7 +5,9 @@ The project builds with g++; clang rejects some code that g++ accepts (in C++17,
 inside doctest's INFO and CAPTURE, may not name a structured binding: 22 such errors had crept into the tests
 before this check). So CI runs this after the build: every translation unit of build/compile_commands.json
 (the CUDA backend's .cpp files included when the build has CUDA; .cu files are nvcc's and skipped), on all
-cores. Errors fail the check; warnings are printed and do not.
+cores, with -Wall -Wextra for every file (the build gives them to the engine library only). Errors and
+warnings both fail the check: the tree had one warning when this began to count them (2026-11-30), and it
+was a real one (an aggregate initialised without its last fields).
 
     scripts/clang_check.py [BUILD_DIR]        default: build
 """
@@ -32,7 +34,7 @@ def clang_command(entry):
             skip_next = True
         elif arg != "-c" and arg not in DROPPED:
             kept.append(arg)
-    return ["clang++", "-fsyntax-only"] + kept
+    return ["clang++", "-fsyntax-only", "-Wall", "-Wextra"] + kept
 
 
 def check(entry):
@@ -60,7 +62,9 @@ def main():
     print(f"clang_check: {len(entries)} files, {len(failed)} with errors, {len(warned)} with warnings only")
     for path in failed:
         print(f"  error: {os.path.relpath(path)}")
-    return 1 if failed else 0
+    for path in warned:
+        print(f"  warning: {os.path.relpath(path)}")
+    return 1 if failed or warned else 0
 
 
 if __name__ == "__main__":
