@@ -3,6 +3,10 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -31,6 +35,10 @@ inline Device choose_device(const std::string& name) {
 inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
   try {
     app.parse(argc, argv);
+  } catch (const CLI::ConfigError& e) {  // CLI11 says "INI was not able to parse epoch" for a misspelt key
+    std::fprintf(stderr, "--config: %s: each line is `option = value`, the option one of --help's without its "
+                 "dashes (e.g. epochs = 10)\nRun with --help for more information.\n", e.what());
+    return 2;
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e);  // prints help or the error
     return code == 0 ? 0 : 2;
@@ -38,25 +46,79 @@ inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
   return std::nullopt;
 }
 
-// "12,24,32,48" or "1,0.5" as numbers; an item that is not a number throws an mdff::Error naming
-// `option` and an example.
+// What is wrong with `text` as a list of numbers ("12,24,32,48" or "1,0.5"), or "" when nothing is: an
+// empty list, an empty item ("8," or "8,,16"), an item that is not a number, or (for double) not finite.
 template <class T>
-std::vector<T> parse_list(const std::string& text, const char* option) {
+std::string list_problem(const std::string& text) {
   static_assert(std::is_same_v<T, int> || std::is_same_v<T, double>);
-  std::vector<T> values;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) {
+  const char* example = std::is_same_v<T, int> ? " (write e.g. 12,24,32,48)" : " (write e.g. 1,0.5)";
+  if (text.empty()) return detail::concat("give at least one value", example);
+  for (size_t start = 0;;) {
+    const size_t comma = text.find(',', start);
+    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     size_t used = 0;
+    double value = 0;
     try {
-      values.push_back(std::is_same_v<T, int> ? static_cast<T>(std::stoi(item, &used)) : static_cast<T>(std::stod(item, &used)));
+      value = std::is_same_v<T, int> ? std::stoi(item, &used) : std::stod(item, &used);
     } catch (const std::exception&) {
       used = 0;
     }
-    MDFF_CHECK(used > 0 && used == item.size(), option, ": '", item, "' is not ",
-               std::is_same_v<T, int> ? "a whole number (write e.g. 12,24,32,48)" : "a number (write e.g. 1,0.5)");
+    if (item.empty()) return detail::concat("'", text, "' has an empty item", example);
+    if (used == 0 || used != item.size() || !std::isfinite(value))
+      return detail::concat("'", item, "' is not ", std::is_same_v<T, int> ? "a whole number" : "a finite number",
+                            example);
+    if (comma == std::string::npos) return "";
+    start = comma + 1;
   }
-  MDFF_CHECK(!values.empty(), option, ": give at least one value");
+}
+
+// The numbers of a list that list_problem accepts; otherwise throws an mdff::Error naming `option`.
+template <class T>
+std::vector<T> parse_list(const std::string& text, const char* option) {
+  const std::string problem = list_problem<T>(text);
+  MDFF_CHECK(problem.empty(), option, ": ", problem);
+  std::vector<T> values;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');)
+    values.push_back(std::is_same_v<T, int> ? static_cast<T>(std::stoi(item)) : static_cast<T>(std::stod(item)));
   return values;
+}
+
+// An option's check that its value is such a list, at parsing (exit 2 otherwise).
+template <class T>
+CLI::Validator number_list() {
+  return CLI::Validator([](std::string& text) { return list_problem<T>(text); }, "LIST");
+}
+
+// An option's check that its value is a finite number of at least `min` (above it when `strictly`). CLI11's
+// PositiveNumber takes "nan" and, refusing a value, prints its range with all 309 digits of DBL_MAX.
+inline CLI::Validator finite_number(double min, bool strictly) {
+  return CLI::Validator(
+      [min, strictly](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double value = std::strtod(text.c_str(), &end);
+        if (text.empty() || end != text.c_str() + text.size()) return detail::concat("'", text, "' is not a number");
+        if (!std::isfinite(value)) return detail::concat(text, " is not a finite number");
+        if (strictly ? value <= min : value < min)
+          return detail::concat(text, " is too small: give a number ", strictly ? "above " : "of at least ", min);
+        return "";
+      },
+      strictly ? "NUMBER > " + detail::concat(min) : "NUMBER >= " + detail::concat(min));
+}
+
+// An option's check that its value is a whole number from 0 to 2^64 - 1: CLI11 reads "-1" into a uint64_t
+// as 2^64 - 1 and a number past the top as the top.
+inline CLI::Validator unsigned_64() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const bool digits = !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
+        errno = 0;
+        if (digits) std::strtoull(text.c_str(), nullptr, 10);
+        if (!digits || errno == ERANGE)
+          return detail::concat("'", text, "' is not a whole number from 0 to 18446744073709551615");
+        return "";
+      },
+      "UINT64");
 }
 
 }  // namespace mdff::cli

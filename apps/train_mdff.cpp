@@ -55,13 +55,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The dataset, which plan_from has checked exists (a built-in name, or an image list with --classes). A run
+// started before config.json recorded the data folder has an empty --data-dir: the default's.
 data::Dataset load_dataset(const Options& o) {
-  if (o.dataset == "fashion-mnist")
-    return data::load_fashion_mnist(o.data_dir.empty() ? "/usr/share/datasets/fashion-mnist" : o.data_dir);
-  if (o.dataset == "cifar10") return data::load_cifar10(o.data_dir.empty() ? "data/cifar-10-batches-bin" : o.data_dir);
-  MDFF_CHECK(fs::is_regular_file(o.dataset), "unknown dataset '", o.dataset,
-             "': use fashion-mnist, cifar10, or the path of an image list (with --classes)");
-  MDFF_CHECK(o.classes > 0, "an image list needs --classes K (the number of labels per line)");
+  const std::string data_dir = o.data_dir.empty() ? train::default_data_dir(o.dataset) : o.data_dir;
+  if (o.dataset == "fashion-mnist") return data::load_fashion_mnist(data_dir);
+  if (o.dataset == "cifar10") return data::load_cifar10(data_dir);
   return data::load_image_list(o.dataset, o.list_root.empty() ? fs::path(o.dataset).parent_path().string() : o.list_root,
                                o.classes);
 }
@@ -183,7 +182,18 @@ Plan plan_from(const Options& o) {
              "takes random crops instead: leave --shift out");
   settings.seed = o.seed;
   plan.bits = cli::parse_list<int>(o.bits, "--bits");
-  for (int b : plan.bits) MDFF_CHECK(b >= 4 && b <= 1024, "--bits: ", b, " is outside 4..1024");
+  for (size_t i = 0; i < plan.bits.size(); ++i) {
+    MDFF_CHECK(plan.bits[i] >= 4 && plan.bits[i] <= 1024, "--bits: ", plan.bits[i], " is outside 4..1024");
+    MDFF_CHECK(std::find(plan.bits.begin(), plan.bits.begin() + i, plan.bits[i]) == plan.bits.begin() + i,
+               "--bits: ", plan.bits[i], " is given twice (each code length trains one model, into one folder)");
+  }
+  if (o.dataset != "fashion-mnist" && o.dataset != "cifar10") {
+    MDFF_CHECK(fs::exists(o.dataset), "DATASET: no file ", o.dataset, ": give fashion-mnist, cifar10, or the path of "
+               "an image list (with --classes)");
+    MDFF_CHECK(fs::is_regular_file(o.dataset), "DATASET: ", o.dataset, " is not a file: give the path of an image "
+               "list (lines of an image path and its labels, with --classes), fashion-mnist or cifar10");
+    MDFF_CHECK(o.classes > 0, "an image list needs --classes K (the number of labels per line)");
+  }
   plan.scales = cli::parse_list<double>(o.scales, "--scales");
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
   MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
@@ -212,6 +222,8 @@ struct Interrupted {
 
 // A new run needs a folder without a run in it.
 void check_new_folder(const fs::path& out) {
+  MDFF_CHECK(!fs::exists(out) || fs::is_directory(out), "--out: ", out.string(), " is a file, not a folder; choose "
+             "a folder (it is made if it does not exist)");
   MDFF_CHECK(!fs::exists(out / "config.json"), "--out: ", out.string(), " already holds a run; continue it with "
              "--resume ", out.string(), ", or choose another folder");
 }
@@ -382,13 +394,19 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
     };
     return {read_codes("query.npy"), read_codes("database.npy")};
   }
-  cli::Progress encoding(detail::concat(bits, " bits, encoding the database"));
-  auto check_stop = [&](int64_t done, int64_t total) {
-    if (stop_requested) throw Interrupted{checkpoint};
-    encoding.update(done, total, "images");
+  // One bar over both: the queries, then the database.
+  const auto queries = static_cast<int64_t>(run.split.query.size());
+  const int64_t images = queries + static_cast<int64_t>(run.split.database.size());
+  cli::Progress encoding(detail::concat(bits, " bits, encoding the queries and the database"));
+  auto check_stop_after = [&](int64_t images_before) {
+    return [&, images_before](int64_t done, int64_t) {
+      if (stop_requested) throw Interrupted{checkpoint};
+      encoding.update(images_before + done, images, "images");
+    };
   };
-  const Tensor uq = retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256, check_stop);
-  const Tensor ud = retrieval::encode(model, run.dataset, run.split.database, settings.batch, 256, check_stop);
+  const Tensor uq = retrieval::encode(model, run.dataset, run.split.query, settings.batch, 256, check_stop_after(0));
+  const Tensor ud =
+      retrieval::encode(model, run.dataset, run.split.database, settings.batch, 256, check_stop_after(queries));
   std::pair<retrieval::PackedCodes, retrieval::PackedCodes> codes{codes_from(uq, "the queries", run),
                                                                   codes_from(ud, "the database", run)};
   check_not_collapsed(codes.second, bits, history, run);

@@ -102,6 +102,13 @@ void resolve_defaults(Options& o) {
   if (o.scales.empty()) o.scales = r.scales;
   if (o.zero_init_residual < 0) o.zero_init_residual = r.zero_init_residual;
   if (o.bits.empty()) o.bits = o.dataset == "fashion-mnist" ? "48" : "12,24,32,48";
+  if (o.data_dir.empty()) o.data_dir = default_data_dir(o.dataset);
+}
+
+std::string default_data_dir(const std::string& dataset) {
+  if (dataset == "fashion-mnist") return "/usr/share/datasets/fashion-mnist";
+  if (dataset == "cifar10") return "data/cifar-10-batches-bin";
+  return "";  // an image list's files are found through --list-root
 }
 
 Options resumed_options(const Options& given, const CLI::App& app) {
@@ -128,6 +135,10 @@ Options resumed_options(const Options& given, const CLI::App& app) {
       differences += detail::concat(differences.empty() ? "" : "; ", name, " ", value.dump(), " here, ",
                                     theirs.at(key).dump(), " in the run");
   }
+  const CLI::Option* out = app.get_option_no_throw("--out");
+  MDFF_CHECK(!out || out->count() == 0 || fs::weakly_canonical(given.out) == fs::weakly_canonical(given.resume),
+             "--resume: a run continues in its own folder, ", given.resume, ", not in --out ", given.out,
+             ": leave --out out (copy the folder first to continue a copy)");
   MDFF_CHECK(differences.empty(), "--resume: this command asks for different options than the run in ", given.resume,
              " was started with: ", differences, ". Leave them out to continue the run as it was, or start a new run");
   o.resume = given.resume;
@@ -140,6 +151,7 @@ Options resumed_options(const Options& given, const CLI::App& app) {
 
 void add_options(CLI::App& app, Options& o) {
   app.set_config("--config", "", "read options from a file of `option = value` lines (TOML), e.g. epochs = 10");
+  app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key in the file is an error, not ignored
   app.add_option("dataset", o.dataset, "fashion-mnist (default), cifar10, or the path of an image list")
       ->capture_default_str();
   app.add_option("--data-dir", o.data_dir, "where the dataset's files are (default: /usr/share/datasets/"
@@ -149,19 +161,22 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--recipe", o.recipe, "defaults for the options below: scratch (random initialisation, the default) "
                  "or paper (the paper's RMSProp recipe, the default with --pretrained)")
       ->check(CLI::IsMember({"paper", "scratch"}));
-  app.add_option("--bits", o.bits, "code lengths, one model each (default 48 for fashion-mnist, else 12,24,32,48)");
+  app.add_option("--bits", o.bits, "code lengths, one model each (default 48 for fashion-mnist, else 12,24,32,48)")
+      ->check(cli::number_list<int>());
   app.add_option("--epochs", o.epochs, "passes over the training images (recipe's default)")->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", o.batch_size, "images per step (recipe's default)")->check(CLI::Range(2, 100000));
   app.add_option("--optimizer", o.optimizer, "rmsprop or sgd (recipe's default)")->check(CLI::IsMember({"rmsprop", "sgd"}));
-  app.add_option("--lr", o.lr, "learning rate (recipe's default)")->check(CLI::PositiveNumber);
+  app.add_option("--lr", o.lr, "learning rate (recipe's default)")->check(cli::finite_number(0, true));
   app.add_option("--schedule", o.schedule, "learning rate schedule: constant or cosine (recipe's default)")
       ->check(CLI::IsMember({"constant", "cosine"}));
   app.add_option("--warmup", o.warmup, "epochs (may be fractional) over which the learning rate rises linearly "
-                 "to --lr at the start (recipe's default)")->check(CLI::NonNegativeNumber);
+                 "to --lr at the start (recipe's default)")->check(cli::finite_number(0, false));
   app.add_option("--weight-decay", o.weight_decay, "L2 weight decay added to the gradient (recipe's default)")
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--beta", o.beta, "weight of J2, the quantization loss (recipe's default)")->check(CLI::NonNegativeNumber);
-  app.add_option("--gamma", o.gamma, "weight of J3, the classification loss (recipe's default)")->check(CLI::NonNegativeNumber);
+      ->check(cli::finite_number(0, false));
+  app.add_option("--beta", o.beta, "weight of J2, the quantization loss (recipe's default)")
+      ->check(cli::finite_number(0, false));
+  app.add_option("--gamma", o.gamma, "weight of J3, the classification loss (recipe's default)")
+      ->check(cli::finite_number(0, false));
   app.add_option("--pairs", o.pairs, "J1's pairs: dataset (batch x all training images, the U matrix) or batch "
                  "(recipe's default)")->check(CLI::IsMember({"dataset", "batch"}));
   app.add_option("--taps", o.taps, "features fused: all, fc1 or convs (the paper's Table 4)")->capture_default_str()
@@ -170,7 +185,7 @@ void add_options(CLI::App& app, Options& o) {
                  "(its last batch norm's gamma = 0), 0: torchvision's default initialisation (recipe's default)")
       ->check(CLI::Range(0, 1));
   app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale, the paper's) or 1 "
-                 "(recipe's default)");
+                 "(recipe's default)")->check(cli::number_list<double>());
   app.add_option("--image-size", o.image_size, "images are resized to this square (recipe's default: 32); --crop "
                  "replaces it")->check(CLI::Range(16, 1024));
   app.add_option("--resize", o.resize, "crop mode, with --crop (DeepHash-pytorch's 256 for NUS-WIDE and MS-COCO): "
@@ -183,7 +198,8 @@ void add_options(CLI::App& app, Options& o) {
                  "uncovered pixels black (recipe's default)")->check(CLI::Range(0, 1023));
   app.add_option("--protocol", o.protocol, "split: paper (training images stay in the database) or deephash54k")
       ->capture_default_str()->check(CLI::IsMember({"paper", "deephash54k"}));
-  app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str()
+      ->check(cli::unsigned_64());
   app.add_option("--queries-per-class", o.split.queries_per_class, "single-label split: queries drawn per class")
       ->capture_default_str()->check(CLI::Range(1, 1000000));
   app.add_option("--train-per-class", o.split.train_per_class, "single-label split: training images per class")

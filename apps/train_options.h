@@ -73,6 +73,8 @@ nlohmann::json options_json(const Options& o);
 Options options_from_json(const nlohmann::json& j, const std::string& source);
 // Fills every option left unset with the recipe's (or the dataset's) default.
 void resolve_defaults(Options& o);
+// Where a built-in dataset's files are by default (--data-dir); "" for an image list.
+std::string default_data_dir(const std::string& dataset);
 // Defines every command-line option (and --config FILE) of train_mdff on `app`, writing into `o`.
 void add_options(CLI::App& app, Options& o);
 // --resume: the run folder's options, after checking that those given on this command line agree.

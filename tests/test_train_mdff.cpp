@@ -149,6 +149,44 @@ TEST_CASE("bad options exit 2 with the reason") {
   CHECK(run("--resize 32 --crop 40").output.find("--crop 40 is larger than --resize 32") != std::string::npos);
   CHECK(run("--image-size 32 --resize 40 --crop 32").output.find("--crop replaces --image-size") != std::string::npos);
   CHECK(run("--resize 40 --crop 32 --shift 2").output.find("leave --shift out") != std::string::npos);
+
+  // Values that CLI11's own checks let through (a NaN passes PositiveNumber, a uint64 takes -1 as 2^64 - 1, an
+  // empty --bits meant the default) or that failed only later, after the run folder held a config.json that
+  // --resume could not read. Each would otherwise get past the options and fail to find this dataset (exit 1).
+  const test::TempFolder folder("mdff_train_bad_options");
+  const std::string no_data = "cifar10 --data-dir " + (folder.path / "none").string() + " --out " +
+                              (folder.path / "run").string() + " ";
+  std::ofstream(folder.path / "list.txt") << "a.png 1 0\n";
+  std::ofstream(folder.path / "file") << "not a folder\n";
+  const std::pair<std::string, std::string> refused[] = {
+      {no_data + "--lr nan", "--lr: nan is not a finite number"},
+      {no_data + "--lr 0", "--lr: 0 is too small: give a number above 0"},
+      {no_data + "--lr abc", "--lr: 'abc' is not a number"},
+      {no_data + "--gamma inf", "--gamma: inf is not a finite number"},
+      {no_data + "--beta nan", "--beta: nan is not a finite number"},
+      {no_data + "--warmup nan", "--warmup: nan is not a finite number"},
+      {no_data + "--weight-decay -1", "--weight-decay: -1 is too small"},
+      {no_data + "--bits ''", "--bits: give at least one value"},
+      {no_data + "--bits 8,", "--bits: '8,' has an empty item"},
+      {no_data + "--bits ,8", "--bits: ',8' has an empty item"},
+      {no_data + "--bits 8,16,8", "--bits: 8 is given twice"},
+      {no_data + "--scales 1,nan", "--scales: 'nan' is not a finite number"},
+      {no_data + "--seed -1", "--seed: '-1' is not a whole number"},
+      {no_data + "--seed 18446744073709551616", "--seed: '18446744073709551616' is not a whole number"},
+      {(folder.path / "no_list.txt").string() + " --classes 2", "DATASET: no file"},
+      {folder.path.string() + " --classes 2", "is not a file"},
+      {(folder.path / "list.txt").string(), "an image list needs --classes"},
+      {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + (folder.path / "file").string(),
+       "is a file, not a folder"},
+  };
+  for (const auto& entry : refused) {
+    const std::string& arguments = entry.first;  // CAPTURE cannot name a structured binding (C++17)
+    CAPTURE(arguments);
+    const Run r = run(arguments);
+    CHECK(r.exit_code == 2);
+    CHECK_MESSAGE(r.output.find(entry.second) != std::string::npos, r.output);
+  }
+  CHECK_FALSE(fs::exists(folder.path / "run"));
   std::string why_no_gpu;
   if (!cuda_available(&why_no_gpu)) {  // asking for the GPU where there is none: a usage error with the reason
     const Run cuda = run("--device cuda");
@@ -209,6 +247,15 @@ TEST_CASE("a diverging run stops naming the step and the last good checkpoint, a
   CHECK(config["lr"] == 0.01);
   std::ofstream(root / "bad.toml") << "epochs = 0\n";
   CHECK(run(common + "--config " + (root / "bad.toml").string()).exit_code == 2);
+  // a misspelt option, or a line that is not `option = value`, is refused (CLI11 ignored both by default)
+  for (const char* text : {"epoch = 1\n", "this is not toml\n"}) {
+    CAPTURE(text);
+    std::ofstream(root / "typo.toml") << text;
+    const Run typo = run(common + "--config " + (root / "typo.toml").string() + " --out " + (root / "typo").string());
+    CHECK(typo.exit_code == 2);
+    CHECK(typo.output.find("--config: ") != std::string::npos);
+    CHECK_FALSE(fs::exists(root / "typo"));
+  }
   fs::remove_all(root);
 }
 
@@ -231,6 +278,9 @@ TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
   for (const char* key : {"dataset", "bits", "epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "beta",
                           "gamma", "pairs", "taps", "scales", "image_size", "protocol", "seed", "device", "model"})
     CHECK_MESSAGE(config.contains(key), "config.json lacks ", key);
+  CHECK(config["data_dir"] == data.string());
+  // one progress bar over the queries and the database (non-terminal output: its last line)
+  CHECK(r.output.find("8 bits, encoding the queries and the database 300/300") != std::string::npos);
   const auto metrics = nlohmann::json::parse(std::ifstream(out / "metrics.json"));
   for (const char* bits : {"8", "16"}) {
     CAPTURE(bits);
@@ -409,6 +459,11 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   CHECK(reused.exit_code == 2);
   CHECK(reused.output.find("--resume") != std::string::npos);
   CHECK(run("--resume " + (root / "nothing").string()).exit_code == 2);
+  // --out names the run's folder when it starts; a resumed run continues where it is
+  const Run elsewhere = run("--resume " + parts.string() + " --out " + (root / "elsewhere").string());
+  CHECK(elsewhere.exit_code == 2);
+  CHECK(elsewhere.output.find("a run continues in its own folder") != std::string::npos);
+  CHECK_FALSE(fs::exists(root / "elsewhere"));
   // A checkpoint whose training state is damaged is an error naming it, not a crash.
   const fs::path checkpoint = parts / "checkpoint_8bits.safetensors";
   io::SafetensorsFile file = io::load_safetensors(checkpoint.string());

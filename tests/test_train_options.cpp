@@ -34,3 +34,62 @@ TEST_CASE("config.json: the options come back as written; an integer option must
     CHECK_THROWS_WITH_AS(train::options_from_json(bad, "config.json"), doctest::Contains(expected.c_str()), Error);
   }
 }
+
+TEST_CASE("the defaults name the dataset's folder, so config.json holds every effective option") {
+  train::Options fashion, cifar, list;
+  cifar.dataset = "cifar10";
+  list.dataset = "images/list.txt";
+  for (train::Options* o : {&fashion, &cifar, &list}) train::resolve_defaults(*o);
+  CHECK(fashion.data_dir == "/usr/share/datasets/fashion-mnist");
+  CHECK(cifar.data_dir == "data/cifar-10-batches-bin");
+  CHECK(list.data_dir.empty());  // an image list's paths are relative to --list-root
+  train::Options given;
+  given.data_dir = "elsewhere";
+  train::resolve_defaults(given);
+  CHECK(given.data_dir == "elsewhere");
+}
+
+TEST_CASE("number lists: every item a number, none empty, doubles finite") {
+  CHECK(cli::parse_list<int>("12,24,32,48", "--bits") == std::vector<int>{12, 24, 32, 48});
+  CHECK(cli::parse_list<double>("1,0.5", "--scales") == std::vector<double>{1, 0.5});
+  CHECK(cli::list_problem<int>("8").empty());
+  const std::pair<const char*, const char*> bad_ints[] = {
+      {"", "give at least one value"}, {"8,", "'8,' has an empty item"}, {",8", "',8' has an empty item"},
+      {"8,,16", "has an empty item"},  {"8.5", "'8.5' is not a whole number"}, {"x", "'x' is not a whole number"},
+      {"99999999999", "is not a whole number"}};
+  for (const auto& entry : bad_ints) {
+    const std::string text = entry.first, problem = cli::list_problem<int>(text);
+    CAPTURE(text);
+    CHECK(problem.find(entry.second) != std::string::npos);
+    CHECK_THROWS_WITH_AS(cli::parse_list<int>(text, "--bits"), doctest::Contains("--bits: "), Error);
+  }
+  for (const char* text : {"1,nan", "inf", "1e999", "1,", "0.5x"}) {
+    CAPTURE(text);
+    CHECK_FALSE(cli::list_problem<double>(text).empty());
+  }
+}
+
+TEST_CASE("option checks: finite numbers with a lower bound, 64-bit seeds") {
+  auto problem = [](const CLI::Validator& check, std::string text) { return check(text); };
+  const CLI::Validator positive = cli::finite_number(0, true), non_negative = cli::finite_number(0, false);
+  CHECK(problem(positive, "0.001").empty());
+  CHECK(problem(positive, "1e-5").empty());
+  CHECK(problem(non_negative, "0").empty());
+  CHECK(problem(positive, "0") == "0 is too small: give a number above 0");
+  CHECK(problem(non_negative, "-1") == "-1 is too small: give a number of at least 0");
+  for (const char* text : {"nan", "NaN", "inf", "-inf", "1e999"}) {
+    CAPTURE(text);
+    CHECK(problem(non_negative, text).find("is not a finite number") != std::string::npos);
+  }
+  for (const char* text : {"", "abc", "1.5x", "0x"}) {
+    CAPTURE(text);
+    CHECK(problem(positive, text).find("is not a number") != std::string::npos);
+  }
+  const CLI::Validator seed = cli::unsigned_64();
+  CHECK(problem(seed, "0").empty());
+  CHECK(problem(seed, "18446744073709551615").empty());
+  for (const char* text : {"-1", "18446744073709551616", "99999999999999999999", "", "1.5", "+3", " 3"}) {
+    CAPTURE(text);
+    CHECK_FALSE(problem(seed, text).empty());
+  }
+}
