@@ -100,6 +100,42 @@ int64_t max_pixels_per_byte(const std::vector<uint8_t>& bytes) {
   if (starts_with("\xff\xd8", 2)) return 1024;
   return 128;
 }
+// stb_image reads a BMP's pixel rows without noticing the end of the file (it reads zeros past it), so a
+// truncated BMP decoded without error, its missing rows black. So a BMP must reach as far as its headers
+// say: the pixel data's offset (in the 14-byte file header) lies inside the file, and in the uncompressed
+// layouts (BI_RGB, BI_BITFIELDS) every row, padded to 4 bytes, follows it; only the last row's padding,
+// which holds no pixel, may be missing. The size of compressed pixel data (RLE, embedded JPEG or PNG) is not
+// in the header, and stb_image refuses those layouts anyway. The width and height are read as stb_image
+// reads them: 16-bit in the 12-byte OS/2 header, else 32-bit with a negative height for top-down rows.
+// Returns why the file is refused, or "" when it is not (or is not a BMP whose header stb_image reads).
+std::string bmp_truncation_problem(const std::vector<uint8_t>& bytes) {
+  if (bytes.size() < 18 || bytes[0] != 'B' || bytes[1] != 'M') return "";
+  const auto le = [&](size_t pos, int n) {  // an n-byte little-endian number, 0 read past the end
+    uint32_t value = 0;
+    for (int i = n - 1; i >= 0; --i) value = (value << 8) | (pos + i < bytes.size() ? bytes[pos + i] : 0);
+    return value;
+  };
+  const uint32_t offset = le(10, 4), header_size = le(14, 4);
+  if (header_size != 12 && header_size != 40 && header_size != 56 && header_size != 108 && header_size != 124) return "";
+  const std::string size = std::to_string(bytes.size());
+  if (offset > bytes.size()) {
+    return "the BMP's pixel data starts at byte " + std::to_string(offset) + ", past the end of its " + size +
+           " bytes: the file is truncated or damaged";
+  }
+  const bool os2 = header_size == 12;
+  const int64_t width = os2 ? le(18, 2) : le(18, 4);
+  const int64_t height = os2 ? le(20, 2) : std::abs(int64_t{static_cast<int32_t>(le(22, 4))});
+  const int64_t bits = os2 ? le(24, 2) : le(28, 2), compression = os2 ? 0 : le(30, 4);
+  if (compression != 0 && compression != 3) return "";
+  if (width > STBI_MAX_DIMENSIONS || height > STBI_MAX_DIMENSIONS) return "";  // stb_image refuses them itself
+  const int64_t row_bytes = (width * bits + 31) / 32 * 4, last_row_bytes = (width * bits + 7) / 8;
+  const int64_t needed = height == 0 ? 0 : row_bytes * (height - 1) + last_row_bytes;
+  if (needed <= static_cast<int64_t>(bytes.size()) - offset) return "";
+  return "the BMP's headers declare " + std::to_string(width) + "x" + std::to_string(height) + " pixels of " +
+         std::to_string(bits) + (bits == 1 ? " bit, " : " bits, ") + std::to_string(needed) + " bytes from byte " +
+         std::to_string(offset) + ", but the file has " + size + " bytes: it is truncated or damaged";
+}
+
 constexpr const char* kImageFormats = "formats read: JPEG, PNG, BMP, GIF, TGA, PSD, PNM, HDR";
 
 constexpr const char* kCifar10Hint =
@@ -327,7 +363,8 @@ Image decode_image(const std::string& path) {
   MDFF_CHECK(fs::file_size(path) <= static_cast<uintmax_t>(std::numeric_limits<int>::max()), path, ": ",
              fs::file_size(path), " bytes, too large for an image file (stb_image reads up to 2 GB)");
   const std::vector<uint8_t> bytes = read_file(path);
-  for (const std::string& problem : {jpeg_huffman_problem(bytes), pnm_header_problem(bytes)}) {
+  for (const std::string& problem :
+       {jpeg_huffman_problem(bytes), pnm_header_problem(bytes), bmp_truncation_problem(bytes)}) {
     MDFF_CHECK(problem.empty(), path, ": cannot decode the image (", problem, ")");
   }
   MDFF_CHECK(!png_chunk_past_end(bytes), path, ": cannot decode the image (a PNG chunk runs past the end of the "

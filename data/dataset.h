@@ -52,8 +52,8 @@ struct Image {
   int height = 0, width = 0;
   std::vector<uint8_t> pixels;
 };
-// Decodes any format stb_image reads (JPEG, PNG, BMP, ...); a missing or undecodable file, or an image of
-// more than 64 megapixels, is an error naming it.
+// Decodes any format stb_image reads (JPEG, PNG, BMP, ...); a missing, undecodable or truncated file, or an
+// image of more than 64 megapixels, is an error naming it.
 Image decode_image(const std::string& path);
 
 }  // namespace mdff::data

@@ -421,6 +421,69 @@ TEST_CASE("decode_image: damaged headers are refused before stb_image decodes th
   CHECK(decode_image(dir + "/page.png").height == 2048);
 }
 
+// Found by a user: a BMP cut short decoded without error (stb_image reads its missing rows as zeros), in
+// train_mdff's image lists and in mdff_search's queries alike. Each layout is cut at the last byte that
+// still holds a pixel, where it is read, and one byte earlier, where it is refused.
+TEST_CASE("decode_image: a BMP shorter than its headers say is refused, naming the file") {
+  const std::string dir = temp_dir("truncated_bmp");
+  std::vector<uint8_t> rgba(5 * 3 * 4);
+  for (size_t i = 0; i < rgba.size(); ++i) rgba[i] = static_cast<uint8_t>(i * 13);
+  // stb_image_write's BMP of the 5x3 picture: 24-bit rows of 15 bytes padded to 16 after a 54-byte header,
+  // or (4 channels) 32-bit BI_BITFIELDS rows of 20 bytes after a 122-byte one.
+  const auto bmp = [&](int channels) {
+    const std::string path = dir + "/whole.bmp";
+    REQUIRE(stbi_write_bmp(path.c_str(), 5, 3, channels, rgba.data()));
+    std::ifstream in(path, std::ios::binary);
+    return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const auto cut = [](std::vector<uint8_t> bytes, size_t size) {
+    bytes.resize(size);
+    return bytes;
+  };
+  const std::string path = dir + "/picture.bmp";
+  const auto refused = [&](const std::vector<uint8_t>& bytes, const std::string& message) {
+    write_bytes(path, bytes);
+    CHECK_THROWS_WITH_AS(decode_image(path), doctest::Contains((path + ": cannot decode the image (").c_str()), Error);
+    CHECK_THROWS_WITH_AS(decode_image(path), doctest::Contains(message.c_str()), Error);
+  };
+  const auto width_read = [&](const std::vector<uint8_t>& bytes) {
+    write_bytes(path, bytes);
+    return decode_image(path).width;
+  };
+
+  const std::vector<uint8_t> rgb = bmp(3);
+  REQUIRE(rgb.size() == 54 + 3 * 16);
+  CHECK(width_read(rgb) == 5);
+  CHECK(width_read(cut(rgb, 101)) == 5);  // the last row's padding holds no pixel
+  refused(cut(rgb, 100), "the BMP's headers declare 5x3 pixels of 24 bits, 47 bytes from byte 54, but the file has "
+                         "100 bytes: it is truncated or damaged");
+  refused(cut(rgb, 54), "47 bytes from byte 54, but the file has 54 bytes");
+  // top-down rows: a negative height
+  std::vector<uint8_t> top_down = rgb;
+  top_down[22] = 0xfd;  // -3, little-endian
+  top_down[23] = top_down[24] = top_down[25] = 0xff;
+  CHECK(width_read(cut(top_down, 101)) == 5);
+  refused(cut(top_down, 100), "the BMP's headers declare 5x3 pixels of 24 bits, 47 bytes from byte 54");
+  // the pixel data's offset past the end of the file
+  std::vector<uint8_t> far = rgb;
+  far[10] = 0x88;
+  far[11] = 0x13;  // 5000
+  refused(far, "the BMP's pixel data starts at byte 5000, past the end of its 102 bytes");
+
+  const std::vector<uint8_t> rgba_file = bmp(4);
+  REQUIRE(rgba_file.size() == 122 + 3 * 20);
+  CHECK(width_read(rgba_file) == 5);
+  refused(cut(rgba_file, 181), "5x3 pixels of 32 bits, 60 bytes from byte 122, but the file has 181 bytes");
+
+  // 1 bit a pixel: two rows of 5 bits, each padded to 4 bytes, after a two-colour palette
+  std::vector<uint8_t> mono{'B', 'M', 70, 0, 0, 0, 0, 0, 0, 0, 62, 0, 0, 0, 40, 0, 0, 0, 5, 0, 0, 0, 2, 0, 0, 0, 1, 0, 1, 0};
+  mono.resize(54, 0);
+  const std::vector<uint8_t> palette_and_rows{0, 0, 0, 0, 255, 255, 255, 0, 0xa8, 0, 0, 0, 0x50, 0, 0, 0};
+  mono.insert(mono.end(), palette_and_rows.begin(), palette_and_rows.end());
+  CHECK(width_read(cut(mono, 67)) == 5);
+  refused(cut(mono, 66), "5x2 pixels of 1 bit, 5 bytes from byte 62, but the file has 66 bytes");
+}
+
 // Found by fuzzing (CI, fuzz_image: an index past a Huffman table's 256 symbols): stb_image 2.27 leaves its
 // JPEG decoder's state uninitialised, so a scan that uses a Huffman table the file never defines decoded
 // with whatever the heap held: here the tables of the image decoded just before.
