@@ -464,6 +464,18 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   REQUIRE_MESSAGE(distinct.size() == paths.size(), "two images share a code, so a query's own image is not alone at "
                   "distance 0: change the checkpoint's seed");
 
+  // a query image cut short is refused, naming it (a BMP was decoded with its missing rows black)
+  const std::string cut_bmp = (root / "cut.bmp").string();
+  {
+    std::vector<uint8_t> bytes = io::read_file(images / "sub" / "img5.BMP");
+    bytes.resize(100);
+    std::ofstream(cut_bmp, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  }
+  const Run cut = run("query --db " + db_path + " " + cut_bmp);
+  CHECK(cut.exit_code == 1);
+  CHECK(cut.output.find(cut_bmp + ": cannot decode the image") != std::string::npos);
+  CHECK(cut.output.find("it is truncated or damaged") != std::string::npos);
+
   // query with the last indexed image (the last of any ties) and the first
   const std::string query_image = paths.back();
   const std::string json_path = (root / "results.json").string(), grid_path = (root / "grid.png").string();
