@@ -10,7 +10,8 @@
 // encodes the query images
 // with the same checkpoint and ranks the database by Hamming distance (popcount over 64-bit words, ties by
 // database index); bench times that ranking on random codes against NumPy doing the same, in one run.
-// Bad options exit 2 with the reason; a missing or damaged file exits 1 naming it.
+// Bad options exit 2 with the reason (--device cuda without a usable GPU too); a missing or damaged file
+// exits 1 naming it.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -115,18 +116,16 @@ Tensor encode_all(LoadedCheckpoint& loaded, const data::Dataset& dataset, int64_
   });
 }
 
-// The model on the device asked for (--device, --precision), where encoding (and query's ranking) runs.
-Device place(LoadedCheckpoint& loaded, const std::string& device, const std::string& precision) {
+// The model on the device chosen (--device, --precision), where encoding (and query's ranking) runs.
+void place(LoadedCheckpoint& loaded, Device device, const std::string& precision) {
   set_tf32_allowed(precision == "tf32");
-  const Device chosen = cli::choose_device(device);
-  loaded.model->to(chosen);
-  return chosen;
+  loaded.model->to(device);
 }
 
-int run_index(const IndexOptions& o) {
+int run_index(const IndexOptions& o, Device device) {
   const auto start = Clock::now();
   LoadedCheckpoint loaded = load_model_checkpoint(o.checkpoint);
-  place(loaded, o.device, o.precision);
+  place(loaded, device, o.precision);
   data::Dataset dataset;
   if (!o.folder.empty()) {
     dataset = unlabeled_images(find_images(o.folder));
@@ -179,7 +178,7 @@ retrieval::Image grid_image(const std::string& path) {
   return {decoded.height, decoded.width, std::move(decoded.pixels)};
 }
 
-int run_query(const QueryOptions& o) {
+int run_query(const QueryOptions& o, Device device) {
   const retrieval::CodeDatabase db = retrieval::read_code_database(o.db);
   const std::string checkpoint = o.checkpoint.empty() ? db.checkpoint : o.checkpoint;
   const std::string crc = retrieval::file_crc32(checkpoint);
@@ -189,7 +188,7 @@ int run_query(const QueryOptions& o) {
   LoadedCheckpoint loaded = load_model_checkpoint(checkpoint);
   MDFF_CHECK(loaded.model->config().bits == db.codes.bits, checkpoint, " makes ", loaded.model->config().bits,
              "-bit codes but ", o.db, " holds ", db.codes.bits, "-bit codes");
-  const Device device = place(loaded, o.device, o.precision);
+  place(loaded, device, o.precision);
 
   std::vector<std::string> images;
   for (const std::string& image : o.images) images.push_back(absolute_path(image));
@@ -456,8 +455,7 @@ bool bench_gpu(const retrieval::PackedCodes& database, const retrieval::PackedCo
   return agree;
 }
 
-int run_bench(const BenchOptions& o) {
-  const Device device = cli::choose_device(o.device);  // before the work: no GPU is an error at once
+int run_bench(const BenchOptions& o, Device device) {
   Rng rng(o.seed);
   const retrieval::PackedCodes database = random_codes(o.codes, o.bits, rng);
   const retrieval::PackedCodes queries = random_codes(o.queries, o.bits, rng);
@@ -580,10 +578,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "mdff_search index: give --folder DIR or --list FILE\nRun with --help for more information.\n");
     return 2;
   }
+  // --device cuda without a usable GPU is a usage error, like CLI11's own, found before any work.
+  Device device{};
   try {
-    if (index->parsed()) return run_index(index_options);
-    if (query->parsed()) return run_query(query_options);
-    return run_bench(bench_options);
+    device = cli::choose_device(index->parsed() ? index_options.device
+                                : query->parsed() ? query_options.device
+                                                  : bench_options.device);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "mdff_search: %s\nRun with --help for more information.\n", e.what());
+    return 2;
+  }
+  try {
+    if (index->parsed()) return run_index(index_options, device);
+    if (query->parsed()) return run_query(query_options, device);
+    return run_bench(bench_options, device);
   } catch (const std::exception& e) {  // mdff::Error, and the file system's errors
     std::fprintf(stderr, "mdff_search: error: %s\n", e.what());
     return 1;

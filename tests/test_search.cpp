@@ -541,8 +541,9 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
                                          std::string("bench --codes 100 --queries 2 --device cuda")}) {
       CAPTURE(arguments);
       const Run on_cuda = run(arguments);
-      CHECK(on_cuda.exit_code == 1);
+      CHECK(on_cuda.exit_code == 2);  // a usage error, as in train_mdff
       CHECK(on_cuda.output.find("--device cuda: " + why_no_gpu) != std::string::npos);
+      CHECK(on_cuda.output.find("Run with --help for more information.") != std::string::npos);
     }
   }
 
