@@ -25,6 +25,8 @@
 #include <limits>
 #include <unordered_map>
 
+#include <unistd.h>
+
 #include "apps/cli.h"
 #include "apps/progress.h"
 #include "core/error.h"
@@ -392,15 +394,37 @@ struct TempFolder {
   }
 };
 
-// Runs the NumPy side on the same codes. Returns its report, or null with `why` when it cannot run.
+// The program a shell would run for `name`: a name with a '/' as it is, else the first executable file of
+// that name in the folders of $PATH (an empty entry is the current folder). "" with `why` when there is none.
+std::string find_program(const std::string& name, std::string& why) {
+  std::error_code ignored;
+  if (name.find('/') != std::string::npos) {
+    if (fs::exists(name, ignored)) return name;
+    why = name + " does not exist";
+    return "";
+  }
+  const char* path = std::getenv("PATH");
+  const std::string folders = path ? path : "";
+  for (size_t start = 0; !folders.empty();) {
+    const size_t end = folders.find(':', start);
+    const std::string folder = folders.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    const fs::path candidate = fs::path(folder.empty() ? "." : folder) / name;
+    if (fs::is_regular_file(candidate, ignored) && ::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  why = name + " was not found on PATH (give its full path: --python /path/to/" + name + ")";
+  return "";
+}
+
+// Runs the NumPy side on the same codes. Returns its report, with the Python that ran it, or null with `why`
+// when it cannot run.
 json bench_numpy(const BenchOptions& o, const retrieval::PackedCodes& database, const retrieval::PackedCodes& queries,
                  std::string& why) {
-  if (!fs::exists(o.python)) {
-    why = o.python + " does not exist";
-    return nullptr;
-  }
-  if (std::system((shell_quote(o.python) + " -c 'import numpy' 2>/dev/null").c_str()) != 0) {
-    why = o.python + " cannot import numpy";
+  const std::string python = find_program(o.python, why);
+  if (python.empty()) return nullptr;
+  if (std::system((shell_quote(python) + " -c 'import numpy' 2>/dev/null").c_str()) != 0) {
+    why = python + " cannot import numpy";
     return nullptr;
   }
   const TempFolder folder;
@@ -409,7 +433,7 @@ json bench_numpy(const BenchOptions& o, const retrieval::PackedCodes& database, 
   io::write_file_atomic(script.string(), kNumpyScript);
   write_codes_npy(db_npy.string(), database);
   write_codes_npy(queries_npy.string(), queries);
-  const std::string command = detail::concat(shell_quote(o.python), " ", shell_quote(script.string()), " ",
+  const std::string command = detail::concat(shell_quote(python), " ", shell_quote(script.string()), " ",
                                              shell_quote(db_npy.string()), " ", shell_quote(queries_npy.string()), " ",
                                              o.top_k, " ", kRepeats, " ", shell_quote(out.string()));
   const int status = std::system(command.c_str());
@@ -418,7 +442,9 @@ json bench_numpy(const BenchOptions& o, const retrieval::PackedCodes& database, 
     return nullptr;
   }
   const std::vector<uint8_t> text = io::read_file(out.string());
-  return json::parse(text.begin(), text.end());
+  json report = json::parse(text.begin(), text.end());
+  report["python"] = python;
+  return report;
 }
 
 std::string time_text(double seconds) {
@@ -494,8 +520,9 @@ int run_bench(const BenchOptions& o, Device device) {
     const bool agree = numpy["first_top_k"].get<std::vector<int64_t>>() == check.first_top_k &&
                        numpy["distance_sum"].get<int64_t>() == check.distance_sum;
     std::printf("NumPy %s (%s): XOR, uint8 popcount table, stable ordering; results %s\n",
-                numpy["version"].get<std::string>().c_str(), o.python.c_str(), agree ? "agree" : "DIFFER");
-    report["numpy"] = {{"version", numpy["version"]}, {"python", o.python}};
+                numpy["version"].get<std::string>().c_str(), numpy["python"].get<std::string>().c_str(),
+                agree ? "agree" : "DIFFER");
+    report["numpy"] = {{"version", numpy["version"]}, {"python", numpy["python"]}};
     for (const char* name : kTimeNames) report["numpy"][name] = numpy[name];
     report["ratio"] = ratios;
     report["agree"] = agree;
@@ -569,7 +596,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{std::numeric_limits<int32_t>::max()}));
   bench->add_option("--seed", bench_options.seed, "seed of the random codes")->capture_default_str();
   bench->add_option("--json", bench_options.json, "also write the results as JSON to this file");
-  bench->add_option("--python", bench_options.python, "the Python with NumPy to compare with")->capture_default_str();
+  bench->add_option("--python", bench_options.python, "the Python with NumPy to compare with (a name without a '/' is "
+                    "looked for on PATH)")->capture_default_str();
   bench->add_option("--device", bench_options.device, "cuda: also time the GPU's ranking of every query")
       ->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
 

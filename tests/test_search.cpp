@@ -595,4 +595,18 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   const Run no_python = run("bench --codes 100 --queries 2 --python /nonexistent/python3");
   CHECK(no_python.exit_code == 0);
   CHECK(no_python.output.find("NumPy comparison skipped: /nonexistent/python3 does not exist") != std::string::npos);
+  // a --python without a '/' is looked for on PATH, as a shell would: here a Python without NumPy
+  const fs::path bin = root / "bin";
+  fs::create_directories(bin);
+  std::ofstream(bin / "fakepython") << "#!/bin/sh\nexit 1\n";
+  fs::permissions(bin / "fakepython", fs::perms::owner_all);
+  const Run on_path = test::run_program("PATH=" + bin.string() + ":\"$PATH\" " MDFF_SEARCH_BINARY,
+                                        "bench --codes 100 --queries 2 --python fakepython");
+  CHECK(on_path.exit_code == 0);
+  CHECK(on_path.output.find("NumPy comparison skipped: " + (bin / "fakepython").string() + " cannot import numpy") !=
+        std::string::npos);
+  const Run not_on_path = run("bench --codes 100 --queries 2 --python mdff-no-such-python");
+  CHECK(not_on_path.exit_code == 0);
+  CHECK(not_on_path.output.find("NumPy comparison skipped: mdff-no-such-python was not found on PATH") !=
+        std::string::npos);
 }
