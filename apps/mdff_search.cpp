@@ -182,6 +182,9 @@ retrieval::Image grid_image(const std::string& path) {
 
 int run_query(const QueryOptions& o, Device device) {
   const retrieval::CodeDatabase db = retrieval::read_code_database(o.db);
+  std::error_code ignored;
+  MDFF_CHECK(!o.checkpoint.empty() || fs::exists(db.checkpoint, ignored), o.db, " was indexed with the checkpoint ",
+             db.checkpoint, ", which is no longer there: if it has moved, pass --checkpoint PATH with its new place");
   const std::string checkpoint = o.checkpoint.empty() ? db.checkpoint : o.checkpoint;
   const std::string crc = retrieval::file_crc32(checkpoint);
   MDFF_CHECK(crc == db.checkpoint_crc32, o.db, " was indexed with the checkpoint ", db.checkpoint, " (CRC-32 ",

@@ -530,6 +530,17 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   CHECK(wrong.exit_code == 1);
   CHECK(wrong.output.find("cannot be compared") != std::string::npos);
 
+  // the checkpoint moved since indexing: the error names where the database says it was, and --checkpoint
+  // finds it
+  const std::string moved = (root / "moved.safetensors").string();
+  fs::rename(checkpoint, moved);
+  const Run lost = run("query --db " + db_path + " " + query_image);
+  CHECK(lost.exit_code == 1);
+  CHECK(lost.output.find("was indexed with the checkpoint " + db.checkpoint + ", which is no longer there: if it has "
+                         "moved, pass --checkpoint PATH") != std::string::npos);
+  CHECK(run("query --db " + db_path + " " + query_image + " --checkpoint " + moved).exit_code == 0);
+  fs::rename(moved, checkpoint);
+
   // the device: cpu gives the same results as the default here; cuda without a GPU names the reason
   const Run on_cpu = run("query --db " + db_path + " " + query_image + " --radius " + std::to_string(radius) +
                          " --json " + json_path + " --device cpu --precision fp32");
