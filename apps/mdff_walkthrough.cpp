@@ -59,8 +59,10 @@ int main(int argc, char** argv) {
       for (int x = 0; x < d.width; ++x) line.append(2, " .:-=+*#%@"[pixels[y * d.width + x] * 10 / 256]);
       std::printf("%s\n", line.substr(0, line.find_last_not_of(' ') + 1).c_str());
     }
-    std::printf("   row 16:");
-    for (int x = 0; x < d.width; ++x) std::printf(" %d", pixels[16 * d.width + x]);
+    // The centre pixel, row and column, of the image as read; the batch's own size may differ (below).
+    const int centre_y = d.height / 2, centre_x = d.width / 2;
+    std::printf("   row %d:", centre_y);
+    for (int x = 0; x < d.width; ++x) std::printf(" %d", pixels[centre_y * d.width + x]);
     std::printf("\n");
 
     // The model: from a checkpoint, or the default configuration with random weights.
@@ -79,13 +81,16 @@ int main(int argc, char** argv) {
     // 2. The batch of one image.
     Rng unused(0);
     const data::Batch batch = data::make_batch(d, {row}, {0}, options, unused);
+    // The batch is the checkpoint's image size (--image-size, or the crop), not the 32x32 read: its own
+    // centre pixel is shown next to the raw image's, about the same place in the picture when the sizes differ.
     const float* x = batch.images.data<float>();
-    const int64_t s = batch.images.size(2);
-    std::printf("2. batch images %s; pixel (16,16): raw %d -> channels", shape_str(batch.images.shape()).c_str(),
-                pixels[16 * d.width + 16]);
-    for (int c = 0; c < 3; ++c) std::printf(" %+.4f", x[(c * s + 16) * s + 16]);
+    const int64_t h = batch.images.size(2), w = batch.images.size(3);
+    std::printf("2. batch images %s; centre pixel: raw (%d,%d) %d -> batch (%lld,%lld)",
+                shape_str(batch.images.shape()).c_str(), centre_y, centre_x, pixels[centre_y * d.width + centre_x],
+                static_cast<long long>(h / 2), static_cast<long long>(w / 2));
+    for (int c = 0; c < 3; ++c) std::printf(" %+.4f", x[(c * h + h / 2) * w + w / 2]);
     std::printf("; pixel (0,0): raw %d ->", pixels[0]);
-    for (int c = 0; c < 3; ++c) std::printf(" %+.4f", x[c * s * s]);
+    for (int c = 0; c < 3; ++c) std::printf(" %+.4f", x[c * h * w]);
     std::printf("\n");
 
     // 3. The forward pass, stage by stage.

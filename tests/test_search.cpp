@@ -2,7 +2,8 @@
 // refusal of damaged files, load_model_checkpoint on a checkpoint saved the way train_mdff saves one
 // (the same outputs, exactly; its input options, crop mode included; clear errors for what is missing or
 // wrong), the top-k and radius searches on hand-made codes, and the built program run as a user runs it
-// on generated PNG images.
+// on generated PNG and BMP images; and mdff_walkthrough, which loads checkpoints the same way, on one of
+// another image size.
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
@@ -23,10 +24,14 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "core/safetensors.h"
+#include "data/batch.h"
+#include "data/dataset.h"
+#include "data/protocol.h"
 #include "tests/run_program.h"
 #include "models/checkpoint.h"
 #include "retrieval/code_db.h"
 #include "tests/temp_folder.h"
+#include "tests/tiny_dataset.h"
 
 #include "tests/stb_image_write_static.h"
 
@@ -620,4 +625,34 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   CHECK(not_on_path.exit_code == 0);
   CHECK(not_on_path.output.find("NumPy comparison skipped: mdff-no-such-python was not found on PATH") !=
         std::string::npos);
+}
+
+// Found by a user: with a checkpoint trained at --image-size 16, mdff_walkthrough showed the 16x16 batch's
+// pixel (16,16), read past its end. It shows each one's centre pixel, checked here against the same batch.
+TEST_CASE("mdff_walkthrough on a checkpoint of image size 16 shows the batch's own centre pixel") {
+  const std::string walkthrough = (fs::path(MDFF_SEARCH_BINARY).parent_path() / "mdff_walkthrough").string();
+  REQUIRE_MESSAGE(fs::exists(walkthrough), "build mdff_walkthrough (it sits next to mdff_search)");
+  const fs::path root = temp_path("walkthrough");
+  const fs::path data = test::make_dataset(root / "data", 400);  // 600 images a class: the split takes 100 + 500
+  json config = tiny_config(10, "all", {1});
+  config["image_size"] = 16;
+  const std::string checkpoint = (root / "checkpoint_8bits.safetensors").string();
+  save_tiny_checkpoint(checkpoint, config, 8, 1);
+  const Run r = test::run_program(walkthrough, "--checkpoint " + checkpoint + " --data-dir " + data.string() +
+                                                   " --database 20");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+
+  const data::Dataset d = data::load_fashion_mnist(data.string());
+  const int64_t row = data::make_split(d, "paper", 0).query[0];
+  Rng unused(0);
+  const Tensor images = data::make_batch(d, {row}, {0}, load_model_checkpoint(checkpoint).batch, unused).images;
+  REQUIRE(images.shape() == Shape{1, 3, 16, 16});
+  std::string expected = "centre pixel: raw (16,16) " + std::to_string(d.image(row)[16 * 32 + 16]) + " -> batch (8,8)";
+  for (int c = 0; c < 3; ++c) {
+    char value[16];
+    std::snprintf(value, sizeof value, " %+.4f", images.data<float>()[(c * 16 + 8) * 16 + 8]);
+    expected += value;
+  }
+  CHECK(r.output.find(expected) != std::string::npos);
 }
