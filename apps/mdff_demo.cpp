@@ -1,4 +1,4 @@
-// mdff_demo: the engine end to end before train_mdff exists. Trains a small convolutional network
+// mdff_demo: a quick check that the engine learns, end to end. Trains a small convolutional network
 // (conv-BN-ReLU-pool twice, global average pooling, a linear classifier) on Fashion-MNIST with the
 // engine's autograd and plain SGD with momentum, then reports test accuracy. It exercises every piece
 // a training step needs: data, forward, loss, backward, update, evaluation mode.
@@ -83,7 +83,8 @@ struct Net {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Trains a small CNN on Fashion-MNIST with the mdff engine (a demo until train_mdff exists)"};
+  CLI::App app{"Trains a small CNN classifier on Fashion-MNIST with the mdff engine and reports its test accuracy: "
+               "a quick check that the engine learns (train_mdff trains MDFF-SH hashing models)"};
   std::string data_dir = data::kFashionMnistDir;
   int steps = 1000, batch = 64;
   double lr = 0.1;
