@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -31,17 +32,20 @@ inline Device choose_device(const std::string& name) {
   return cuda_available(&why) ? Device::CUDA : Device::CPU;
 }
 
-// Parses argv into `app`. Returns the exit code when the program should stop now (help or error).
+// Parses argv into `app`. Returns the exit code when the program should stop now: 0 after --help, 2 after
+// a bad option or value, printed as "program: reason" and the --help hint (as the programs' own usage errors).
 inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  const std::string program = std::filesystem::path(argv[0]).filename().string();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ConfigError& e) {  // CLI11 says "INI was not able to parse epoch" for a misspelt key
-    std::fprintf(stderr, "--config: %s: each line is `option = value`, the option one of --help's without its "
-                 "dashes (e.g. epochs = 10)\nRun with --help for more information.\n", e.what());
+    std::fprintf(stderr, "%s: --config: %s: each line is `option = value`, the option one of --help's without its "
+                 "dashes (e.g. epochs = 10)\nRun with --help for more information.\n", program.c_str(), e.what());
     return 2;
   } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);  // prints help or the error
-    return code == 0 ? 0 : 2;
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help: prints it
+    std::fprintf(stderr, "%s: %s\nRun with --help for more information.\n", program.c_str(), e.what());
+    return 2;
   }
   return std::nullopt;
 }

@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--steps", steps, "SGD steps")->capture_default_str()->check(CLI::Range(1, 1000000));
   app.add_option("--batch", batch, "batch size")->capture_default_str()->check(CLI::Range(2, 4096));
-  app.add_option("--lr", lr, "learning rate (SGD, momentum 0.9)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--lr", lr, "learning rate (SGD, momentum 0.9)")->capture_default_str()->check(cli::finite_number(0, true));
   app.add_option("--seed", seed, "seed for initialisation and data order")->capture_default_str();
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
 

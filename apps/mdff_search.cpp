@@ -616,7 +616,7 @@ int main(int argc, char** argv) {
                                 : query->parsed() ? query_options.device
                                                   : bench_options.device);
   } catch (const Error& e) {
-    std::fprintf(stderr, "mdff_search: %s\nRun with --help for more information.\n", e.what());
+    std::fprintf(stderr, "mdff_search: %s\nRun with --help for more information.\n", e.reason());
     return 2;
   }
   try {

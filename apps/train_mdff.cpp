@@ -433,7 +433,7 @@ int main(int argc, char** argv) {
     }
     plan = plan_from(o);
   } catch (const Error& e) {
-    std::fprintf(stderr, "train_mdff: %s\nRun with --help for more information.\n", e.what());
+    std::fprintf(stderr, "train_mdff: %s\nRun with --help for more information.\n", e.reason());
     return 2;
   }
   std::signal(SIGINT, request_stop);

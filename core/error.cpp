@@ -10,7 +10,7 @@ void fail(const char* file, int line, const char* condition, const std::string& 
   if (condition) text += concat(" [check `", condition, "` failed");
   else text += " [";
   text += concat(condition ? " at " : "at ", file, ":", line, "]");
-  throw Error(text);
+  throw Error(text, message);
 }
 }  // namespace detail
 

@@ -5,11 +5,19 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace mdff {
 
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
+  Error(const std::string& what, std::string reason) : std::runtime_error(what), reason_(std::move(reason)) {}
+  // The message without the failed check and its file:line (MDFF_CHECK's parts alone): what a usage error
+  // shows, since the mistake is the user's, not the program's.
+  const char* reason() const noexcept { return reason_.empty() ? what() : reason_.c_str(); }
+
+ private:
+  std::string reason_;
 };
 
 // A device ran out of memory: the caller may add what it was doing (batch size, image size) and retry

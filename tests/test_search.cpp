@@ -630,8 +630,7 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
 // Found by a user: with a checkpoint trained at --image-size 16, mdff_walkthrough showed the 16x16 batch's
 // pixel (16,16), read past its end. It shows each one's centre pixel, checked here against the same batch.
 TEST_CASE("mdff_walkthrough on a checkpoint of image size 16 shows the batch's own centre pixel") {
-  const std::string walkthrough = (fs::path(MDFF_SEARCH_BINARY).parent_path() / "mdff_walkthrough").string();
-  REQUIRE_MESSAGE(fs::exists(walkthrough), "build mdff_walkthrough (it sits next to mdff_search)");
+  const std::string walkthrough = MDFF_WALKTHROUGH_BINARY;
   const fs::path root = temp_path("walkthrough");
   const fs::path data = test::make_dataset(root / "data", 400);  // 600 images a class: the split takes 100 + 500
   json config = tiny_config(10, "all", {1});

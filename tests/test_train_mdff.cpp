@@ -185,6 +185,7 @@ TEST_CASE("bad options exit 2 with the reason") {
     const Run r = run(arguments);
     CHECK(r.exit_code == 2);
     CHECK_MESSAGE(r.output.find(entry.second) != std::string::npos, r.output);
+    CHECK(r.output.find("[check") == std::string::npos);  // the user's mistake: no source location
   }
   CHECK_FALSE(fs::exists(folder.path / "run"));
   std::string why_no_gpu;

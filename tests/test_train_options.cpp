@@ -93,3 +93,15 @@ TEST_CASE("option checks: finite numbers with a lower bound, 64-bit seeds") {
     CHECK_FALSE(problem(seed, text).empty());
   }
 }
+
+TEST_CASE("an Error's reason is its message without the failed check and where") {
+  const int limit = 3;
+  try {
+    MDFF_CHECK(limit > 4, "--epochs ", limit, " is too few");
+    FAIL("MDFF_CHECK did not throw");
+  } catch (const Error& e) {
+    CHECK(std::string(e.reason()) == "--epochs 3 is too few");
+    CHECK(std::string(e.what()).find("--epochs 3 is too few [check `limit > 4` failed at ") == 0);
+  }
+  CHECK(std::string(Error("plain").reason()) == "plain");
+}
