@@ -6,10 +6,21 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 
 namespace mdff::test {
+
+// A program the tests run (`built`: where the build put it, an absolute path compiled in), else the one of
+// that name beside the running test executable: scripts/gpu_check.sh carries tests and programs to another
+// machine in one folder, where the build's paths do not exist.
+inline std::string program(const char* built) {
+  namespace fs = std::filesystem;
+  if (fs::exists(built)) return built;
+  const fs::path beside = fs::read_symlink("/proc/self/exe").parent_path() / fs::path(built).filename();
+  return fs::exists(beside) ? beside.string() : built;
+}
 
 struct Run {
   int exit_code;

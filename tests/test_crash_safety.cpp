@@ -35,7 +35,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-test::Run run(const std::string& arguments) { return test::run_program(TRAIN_MDFF_BINARY, arguments); }
+test::Run run(const std::string& arguments) { return test::run_program(test::program(TRAIN_MDFF_BINARY), arguments); }
 
 // A tiny run: 100 training images in batches of 16 (6 steps an epoch), two code lengths of 2 epochs
 // each, RMSProp, U (pairs dataset), shifts and flips, the learning curve at epoch 2.
@@ -184,7 +184,7 @@ TEST_CASE("a run SIGKILLed 30 times at random moments and resumed each time ends
     ++launches;
     const std::string arguments =
         fs::exists(out / "config.json") ? "--resume " + out.string() : tiny_run(ref.data) + "--out " + out.string();
-    return test::start_program(TRAIN_MDFF_BINARY, arguments, ref.folder.file("log"));
+    return test::start_program(test::program(TRAIN_MDFF_BINARY), arguments, ref.folder.file("log"));
   };
   next_run();
   const auto start = Clock::now();
@@ -242,7 +242,7 @@ TEST_CASE("a write that fails for want of room stops the run naming the file; th
   // A file-size limit of 2 to 4 MB (the shell's blocks are 512 or 1024 bytes): the 15.7 MB checkpoint
   // cannot be written, the other files (up to 0.4 MB) can. train_mdff ignores SIGXFSZ, so its write
   // fails with EFBIG instead of killing it.
-  const test::Run full = test::run_program("ulimit -f 4096; exec " TRAIN_MDFF_BINARY, "--resume " + out.string());
+  const test::Run full = test::run_program("ulimit -f 4096; exec " + test::program(TRAIN_MDFF_BINARY), "--resume " + out.string());
   INFO(full.output);
   CHECK(full.exit_code == 1);
   CHECK(full.output.find("train_mdff: error: cannot write " + checkpoint.string() + ": File too large: it would "
@@ -273,7 +273,7 @@ TEST_CASE("a folder in use is refused naming the process that holds it; a killed
     CHECK_FALSE(fs::exists(out / "config.json"));
   }
   // A run paused (SIGSTOP) once it has started: a --resume of its folder is refused naming it.
-  const pid_t pid = test::start_program(TRAIN_MDFF_BINARY, tiny_run(ref.data) + "--out " + out.string(),
+  const pid_t pid = test::start_program(test::program(TRAIN_MDFF_BINARY), tiny_run(ref.data) + "--out " + out.string(),
                                         ref.folder.file("log_shared"));
   for (const auto start = Clock::now(); !fs::exists(out / "config.json");) {
     REQUIRE(Clock::now() - start < std::chrono::seconds(30));

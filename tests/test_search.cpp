@@ -127,7 +127,7 @@ std::unique_ptr<MdffSh> save_tiny_checkpoint(const std::string& path, const json
 
 using test::Run;
 
-Run run(const std::string& arguments) { return test::run_program(MDFF_SEARCH_BINARY, arguments); }
+Run run(const std::string& arguments) { return test::run_program(test::program(MDFF_SEARCH_BINARY), arguments); }
 
 // A 24x24 picture of its own for each i: a coloured background and a bright square placed by i.
 std::vector<uint8_t> picture(int i) {
@@ -616,7 +616,7 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   fs::create_directories(bin);
   std::ofstream(bin / "fakepython") << "#!/bin/sh\nexit 1\n";
   fs::permissions(bin / "fakepython", fs::perms::owner_all);
-  const Run on_path = test::run_program("PATH=" + bin.string() + ":\"$PATH\" " MDFF_SEARCH_BINARY,
+  const Run on_path = test::run_program("PATH=" + bin.string() + ":\"$PATH\" " + test::program(MDFF_SEARCH_BINARY),
                                         "bench --codes 100 --queries 2 --python fakepython");
   CHECK(on_path.exit_code == 0);
   CHECK(on_path.output.find("NumPy comparison skipped: " + (bin / "fakepython").string() + " cannot import numpy") !=
@@ -630,7 +630,7 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
 // Found by a user: with a checkpoint trained at --image-size 16, mdff_walkthrough showed the 16x16 batch's
 // pixel (16,16), read past its end. It shows each one's centre pixel, checked here against the same batch.
 TEST_CASE("mdff_walkthrough on a checkpoint of image size 16 shows the batch's own centre pixel") {
-  const std::string walkthrough = MDFF_WALKTHROUGH_BINARY;
+  const std::string walkthrough = test::program(MDFF_WALKTHROUGH_BINARY);
   const fs::path root = temp_path("walkthrough");
   const fs::path data = test::make_dataset(root / "data", 400);  // 600 images a class: the split takes 100 + 500
   json config = tiny_config(10, "all", {1});

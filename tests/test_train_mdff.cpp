@@ -45,7 +45,7 @@ using test::make_dataset;
 using test::Run;
 using test::tensor_bytes;
 
-Run run(const std::string& arguments) { return test::run_program(TRAIN_MDFF_BINARY, arguments); }
+Run run(const std::string& arguments) { return test::run_program(test::program(TRAIN_MDFF_BINARY), arguments); }
 
 // A NUS-WIDE / MS-COCO-style image list, dir/list.txt: `count` PNG images in dir/images, alternately
 // 60x50 and 50x70 (width x height), each showing 1 to 3 of 5 concepts on a noisy background (a coloured
