@@ -28,6 +28,7 @@
 #include "models/mdff.h"
 #include "models/pretrained.h"
 #include "tests/temp_folder.h"
+#include "tests/source_tree.h"
 
 using namespace mdff;
 
@@ -58,7 +59,7 @@ std::string mdff_test_skip_reason() {
 TEST_CASE("torchvision's ResNet50 weights give torchvision's C3, C4 and C5 in MDFF-SH's backbone") {
   const test::TempFolder folder("mdff_test_pretrained_torchvision");
   const std::string weights = folder.file("resnet50.safetensors"), outputs = folder.file("outputs.safetensors");
-  const std::string command = "/usr/bin/python3 " MDFF_SOURCE_DIR "/tools/torchvision_resnet50.py '" + weights +
+  const std::string command = "/usr/bin/python3 " + test::source_file("tools/torchvision_resnet50.py") + " '" + weights +
                               "' '" + outputs + "'";
   REQUIRE_MESSAGE(std::system(command.c_str()) == 0, "the torchvision reference failed: ", command);
   const io::SafetensorsFile expected = io::load_safetensors(outputs);

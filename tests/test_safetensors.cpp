@@ -22,6 +22,7 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "tests/source_tree.h"
 
 using namespace mdff;
 namespace fs = std::filesystem;
@@ -484,7 +485,7 @@ TEST_CASE("PyTorch reads what the engine writes, and the engine reads what PyTor
   io::save_safetensors(from_engine, {{"w", weights}, {"s", scalar}, {"i", indices}, {"nothing", nothing}},
                        {{"source", "mdff"}});
 
-  const std::string command = std::string("/usr/bin/python3 '") + MDFF_SOURCE_DIR + "/tools/safetensors_io.py' '" +
+  const std::string command = "/usr/bin/python3 '" + test::source_file("tools/safetensors_io.py") + "' '" +
                               from_engine + "' '" + from_torch + "' > '" + log + "' 2>&1";
   const int status = std::system(command.c_str());
   REQUIRE_MESSAGE(status == 0, (command + "\n" + read_bytes(log)));

@@ -33,6 +33,7 @@
 #include "losses/hash_losses.h"
 #include "models/mdff.h"
 #include "optim/optimizers.h"
+#include "tests/source_tree.h"
 
 using namespace mdff;
 using json = nlohmann::json;
@@ -253,7 +254,7 @@ TEST_CASE("tiny MDFF-SH equals its PyTorch twin (committed fixtures), for every 
   for (const char* taps : {"all", "fc1", "convs"})
     for (const char* scales : {"1", "1,0.5"}) {
       const std::string path =
-          std::string(MDFF_SOURCE_DIR) + "/tests/fixtures/parity_tiny_" + taps + "_" + scales + ".safetensors";
+          test::source_file("tests/fixtures/parity_tiny_") + taps + "_" + scales + ".safetensors";
       check_case(io::load_safetensors(path), path);
       ++cases;
     }
@@ -268,7 +269,7 @@ TEST_CASE("ResNet50-MDFF-SH at 32x32 equals its PyTorch twin (live), for every t
   }
   const auto dir = std::filesystem::temp_directory_path() / ("mdff_parity_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
-  std::string command = "/usr/bin/python3 " MDFF_SOURCE_DIR "/tools/torch_twin.py";
+  std::string command = "/usr/bin/python3 " + test::source_file("tools/torch_twin.py");
   std::vector<std::string> outputs;
   Rng data(11);
   const int n_train = 12, batch = 4;
