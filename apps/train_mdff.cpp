@@ -435,6 +435,10 @@ int main(int argc, char** argv) {
   } catch (const Error& e) {
     std::fprintf(stderr, "train_mdff: %s\nRun with --help for more information.\n", e.reason());
     return 2;
+  } catch (const fs::filesystem_error& e) {  // a path given that the system cannot even look up (too long, ...)
+    std::fprintf(stderr, "train_mdff: %s: %s\nRun with --help for more information.\n", e.path1().c_str(),
+                 e.code().message().c_str());
+    return 2;
   }
   std::signal(SIGINT, request_stop);
   std::signal(SIGTERM, request_stop);

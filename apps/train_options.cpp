@@ -136,7 +136,14 @@ Options resumed_options(const Options& given, const CLI::App& app) {
                                     theirs.at(key).dump(), " in the run");
   }
   const CLI::Option* out = app.get_option_no_throw("--out");
-  MDFF_CHECK(!out || out->count() == 0 || fs::weakly_canonical(given.out) == fs::weakly_canonical(given.resume),
+  // The same folder however written (r1, ./r1/, an absolute path); a path that cannot be resolved is compared
+  // as written, since weakly_canonical's throwing form would escape main's usage-error handler.
+  auto resolved = [](const std::string& path) {
+    std::error_code error;
+    const fs::path canonical = fs::weakly_canonical(path, error);
+    return error ? fs::path(path).lexically_normal() : canonical;
+  };
+  MDFF_CHECK(!out || out->count() == 0 || resolved(given.out) == resolved(given.resume),
              "--resume: a run continues in its own folder, ", given.resume, ", not in --out ", given.out,
              ": leave --out out (copy the folder first to continue a copy)");
   MDFF_CHECK(differences.empty(), "--resume: this command asks for different options than the run in ", given.resume,

@@ -176,6 +176,8 @@ TEST_CASE("bad options exit 2 with the reason") {
       {(folder.path / "no_list.txt").string() + " --classes 2", "DATASET: no file"},
       {folder.path.string() + " --classes 2", "is not a file"},
       {(folder.path / "list.txt").string(), "an image list needs --classes"},
+      {std::string(5000, 'a') + " --classes 2", "File name too long"},  // was an uncaught filesystem_error
+      {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + std::string(5000, 'b'), "File name too long"},
       {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + (folder.path / "file").string(),
        "is a file, not a folder"},
   };
