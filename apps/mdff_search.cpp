@@ -124,8 +124,27 @@ void place(LoadedCheckpoint& loaded, Device device, const std::string& precision
   loaded.model->to(device);
 }
 
+// What --out may name, checked before any encoding: a new file, or a code database to replace; never a
+// folder, the checkpoint itself or another file, which the database would overwrite.
+void check_index_output(const IndexOptions& o) {
+  std::error_code error;
+  if (!fs::exists(o.out, error)) return;
+  MDFF_CHECK(!fs::is_directory(o.out), "--out ", o.out, " is a folder: name the database file to write, e.g. ",
+             (fs::path(o.out) / "codes.db").string());
+  MDFF_CHECK(!fs::equivalent(o.out, o.checkpoint, error), "--out ", o.out, " is the checkpoint (--checkpoint): the "
+             "database would overwrite the model; name another file");
+  try {
+    retrieval::read_code_database(o.out);
+  } catch (const Error& e) {
+    MDFF_FAIL("--out ", o.out, " exists and is not a code database that index may replace (", e.reason(),
+              "); name another file, or delete it first");
+  }
+  std::printf("mdff_search index: %s holds a code database; it will be replaced\n", o.out.c_str());
+}
+
 int run_index(const IndexOptions& o, Device device) {
   const auto start = Clock::now();
+  check_index_output(o);
   LoadedCheckpoint loaded = load_model_checkpoint(o.checkpoint);
   place(loaded, device, o.precision);
   data::Dataset dataset;
@@ -551,6 +570,8 @@ void add_device_options(CLI::App& command, std::string& device, std::string& pre
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Line by line into a log file too, so that a line printed before an error message (stderr) comes first.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   CLI::App app{"Image search over MDFF-SH hash codes: index a collection with a train_mdff checkpoint, query it "
                "with images, or benchmark the Hamming ranking."};
   app.require_subcommand(1);

@@ -416,6 +416,8 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Line by line into a log file too, so that a line printed before an error message (stderr) comes first.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   Options o;
   CLI::App app{"Trains MDFF-SH (multiscale deep feature fusion hashing) and evaluates its hash codes.\n"
                "With no DATASET it trains on Fashion-MNIST, which Debian's dataset-fashion-mnist installs."};
@@ -548,7 +550,8 @@ int main(int argc, char** argv) {
     for (const TableRow& row : table) {
       const double paper = paper_map(o.dataset, row.bits);
       std::printf("%-6d %8.4f %10.4f %10s %12s\n", row.bits, row.map, row.precision_h2,
-                  std::isnan(row.precision_1000) ? "-" : detail::concat(row.precision_1000).substr(0, 6).c_str(),
+                  std::isnan(row.precision_1000) ? "-" : detail::concat(std::fixed, std::setprecision(4),
+                                                                       row.precision_1000).c_str(),
                   std::isnan(paper) ? "-" : detail::concat(paper).c_str());
     }
     std::printf("mAP is mAP@%s; results in %s\n", run.map_at < 0 ? "ALL" : "5000", out.c_str());

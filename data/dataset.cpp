@@ -337,7 +337,8 @@ Dataset load_image_list(const std::string& list_file, const std::string& root, i
     std::vector<uint8_t> row;
     for (std::string value; fields >> value;) {
       MDFF_CHECK(value == "0" || value == "1", where, "label ", row.size() + 1, " is '", value,
-                 "'; labels must be 0 or 1 (the line is `path l1 ... l", classes, "`)");
+                 "'; labels must be 0 or 1 (the line is `path l1 ... l", classes, "`, separated by spaces, so a path ",
+                 "cannot hold one: rename such files)");
       row.push_back(value == "1");
     }
     MDFF_CHECK(static_cast<int>(row.size()) == classes, where, "found ", row.size(),

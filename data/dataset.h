@@ -43,7 +43,8 @@ Dataset load_cifar10(const std::string& dir, int64_t records_per_file = kCifar10
 Dataset load_fashion_mnist(const std::string& dir);
 
 // An image list: one image per line, `path l1 ... lK` with K labels that are each 0 or 1 (at least one
-// 1); blank lines are skipped. Relative paths are taken from `root` (absolute paths are kept). The files
+// 1), separated by whitespace (so a path cannot hold any, as in DeepHash-pytorch's lists); blank lines
+// are skipped. Relative paths are taken from `root` (absolute paths are kept). The files
 // must exist but are not decoded here.
 Dataset load_image_list(const std::string& list_file, const std::string& root, int classes);
 

@@ -316,6 +316,11 @@ TEST_CASE("image lists: bad lines and bad images are errors naming the file and 
                        doctest::Contains("list.txt:2: found 2 labels after the path, expected 3"), Error);
   CHECK_THROWS_WITH_AS(load_line("a.png 1 0 1 1"), doctest::Contains("found 4 labels"), Error);
   CHECK_THROWS_WITH_AS(load_line("a.png 1 2 0"), doctest::Contains("list.txt:2: label 2 is '2'"), Error);
+  // a path with a space: its second part is read as a label, and the message says why
+  CHECK_THROWS_WITH_AS(load_line("my photo.png 1 0 0"),
+                       doctest::Contains("label 1 is 'photo.png'; labels must be 0 or 1 (the line is `path l1 ... l3`, "
+                                         "separated by spaces, so a path cannot hold one"),
+                       Error);
   CHECK_THROWS_WITH_AS(load_line("a.png"), doctest::Contains("found 0 labels"), Error);
   CHECK_THROWS_WITH_AS(load_line("a.png 0 0 0"), doctest::Contains("list.txt:2: the image a.png has no label"), Error);
   CHECK_THROWS_WITH_AS(load_line("missing.png 0 1 0"), doctest::Contains("missing.png does not exist"), Error);

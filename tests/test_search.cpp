@@ -469,6 +469,29 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   REQUIRE_MESSAGE(distinct.size() == paths.size(), "two images share a code, so a query's own image is not alone at "
                   "distance 0: change the checkpoint's seed");
 
+  // --out is checked before any encoding: a database is replaced, the checkpoint, a folder or another file not
+  // (index overwrote whatever --out named, its own checkpoint included)
+  const Run again = run("index --checkpoint " + checkpoint + " --out " + db_path + " --folder " + images.string());
+  CHECK(again.exit_code == 0);
+  CHECK(again.output.find("holds a code database; it will be replaced") != std::string::npos);
+  CHECK(read_code_database(db_path).paths == paths);
+  const std::vector<uint8_t> checkpoint_bytes = io::read_file(checkpoint);
+  std::ofstream(root / "notes.txt") << "keep me\n";
+  const std::pair<std::string, std::string> refused_outputs[] = {
+      {checkpoint, "is the checkpoint (--checkpoint)"},
+      {images.string(), "is a folder: name the database file to write"},
+      {(root / "notes.txt").string(), "exists and is not a code database that index may replace"}};
+  for (const auto& entry : refused_outputs) {
+    const std::string& out = entry.first;  // CAPTURE cannot name a structured binding (C++17)
+    CAPTURE(out);
+    const Run r = run("index --checkpoint " + checkpoint + " --out " + out + " --folder " + images.string());
+    CHECK(r.exit_code == 1);
+    CHECK(r.output.find(entry.second) != std::string::npos);
+    CHECK(r.output.find("encoding") == std::string::npos);  // refused before the work
+  }
+  CHECK(io::read_file(checkpoint) == checkpoint_bytes);
+  CHECK(io::read_file((root / "notes.txt").string()).size() == 8);
+
   // a query image cut short is refused, naming it (a BMP was decoded with its missing rows black)
   const std::string cut_bmp = (root / "cut.bmp").string();
   {
