@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
@@ -110,16 +111,38 @@ inline CLI::Validator finite_number(double min, bool strictly) {
       strictly ? "NUMBER > " + detail::concat(min) : "NUMBER >= " + detail::concat(min));
 }
 
-// An option's check that its value is a whole number from 0 to 2^64 - 1: CLI11 reads "-1" into a uint64_t
-// as 2^64 - 1 and a number past the top as the top.
+// Integer options take these as transforms (->transform, which may rewrite the text; ->check's copy is thrown
+// away): CLI11 2.1 reads an integer in base 0, so "010" was 8 and "09" an error, and it reads "-1" into a
+// uint64_t as 2^64 - 1. Each accepts decimal digits only and hands CLI11 the number rewritten without leading
+// zeros.
+
+// A whole number in min..max (CLI11's Range, in base 10).
+inline CLI::Validator whole_number(int64_t min, int64_t max) {
+  return CLI::Validator(
+      [min, max](std::string& text) -> std::string {
+        const size_t sign = !text.empty() && text[0] == '-' ? 1 : 0;
+        if (text.size() == sign || text.find_first_not_of("0123456789", sign) != std::string::npos)
+          return detail::concat("'", text, "' is not a whole number");
+        errno = 0;
+        const long long value = std::strtoll(text.c_str(), nullptr, 10);
+        if (errno == ERANGE || value < min || value > max)
+          return detail::concat(text, " is outside ", min, "..", max);
+        text = std::to_string(value);
+        return "";
+      },
+      detail::concat("INT in [", min, " - ", max, "]"));
+}
+
+// A whole number from 0 to 2^64 - 1.
 inline CLI::Validator unsigned_64() {
   return CLI::Validator(
       [](std::string& text) -> std::string {
         const bool digits = !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
         errno = 0;
-        if (digits) std::strtoull(text.c_str(), nullptr, 10);
+        const unsigned long long value = digits ? std::strtoull(text.c_str(), nullptr, 10) : 0;
         if (!digits || errno == ERANGE)
           return detail::concat("'", text, "' is not a whole number from 0 to 18446744073709551615");
+        text = std::to_string(value);
         return "";
       },
       "UINT64");

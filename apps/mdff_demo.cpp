@@ -91,8 +91,8 @@ int main(int argc, char** argv) {
   uint64_t seed = 0;
   app.add_option("--data-dir", data_dir, "folder with the Fashion-MNIST *-ubyte.gz files (Debian: dataset-fashion-mnist)")
       ->capture_default_str();
-  app.add_option("--steps", steps, "SGD steps")->capture_default_str()->check(CLI::Range(1, 1000000));
-  app.add_option("--batch", batch, "batch size")->capture_default_str()->check(CLI::Range(2, 4096));
+  app.add_option("--steps", steps, "SGD steps")->capture_default_str()->transform(cli::whole_number(1, 1000000));
+  app.add_option("--batch", batch, "batch size")->capture_default_str()->transform(cli::whole_number(2, 4096));
   app.add_option("--lr", lr, "learning rate (SGD, momentum 0.9)")->capture_default_str()->check(cli::finite_number(0, true));
   app.add_option("--seed", seed, "seed for initialisation and data order")->capture_default_str();
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;

@@ -585,11 +585,11 @@ int main(int argc, char** argv) {
   CLI::Option* list = index->add_option("--list", index_options.list, "index an image list: `path l1 ... lK` lines (labels kept)");
   folder->excludes(list);
   index->add_option("--classes", index_options.classes, "labels per line of the list (default: the checkpoint's classes)")
-      ->needs(list)->check(CLI::Range(1, 10000));
+      ->needs(list)->transform(cli::whole_number(1, 10000));
   index->add_option("--list-root", index_options.list_root, "folder the list's paths are relative to (default: the list's)")
       ->needs(list);
   index->add_option("--batch-size", index_options.batch_size, "images encoded at once")->capture_default_str()
-      ->check(CLI::Range(1, 100000));
+      ->transform(cli::whole_number(1, 100000));
   add_device_options(*index, index_options.device, index_options.precision);
 
   QueryOptions query_options;
@@ -599,25 +599,25 @@ int main(int argc, char** argv) {
                     "it records; another one is refused)");
   query->add_option("images", query_options.images, "query images (any format stb_image reads)")->required();
   CLI::Option* top_k = query->add_option("--top-k", query_options.top_k, "results per query")->capture_default_str()
-                           ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+                           ->transform(cli::whole_number(int64_t{1}, int64_t{1} << 40));
   query->add_option("--radius", query_options.radius, "instead of the top k: every image within this Hamming distance")
-      ->excludes(top_k)->check(CLI::Range(0, 1 << 20));
+      ->excludes(top_k)->transform(cli::whole_number(0, 1 << 20));
   query->add_option("--json", query_options.json, "also write the results as JSON to this file");
   query->add_option("--grid", query_options.grid, "also draw each query and its results as a PNG grid, framed green or red by "
                     "label agreement when the query is a labelled database image");
   query->add_option("--grid-results", query_options.grid_results, "results per query in the grid")->capture_default_str()
-      ->check(CLI::Range(1, 1000));
+      ->transform(cli::whole_number(1, 1000));
   add_device_options(*query, query_options.device, query_options.precision);
 
   BenchOptions bench_options;
   CLI::App* bench = app.add_subcommand("bench", "time the Hamming ranking on random codes, against NumPy");
   bench->add_option("--codes", bench_options.codes, "database codes")->capture_default_str()
-      ->check(CLI::Range(int64_t{1}, int64_t{std::numeric_limits<int32_t>::max()}));
-  bench->add_option("--bits", bench_options.bits, "code length")->capture_default_str()->check(CLI::Range(1, 4096));
+      ->transform(cli::whole_number(int64_t{1}, int64_t{std::numeric_limits<int32_t>::max()}));
+  bench->add_option("--bits", bench_options.bits, "code length")->capture_default_str()->transform(cli::whole_number(1, 4096));
   bench->add_option("--queries", bench_options.queries, "queries")->capture_default_str()
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+      ->transform(cli::whole_number(int64_t{1}, int64_t{1} << 24));
   bench->add_option("--top-k", bench_options.top_k, "results per query")->capture_default_str()
-      ->check(CLI::Range(int64_t{1}, int64_t{std::numeric_limits<int32_t>::max()}));
+      ->transform(cli::whole_number(int64_t{1}, int64_t{std::numeric_limits<int32_t>::max()}));
   bench->add_option("--seed", bench_options.seed, "seed of the random codes")->capture_default_str();
   bench->add_option("--json", bench_options.json, "also write the results as JSON to this file");
   bench->add_option("--python", bench_options.python, "the Python with NumPy to compare with (a name without a '/' is "

@@ -16,12 +16,12 @@ int main(int argc, char** argv) {
   std::string taps = "all", scales = "1,0.5";
   int image_size = 32;
   bool tiny = false;
-  app.add_option("--bits", config.bits, "code length L")->capture_default_str()->check(CLI::Range(1, 4096));
-  app.add_option("--classes", config.classes, "number of classes K")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--bits", config.bits, "code length L")->capture_default_str()->transform(cli::whole_number(1, 4096));
+  app.add_option("--classes", config.classes, "number of classes K")->capture_default_str()->transform(cli::whole_number(1, 100000));
   app.add_option("--taps", taps, "which features feed the fusion layer: all, fc1 or convs (the paper's Table 4)")
       ->capture_default_str()->check(CLI::IsMember({"all", "fc1", "convs"}));
   app.add_option("--scales", scales, "the image sizes the backbone sees, relative to the input")->capture_default_str();
-  app.add_option("--image-size", image_size, "input height = width")->capture_default_str()->check(CLI::Range(16, 1024));
+  app.add_option("--image-size", image_size, "input height = width")->capture_default_str()->transform(cli::whole_number(16, 1024));
   app.add_flag("--tiny", tiny, "the tiny ResNet of the tests instead of ResNet50");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   try {

@@ -38,10 +38,10 @@ int main(int argc, char** argv) {
   int top = 10;
   app.add_option("--checkpoint", checkpoint, "a train_mdff checkpoint (default: random weights, seed 0)");
   app.add_option("--data-dir", data_dir, "the Fashion-MNIST folder")->capture_default_str();
-  app.add_option("--query", query, "which query of the split (seed 0) to follow")->capture_default_str()->check(CLI::Range(0, 999));
+  app.add_option("--query", query, "which query of the split (seed 0) to follow")->capture_default_str()->transform(cli::whole_number(0, 999));
   app.add_option("--database", database_size, "database images to rank (the first of the split's database)")
-      ->capture_default_str()->check(CLI::Range(1, 69000));
-  app.add_option("--top", top, "results to print")->capture_default_str()->check(CLI::Range(1, 100));
+      ->capture_default_str()->transform(cli::whole_number(1, 69000));
+  app.add_option("--top", top, "results to print")->capture_default_str()->transform(cli::whole_number(1, 100));
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   try {
     // 1. Reading and the split.

@@ -163,15 +163,15 @@ void add_options(CLI::App& app, Options& o) {
       ->capture_default_str();
   app.add_option("--data-dir", o.data_dir, "where the dataset's files are (default: /usr/share/datasets/"
                  "fashion-mnist, data/cifar-10-batches-bin)");
-  app.add_option("--classes", o.classes, "number of labels per line of an image list")->check(CLI::Range(1, 10000));
+  app.add_option("--classes", o.classes, "number of labels per line of an image list")->transform(cli::whole_number(1, 10000));
   app.add_option("--list-root", o.list_root, "folder that image-list paths are relative to (default: the list's)");
   app.add_option("--recipe", o.recipe, "defaults for the options below: scratch (random initialisation, the default) "
                  "or paper (the paper's RMSProp recipe, the default with --pretrained)")
       ->check(CLI::IsMember({"paper", "scratch"}));
   app.add_option("--bits", o.bits, "code lengths, one model each (default 48 for fashion-mnist, else 12,24,32,48)")
       ->check(cli::number_list<int>());
-  app.add_option("--epochs", o.epochs, "passes over the training images (recipe's default)")->check(CLI::Range(1, 100000));
-  app.add_option("--batch-size", o.batch_size, "images per step (recipe's default)")->check(CLI::Range(2, 100000));
+  app.add_option("--epochs", o.epochs, "passes over the training images (recipe's default)")->transform(cli::whole_number(1, 100000));
+  app.add_option("--batch-size", o.batch_size, "images per step (recipe's default)")->transform(cli::whole_number(2, 100000));
   app.add_option("--optimizer", o.optimizer, "rmsprop or sgd (recipe's default)")->check(CLI::IsMember({"rmsprop", "sgd"}));
   app.add_option("--lr", o.lr, "learning rate (recipe's default)")->check(cli::finite_number(0, true));
   app.add_option("--schedule", o.schedule, "learning rate schedule: constant or cosine (recipe's default)")
@@ -190,35 +190,35 @@ void add_options(CLI::App& app, Options& o) {
       ->check(CLI::IsMember({"all", "fc1", "convs"}));
   app.add_option("--zero-init-residual", o.zero_init_residual, "1: every residual block starts as the identity "
                  "(its last batch norm's gamma = 0), 0: torchvision's default initialisation (recipe's default)")
-      ->check(CLI::Range(0, 1));
+      ->transform(cli::whole_number(0, 1));
   app.add_option("--scales", o.scales, "image scales the backbone sees, e.g. 1,0.5 (dual scale, the paper's) or 1 "
                  "(recipe's default)")->check(cli::number_list<double>());
   app.add_option("--image-size", o.image_size, "images are resized to this square (recipe's default: 32); --crop "
-                 "replaces it")->check(CLI::Range(16, 1024));
+                 "replaces it")->transform(cli::whole_number(16, 1024));
   app.add_option("--resize", o.resize, "crop mode, with --crop (DeepHash-pytorch's 256 for NUS-WIDE and MS-COCO): "
-                 "the shorter side of each image is resized to this, keeping the aspect ratio")->check(CLI::Range(16, 1024));
+                 "the shorter side of each image is resized to this, keeping the aspect ratio")->transform(cli::whole_number(16, 1024));
   app.add_option("--crop", o.crop, "crop mode, with --resize (DeepHash-pytorch's 224): the model sees a random "
                  "square of this size of the resized image in training, the centre one in evaluation; replaces "
-                 "--image-size")->check(CLI::Range(16, 1024));
+                 "--image-size")->transform(cli::whole_number(16, 1024));
   app.add_flag("--no-flip", o.no_flip, "no random horizontal flips of training images");
   app.add_option("--shift", o.shift, "random translation of training images by up to this many pixels each way, "
-                 "uncovered pixels black (recipe's default)")->check(CLI::Range(0, 1023));
+                 "uncovered pixels black (recipe's default)")->transform(cli::whole_number(0, 1023));
   app.add_option("--protocol", o.protocol, "split: paper (training images stay in the database) or deephash54k")
       ->capture_default_str()->check(CLI::IsMember({"paper", "deephash54k"}));
   app.add_option("--seed", o.seed, "seed of the split, the initialisation and the data order")->capture_default_str()
-      ->check(cli::unsigned_64());
+      ->transform(cli::unsigned_64());
   app.add_option("--queries-per-class", o.split.queries_per_class, "single-label split: queries drawn per class")
-      ->capture_default_str()->check(CLI::Range(1, 1000000));
+      ->capture_default_str()->transform(cli::whole_number(1, 1000000));
   app.add_option("--train-per-class", o.split.train_per_class, "single-label split: training images per class")
-      ->capture_default_str()->check(CLI::Range(1, 1000000));
+      ->capture_default_str()->transform(cli::whole_number(1, 1000000));
   app.add_option("--queries", o.split.queries, "multi-label split: queries")->capture_default_str()
-      ->check(CLI::Range(1, 10000000));
+      ->transform(cli::whole_number(1, 10000000));
   app.add_option("--train-images", o.split.train, "multi-label split: training images")->capture_default_str()
-      ->check(CLI::Range(1, 10000000));
+      ->transform(cli::whole_number(1, 10000000));
   app.add_option("--model", o.model, "backbone: resnet50 (the paper's) or tiny (the tests' small ResNet, for quick "
                  "trials)")->capture_default_str()->check(CLI::IsMember({"resnet50", "tiny"}));
   app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 2,000-image "
-                 "sample of the database (the learning curve); 0: off")->capture_default_str()->check(CLI::Range(0, 1000));
+                 "sample of the database (the learning curve); 0: off")->capture_default_str()->transform(cli::whole_number(0, 1000));
   app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--precision", o.precision, "GPU math: tf32 (convolutions and matrix products on tensor cores with "

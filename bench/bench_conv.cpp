@@ -280,8 +280,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu, or cuda: cuDNN's times, and cuBLAS's for the 1x1 convolutions")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--input", input, "input image size (square)")->capture_default_str()->check(CLI::Range(8, 1024));
-  app.add_option("--batch", batch, "batch size")->capture_default_str()->check(CLI::Range(1, 4096));
+  app.add_option("--input", input, "input image size (square)")->capture_default_str()->transform(cli::whole_number(8, 1024));
+  app.add_option("--batch", batch, "batch size")->capture_default_str()->transform(cli::whole_number(1, 4096));
   app.add_option("--precision", precision, "GPU math: tf32 (tensor cores, the engine's default) or fp32")
       ->capture_default_str()
       ->check(CLI::IsMember({"tf32", "fp32"}));

@@ -308,16 +308,16 @@ int main(int argc, char** argv) try {
   app.add_option("--image-size", size_text, "input heights = widths, a comma list (32..512)")->capture_default_str();
   app.add_flag("--grid", grid, "the GPU matrix: --batch 32,128 --image-size 224,32");
   app.add_option("--encode-batch", encode_batch, "encoding batch size (default: 256 on the CPU, the training batch "
-                 "on the GPU)")->check(CLI::Range(1, 4096));
+                 "on the GPU)")->transform(cli::whole_number(1, 4096));
   app.add_option("--scales", scales_text, "scales the backbone sees")->capture_default_str();
   app.add_option("--train-size", train_size, "rows of the U matrix (pairs = dataset)")->capture_default_str()
-      ->check(CLI::Range(1, 1000000));
+      ->transform(cli::whole_number(1, 1000000));
   app.add_option("--warmup", warmup, "untimed iterations of each side before each phase")->capture_default_str()
-      ->check(CLI::Range(0, 100));
+      ->transform(cli::whole_number(0, 100));
   app.add_option("--rounds", rounds, "rounds of each side per phase, taking turns")->capture_default_str()
-      ->check(CLI::Range(1, 100));
+      ->transform(cli::whole_number(1, 100));
   app.add_option("--iterations", iterations, "timed iterations per round")->capture_default_str()
-      ->check(CLI::Range(1, 1000));
+      ->transform(cli::whole_number(1, 1000));
   app.add_option("--python", python, "the Python that runs PyTorch (default: $MDFF_TORCH_PYTHON, else the first "
                  "of python3 on PATH and /usr/bin/python3 whose torch starts, with CUDA for --device cuda)");
   app.add_flag("--no-torch", no_torch, "time the engine only");

@@ -399,12 +399,12 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision, "GPU math: tf32 (tensor cores, the engine's default) or fp32")
       ->capture_default_str()
       ->check(CLI::IsMember({"tf32", "fp32"}));
-  app.add_option("--input", input, "input image size (square)")->capture_default_str()->check(CLI::Range(32, 1024));
-  app.add_option("--batch", batch, "batch size")->capture_default_str()->check(CLI::Range(2, 4096));
-  app.add_option("--bits", bits, "code length L")->capture_default_str()->check(CLI::Range(1, 1024));
+  app.add_option("--input", input, "input image size (square)")->capture_default_str()->transform(cli::whole_number(32, 1024));
+  app.add_option("--batch", batch, "batch size")->capture_default_str()->transform(cli::whole_number(2, 4096));
+  app.add_option("--bits", bits, "code length L")->capture_default_str()->transform(cli::whole_number(1, 1024));
   app.add_option("--repeat", repeat,
                  "timed calls per op, after one warm-up call (the median is reported; on the GPU, rounds of 5 calls)")
-      ->capture_default_str()->check(CLI::Range(1, 1000));
+      ->capture_default_str()->transform(cli::whole_number(1, 1000));
   app.add_option("--filter", filter, "only the ops whose name contains this text (e.g. conv, bn, linear, step)");
   app.add_option("--json", json_path, "write the results to this JSON file");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;

@@ -267,7 +267,7 @@ TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
   const fs::path data = make_dataset(root / "data", 20), out = root / "run";
   const Run r = run("fashion-mnist --data-dir " + data.string() + " --out " + out.string() +
                     " --model tiny --epochs 1 --bits 8,16 --batch-size 16 --scales 1 --queries-per-class 5"
-                    " --train-per-class 10 --optimizer sgd --lr 0.01");
+                    " --train-per-class 10 --optimizer sgd --lr 0.01 --seed 010");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   for (const char* file : {"config.json", "split/query.txt", "split/train.txt", "split/database.txt", "metrics.json",
@@ -282,6 +282,7 @@ TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
                           "gamma", "pairs", "taps", "scales", "image_size", "protocol", "seed", "device", "model"})
     CHECK_MESSAGE(config.contains(key), "config.json lacks ", key);
   CHECK(config["data_dir"] == data.string());
+  CHECK(config["seed"] == 10);  // base 10: CLI11 alone read "010" as octal 8
   // one progress bar over the queries and the database (non-terminal output: its last line)
   CHECK(r.output.find("8 bits, encoding the queries and the database 300/300") != std::string::npos);
   const auto metrics = nlohmann::json::parse(std::ifstream(out / "metrics.json"));

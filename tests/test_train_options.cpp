@@ -85,7 +85,21 @@ TEST_CASE("option checks: finite numbers with a lower bound, 64-bit seeds") {
     CAPTURE(text);
     CHECK(problem(positive, text).find("is not a number") != std::string::npos);
   }
+  // CLI11 reads integers in base 0: the transforms hand it base-10 text without leading zeros
+  const CLI::Validator epochs = cli::whole_number(1, 100);
+  std::string text = "010";
+  CHECK(epochs(text).empty());
+  CHECK(text == "10");
+  for (const char* bad : {"0", "101", "-3", "1.5", "0x10", "", "-", "99999999999999999999"}) {
+    std::string value = bad;
+    CAPTURE(value);
+    CHECK_FALSE(epochs(value).empty());
+  }
+  CHECK(problem(cli::whole_number(-5, 5), "-05").empty());
   const CLI::Validator seed = cli::unsigned_64();
+  std::string seed_text = "0010";
+  CHECK(seed(seed_text).empty());
+  CHECK(seed_text == "10");
   CHECK(problem(seed, "0").empty());
   CHECK(problem(seed, "18446744073709551615").empty());
   for (const char* text : {"-1", "18446744073709551616", "99999999999999999999", "", "1.5", "+3", " 3"}) {
