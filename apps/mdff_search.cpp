@@ -124,14 +124,28 @@ void place(LoadedCheckpoint& loaded, Device device, const std::string& precision
   loaded.model->to(device);
 }
 
-// What --out may name, checked before any encoding: a new file, or a code database to replace; never a
-// folder, the checkpoint itself or another file, which the database would overwrite.
+// What --out may name, checked before any work (a usage error): a new file in a folder that is or can be made,
+// or a code database to replace; never a folder, the checkpoint itself or another file, which the database
+// would overwrite.
 void check_index_output(const IndexOptions& o) {
+  const fs::path out(o.out);
+  MDFF_CHECK(out.has_filename(), "--out ", o.out, " names a folder: name the database file to write, e.g. ",
+             (out / "codes.db").string());
   std::error_code error;
-  if (!fs::exists(o.out, error)) return;
-  MDFF_CHECK(!fs::is_directory(o.out), "--out ", o.out, " is a folder: name the database file to write, e.g. ",
-             (fs::path(o.out) / "codes.db").string());
-  MDFF_CHECK(!fs::equivalent(o.out, o.checkpoint, error), "--out ", o.out, " is the checkpoint (--checkpoint): the "
+  for (fs::path folder = out.parent_path(); !folder.empty(); folder = folder.parent_path()) {
+    if (fs::exists(folder, error)) {
+      MDFF_CHECK(fs::is_directory(folder), "--out ", o.out, ": ", folder.string(), " is a file, not a folder");
+      break;
+    }
+    MDFF_CHECK(!error, "--out ", o.out, ": ", error.message());
+    if (folder == folder.parent_path()) break;
+  }
+  const bool exists = fs::exists(out, error);
+  MDFF_CHECK(!error, "--out ", o.out, ": ", error.message());
+  if (!exists) return;
+  MDFF_CHECK(!fs::is_directory(out), "--out ", o.out, " is a folder: name the database file to write, e.g. ",
+             (out / "codes.db").string());
+  MDFF_CHECK(!fs::equivalent(out, o.checkpoint, error), "--out ", o.out, " is the checkpoint (--checkpoint): the "
              "database would overwrite the model; name another file");
   try {
     retrieval::read_code_database(o.out);
@@ -139,13 +153,12 @@ void check_index_output(const IndexOptions& o) {
     MDFF_FAIL("--out ", o.out, " exists and is not a code database that index may replace (", e.reason(),
               "); name another file, or delete it first");
   }
-  std::printf("mdff_search index: %s holds a code database; it will be replaced\n", o.out.c_str());
 }
 
 int run_index(const IndexOptions& o, Device device) {
   const auto start = Clock::now();
-  check_index_output(o);
   LoadedCheckpoint loaded = load_model_checkpoint(o.checkpoint);
+  if (fs::exists(o.out)) std::printf("mdff_search index: %s holds a code database; it will be replaced\n", o.out.c_str());
   place(loaded, device, o.precision);
   data::Dataset dataset;
   if (!o.folder.empty()) {
@@ -630,12 +643,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "mdff_search index: give --folder DIR or --list FILE\nRun with --help for more information.\n");
     return 2;
   }
-  // --device cuda without a usable GPU is a usage error, like CLI11's own, found before any work.
+  // --device cuda without a usable GPU, or an index --out that cannot be written, is a usage error, like
+  // CLI11's own, found before any work.
   Device device{};
   try {
     device = cli::choose_device(index->parsed() ? index_options.device
                                 : query->parsed() ? query_options.device
                                                   : bench_options.device);
+    if (index->parsed()) check_index_output(index_options);
   } catch (const Error& e) {
     std::fprintf(stderr, "mdff_search: %s\nRun with --help for more information.\n", e.reason());
     return 2;

@@ -188,8 +188,12 @@ Plan plan_from(const Options& o) {
                "--bits: ", plan.bits[i], " is given twice (each code length trains one model, into one folder)");
   }
   if (o.dataset != "fashion-mnist" && o.dataset != "cifar10") {
-    MDFF_CHECK(fs::exists(o.dataset), "DATASET: no file ", o.dataset, ": give fashion-mnist, cifar10, or the path of "
-               "an image list (with --classes)");
+    MDFF_CHECK(!o.resume.empty() || fs::exists(o.dataset), "DATASET: no file ", o.dataset, ": give fashion-mnist, "
+               "cifar10, or the path of an image list (with --classes)");
+    std::error_code no_folder;
+    MDFF_CHECK(fs::exists(o.dataset), "--resume: the run's image list ", o.dataset, " (its config.json's \"dataset\") "
+               "is not there from ", fs::current_path(no_folder).string(), ": run train_mdff from the folder the "
+               "run started in (a relative path is taken from there), or put the list back");
     MDFF_CHECK(fs::is_regular_file(o.dataset), "DATASET: ", o.dataset, " is not a file: give the path of an image "
                "list (lines of an image path and its labels, with --classes), fashion-mnist or cifar10");
     MDFF_CHECK(o.classes > 0, "an image list needs --classes K (the number of labels per line)");

@@ -336,9 +336,11 @@ Dataset load_image_list(const std::string& list_file, const std::string& root, i
     const std::string where = list_file + ":" + std::to_string(line_number) + ": ";
     std::vector<uint8_t> row;
     for (std::string value; fields >> value;) {
+      // A first "label" that is not a number is most likely the rest of a path with a space.
+      const bool path_with_space = row.empty() && value.find_first_not_of("0123456789") != std::string::npos;
       MDFF_CHECK(value == "0" || value == "1", where, "label ", row.size() + 1, " is '", value,
-                 "'; labels must be 0 or 1 (the line is `path l1 ... l", classes, "`, separated by spaces, so a path ",
-                 "cannot hold one: rename such files)");
+                 "'; labels must be 0 or 1 (the line is `path l1 ... l", classes, "`",
+                 path_with_space ? ", separated by spaces, so a path cannot hold one: rename such files" : "", ")");
       row.push_back(value == "1");
     }
     MDFF_CHECK(static_cast<int>(row.size()) == classes, where, "found ", row.size(),

@@ -315,7 +315,9 @@ TEST_CASE("image lists: bad lines and bad images are errors naming the file and 
   CHECK_THROWS_WITH_AS(load_line("a.png 1 0"),
                        doctest::Contains("list.txt:2: found 2 labels after the path, expected 3"), Error);
   CHECK_THROWS_WITH_AS(load_line("a.png 1 0 1 1"), doctest::Contains("found 4 labels"), Error);
-  CHECK_THROWS_WITH_AS(load_line("a.png 1 2 0"), doctest::Contains("list.txt:2: label 2 is '2'"), Error);
+  CHECK_THROWS_WITH_AS(load_line("a.png 1 2 0"), doctest::Contains("list.txt:2: label 2 is '2'; labels must be 0 or 1 "
+                                                                  "(the line is `path l1 ... l3`)"),
+                       Error);
   // a path with a space: its second part is read as a label, and the message says why
   CHECK_THROWS_WITH_AS(load_line("my photo.png 1 0 0"),
                        doctest::Contains("label 1 is 'photo.png'; labels must be 0 or 1 (the line is `path l1 ... l3`, "

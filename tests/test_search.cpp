@@ -480,14 +480,16 @@ TEST_CASE("mdff_search end to end: index a folder and an image list, query, JSON
   const std::pair<std::string, std::string> refused_outputs[] = {
       {checkpoint, "is the checkpoint (--checkpoint)"},
       {images.string(), "is a folder: name the database file to write"},
-      {(root / "notes.txt").string(), "exists and is not a code database that index may replace"}};
+      {(root / "notes.txt").string(), "exists and is not a code database that index may replace"},
+      {(root / "new_folder").string() + "/", "names a folder: name the database file to write"},
+      {(root / "notes.txt").string() + "/codes.db", "notes.txt is a file, not a folder"}};
   for (const auto& entry : refused_outputs) {
     const std::string& out = entry.first;  // CAPTURE cannot name a structured binding (C++17)
     CAPTURE(out);
     const Run r = run("index --checkpoint " + checkpoint + " --out " + out + " --folder " + images.string());
-    CHECK(r.exit_code == 1);
+    CHECK(r.exit_code == 2);  // a usage error, found before the work
     CHECK(r.output.find(entry.second) != std::string::npos);
-    CHECK(r.output.find("encoding") == std::string::npos);  // refused before the work
+    CHECK(r.output.find("encoding") == std::string::npos);
   }
   CHECK(io::read_file(checkpoint) == checkpoint_bytes);
   CHECK(io::read_file((root / "notes.txt").string()).size() == 8);

@@ -254,7 +254,7 @@ TEST_CASE("tiny MDFF-SH equals its PyTorch twin (committed fixtures), for every 
   for (const char* taps : {"all", "fc1", "convs"})
     for (const char* scales : {"1", "1,0.5"}) {
       const std::string path =
-          test::source_file("tests/fixtures/parity_tiny_") + taps + "_" + scales + ".safetensors";
+          test::source_file(std::string("tests/fixtures/parity_tiny_") + taps + "_" + scales + ".safetensors");
       check_case(io::load_safetensors(path), path);
       ++cases;
     }

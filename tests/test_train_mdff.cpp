@@ -387,6 +387,13 @@ TEST_CASE("a multi-label image list in crop mode: mAP@5000 is right and the chec
   MESSAGE("plain resize, 8 bits: mAP@5000 ", plain_metrics["code_lengths"]["8"]["map"].get<double>());
   CHECK(plain_metrics["code_lengths"]["8"]["map"].get<double>() > 0);
   CHECK_FALSE(load_model_checkpoint((root / "plain" / "checkpoint_8bits.safetensors").string()).batch.crop_mode);
+
+  // a resumed run whose image list has gone: the message names the run's list, not "give a DATASET" (which
+  // --resume refuses as a difference)
+  fs::rename(list, root / "moved.txt");
+  const Run lost = run("--resume " + (root / "plain").string());
+  CHECK(lost.exit_code == 2);
+  CHECK(lost.output.find("--resume: the run's image list " + list.string()) != std::string::npos);
 }
 
 TEST_CASE("a corrupt image in a list exits 1 naming the file") {

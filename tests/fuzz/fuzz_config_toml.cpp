@@ -1,7 +1,9 @@
 // Fuzz target: train_mdff's --config FILE (CLI11's TOML reader, into every option train::add_options
 // defines), then what train_mdff's main does next with the options: --resume's check of a run folder or the
-// recipe's defaults, and the option lists (--bits, --scales). CLI::ParseError and mdff::Error are the
-// errors main reports (status 2).
+// recipe's defaults, and the option lists (--bits, --scales). CLI::ParseError, mdff::Error and
+// std::filesystem::filesystem_error are the errors main reports (status 2).
+#include <filesystem>
+
 #include "apps/train_options.h"
 #include "core/error.h"
 #include "tests/fuzz/fuzz_input.h"
@@ -25,6 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     mdff::train::options_json(o);
   } catch (const mdff::Error&) {
+  } catch (const std::filesystem::filesystem_error&) {  // a path the system cannot look up: main's usage error too
   }
   return 0;
 }
