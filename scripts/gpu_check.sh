@@ -37,6 +37,20 @@ cd "$(dirname "$0")/.."
 build=build
 bundle=.gpu-bundle
 
+case "${1:-}" in
+  "" | --prepare) ;;
+  -h | --help) sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu_check.sh: unknown argument '$1': give --prepare (here), nothing (on the GPU machine) or --help" >&2
+     exit 2 ;;
+esac
+if [[ -n "${GPU_CHECK_ONLY:-}" ]]; then
+  [[ "" =~ $GPU_CHECK_ONLY ]]
+  if (( $? == 2 )); then
+    echo "gpu_check.sh: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' is not a valid regular expression (bash's =~)" >&2
+    exit 2
+  fi
+fi
+
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMDFF_CUDA=ON
@@ -47,7 +61,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
   blas=$(grep -E '^MDFF_OPENBLAS_LIBRARY:' "$build/CMakeCache.txt" | cut -d= -f2)
   cp -L "$blas" "$bundle/lib/libopenblas.so.0"
   for lib in $(ldd "$blas" | awk '/libgfortran|libquadmath|libgomp/ {print $3}'); do cp -L "$lib" "$bundle/lib/"; done
-  grep -qx "/$bundle/" .git/info/exclude 2>/dev/null || echo "/$bundle/" >> .git/info/exclude
+  # kept out of git (the device tool carries it as an ignored path); a copy without git has nothing to tell
+  exclude=$(git rev-parse --git-path info/exclude 2>/dev/null || true)
+  if [[ -n "$exclude" ]]; then
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx "/$bundle/" "$exclude" 2>/dev/null || echo "/$bundle/" >> "$exclude"
+  fi
   # Compressed: the executables each link the whole engine (3-4 MB apiece, 130 MB with the libraries),
   # 14 MB as xz, under the device tool's 64 MiB for everything that travels.
   tar cf - -C "$bundle" bin lib | xz -T0 -6 > "$bundle.tar.xz"
@@ -71,12 +90,15 @@ summary="$out/summary.txt"
 : > "$summary"
 status=0
 last_rc=0  # the exit status of the last step that ran
+steps_run=0  # steps that GPU_CHECK_ONLY let through (0 at the end: the filter matched nothing, a FAIL)
+filter_steps=1  # 0 while the steps run whatever GPU_CHECK_ONLY says (test_cuda's cases, when test_cuda ran)
 logs="$out/logs"
 mkdir -p "$logs"
 budget=${GPU_CHECK_BUDGET:-540}
 step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left), logs, records PASS/FAIL
   local name=$1 log=$2 limit=$3; shift 3
-  [[ -n "${GPU_CHECK_ONLY:-}" && ! "$name" =~ $GPU_CHECK_ONLY ]] && return  # not asked for this run
+  (( filter_steps )) && [[ -n "${GPU_CHECK_ONLY:-}" && ! "$name" =~ $GPU_CHECK_ONLY ]] && return  # not asked for
+  steps_run=$((steps_run + 1))
   local left=$((budget - SECONDS))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
@@ -143,11 +165,13 @@ if [[ $last_rc == 77 || $last_rc == 126 || $last_rc == 127 ]]; then
 elif [[ $last_rc != 0 && $last_rc != 1 ]]; then
   echo "test_cuda stopped early (rc=$last_rc): every case on its own" | tee -a "$summary"
   case_number=0
+  filter_steps=0  # the cases are test_cuda's: they run whenever it did, whatever their names
   while IFS= read -r name; do
     [[ -z "$name" || "$name" == "[doctest]"* || "$name" == "==="* ]] && continue
     case_number=$((case_number + 1))
     step "  ${name:0:60}" "test_cuda_case_$case_number.log" 60 "$bundle/bin/test_cuda" -tc="${name//,/\\,}"
   done < <("$bundle/bin/test_cuda" -ltc 2>&1)
+  filter_steps=1
 fi
 # The GPU benchmark: the engine and PyTorch (same model, same precision) take turns on the training step and
 # encoding, at batch 32 and 128, 224x224 and 32x32: img/s, ratio, each side's peak GPU memory (allocator level),
@@ -261,6 +285,10 @@ for test in "$bundle"/bin/test_*; do
     step "$(basename "$test")" "$(basename "$test").log" 120 "$test"
 done
 step "CPU conv benchmark" bench_conv.log 60 "$bundle/bin/bench_conv" --json "$out/bench_conv.json"
+if (( steps_run == 0 )); then
+  echo "no step ran: GPU_CHECK_ONLY='${GPU_CHECK_ONLY:-}' matches none of the step names of summary.txt" | tee -a "$summary"
+  status=1
+fi
 echo "overall: $([[ $status == 0 ]] && echo PASS || echo FAIL) ($SECONDS s)" | tee -a "$summary"
 tar czf "$out/logs.tar.gz" -C "$out" logs machine.txt && rm -rf "$logs" "$out/machine.txt"
 exit $status
