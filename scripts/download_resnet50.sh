@@ -9,25 +9,50 @@ set -euo pipefail
 
 url="https://huggingface.co/timm/resnet50.tv_in1k/resolve/main/model.safetensors"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-file="$(realpath -m "${1:-$repo_root/data/resnet50.tv_in1k.safetensors}")"
+
+usage() {
+  cat <<EOF
+usage: scripts/download_resnet50.sh [FILE]
+Downloads ImageNet-pretrained ResNet50 weights (timm's resnet50.tv_in1k: torchvision's IMAGENET1K_V1 as
+safetensors, about 102 MB) from $url
+into FILE, for train_mdff --pretrained. FILE defaults to $repo_root/data/resnet50.tv_in1k.safetensors;
+one starting with '-' goes after '--'. A FILE already there is kept. Prints its size and SHA-256.
+Needs internet access and curl or wget.
+EOF
+}
+usage_error() { echo "download_resnet50: $*" >&2; usage >&2; exit 2; }
+
+# The arguments are read before anything is created or fetched: an option taken for the file was handed to
+# realpath, which printed its help as the file name.
+case "${1:-}" in
+  -h | --help) usage; exit 0 ;;
+  --) shift ;;
+  -*) usage_error "unknown option $1" ;;
+esac
+(($# <= 1)) || usage_error "one FILE at most, got $#: $*"
+[[ $# == 0 || -n "$1" ]] || usage_error "FILE is empty"
+# Made absolute, so that no path given to a command below starts with '-' (the commands also get '--').
+file="$(realpath -m -- "${1:-$repo_root/data/resnet50.tv_in1k.safetensors}")"
+[[ ! -d "$file" ]] || usage_error "$file is a folder: FILE is the weights file to write"
 partial="$file.part"
 
-fail() { echo "download_resnet50: $*" >&2; rm -f "$partial"; exit 1; }
-source "$(dirname "$0")/fetch.sh"
+fail() { echo "download_resnet50: $*" >&2; rm -f -- "$partial"; exit 1; }
+# shellcheck source=SCRIPTDIR/fetch.sh
+source "$repo_root/scripts/fetch.sh"
 
 command -v sha256sum >/dev/null || fail "sha256sum is missing (Debian package coreutils)"
-mkdir -p "$(dirname "$file")" || fail "cannot create the folder $(dirname "$file")"
+mkdir -p -- "$(dirname -- "$file")" || fail "cannot create the folder $(dirname -- "$file")"
 
 if [[ -f "$file" ]]; then
   echo "download_resnet50: $file is already here (delete it to download it again)"
 else
   echo "download_resnet50: downloading $url (about 102 MB)"
   fetch_url "$url" "$partial" "you can fetch $url by other means and save it as $file"
-  mv "$partial" "$file"
+  mv -- "$partial" "$file"
 fi
 
 echo "download_resnet50: $file"
-echo "  size    $(stat -c %s "$file") bytes"
-echo "  sha256  $(sha256sum "$file" | cut -d' ' -f1)"
+echo "  size    $(stat -c %s -- "$file") bytes"
+echo "  sha256  $(sha256sum -- "$file" | cut -d' ' -f1)"
 echo "Train MDFF-SH from these weights with (from $repo_root):"
 echo "  build/apps/train_mdff --pretrained ${file#"$repo_root"/}"
