@@ -6,6 +6,26 @@
 # /usr/local/cuda (or nvcc on PATH) and cuDNN are present, and skipped otherwise.
 set -euo pipefail
 
+usage() {
+  cat <<'EOF'
+usage: scripts/setup.sh [--test]
+Installs mdff's build dependencies and the embedded default dataset (Fashion-MNIST) from Debian 12's
+packages, with apt-get (through sudo when not root); packages already installed are skipped.
+  --test   also what the test suite, the sanitizer run and the fuzzing need (PyTorch, clang, libFuzzer)
+EOF
+}
+
+# Every argument is checked before apt-get runs: an unknown one, --help included, was ignored and the
+# install went ahead.
+test_packages=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) test_packages=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "setup: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
 packages=(
   build-essential cmake ninja-build ccache   # compiler and build
   libopenblas0-openmp                        # CPU GEMM (sgemm/dgemm), OpenMP build, loaded at run time (core/blas.h)
@@ -16,7 +36,7 @@ packages=(
   doctest-dev                                # unit tests
   dataset-fashion-mnist                      # the embedded default dataset
 )
-if [[ "${1:-}" == "--test" ]]; then
+if ((test_packages)); then
   packages+=(python3-torch python3-torchvision)  # the PyTorch twin that test_torch_parity compares against
   packages+=(clang libclang-rt-dev libomp-dev)   # fuzzing (scripts/fuzz.sh): clang, libFuzzer, clang's OpenMP
 fi
