@@ -8,17 +8,40 @@
 # exit status is 1 when any target crashed, leaked, hung (-timeout) or used too much memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds=${1:-60}
+
+usage() {
+  cat <<'EOF'
+usage: scripts/fuzz.sh [SECONDS] [TARGET...]
+Builds the libFuzzer targets of tests/fuzz in build-fuzz/ (clang, ASan + UBSan) and runs each for SECONDS
+(default 60) from its seed corpus; TARGETs default to every tests/fuzz/fuzz_*.cpp.
+FUZZ_JOBS (default 2): how many targets run at once. SECONDS and FUZZ_JOBS: whole numbers, 1 to 999999999.
+Logs, new inputs and failing inputs go to build-fuzz/fuzz-out/; exit status 1 when any target failed.
+EOF
+}
+usage_error() { echo "fuzz: $*" >&2; usage >&2; exit 2; }
+
+# A whole number from 1 to 999999999, leading zeros allowed and dropped (bash would read 010 as octal 8);
+# nine digits at most, so that it fits libFuzzer's int and bash's arithmetic cannot wrap it to 0 or below.
+positive() { [[ "$1" =~ ^0*([1-9][0-9]{0,8})$ ]] && echo "${BASH_REMATCH[1]}"; }
+
+# Everything is checked before the build: FUZZ_JOBS=0 made the launch loop below wait forever for a free slot.
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
+seconds=$(positive "${1-60}") || usage_error "SECONDS must be a whole number from 1 to 999999999, got '$1'"
 shift $(($# > 0 ? 1 : 0))
-[[ "$seconds" =~ ^[0-9]+$ && "$seconds" -gt 0 ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
-jobs=${FUZZ_JOBS:-2}
-build=build-fuzz
+jobs=$(positive "${FUZZ_JOBS:-2}") || usage_error "FUZZ_JOBS must be a whole number from 1 to 999999999, got '${FUZZ_JOBS:-}'"
+build="build-fuzz"
 out=$build/fuzz-out
 
+all_targets=()
+for source in tests/fuzz/fuzz_*.cpp; do all_targets+=("$(basename "$source" .cpp)"); done
 targets=("$@")
-if ((${#targets[@]} == 0)); then
-  for source in tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$source" .cpp)"); done
-fi
+((${#targets[@]})) || targets=("${all_targets[@]}")
+# A TARGET is the name of a tests/fuzz/fuzz_*.cpp without .cpp: anything else reached cmake --target (an
+# option there, or a missing target found only after the configure step) and the paths of the run.
+for target in "${targets[@]}"; do
+  [[ "$target" =~ ^fuzz_[A-Za-z0-9_]+$ && -f "tests/fuzz/$target.cpp" ]] ||
+    usage_error "no fuzz target '$target' (the targets: ${all_targets[*]})"
+done
 
 command -v clang++ > /dev/null || { echo "fuzz: clang++ not found; run scripts/setup.sh --test" >&2; exit 1; }
 mkdir -p "$build"
