@@ -4,13 +4,16 @@
 For every mutation below: edit the source, rebuild the gradient and autograd tests in their own build
 folder, run them, require a failure, and restore the file. The test suite's perturbation hook
 (tests/gradcheck.h) proves in every CI run that each gradient check reacts to a 1% error; this script
-proves it also catches the kinds of mistakes people make in real backward code.
+proves it also catches the kinds of mistakes people make in real backward code. A mutation that no longer
+compiles is reported apart ("did not build") and fails the run: the tests never saw it, so it is not caught.
+The file is restored however the run ends: an error, Ctrl-C, SIGTERM (a timeout, a cancelled CI job), SIGHUP.
 
     scripts/mutation_check.py [--build-dir build-mutation]
     scripts/mutation_check.py --list-only   # only checks that every mutation still applies (CI, < 1 s)
 """
 import argparse
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -77,8 +80,39 @@ MUTATIONS = [
 ]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run(cmd, **kw):
     return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def stop_through_finally():
+    """Makes SIGTERM and SIGHUP, as SIGINT, raise an exception: by default they end Python at once, without the
+    `finally` that restores the mutated source, which left core/*.cpp broken. A signal ignored when the script
+    started (SIGINT in a background job) stays ignored."""
+    def stop(signum, _frame):
+        print(f"mutation_check: stopped by {signal.Signals(signum).name}; restoring the source", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, stop)
+
+
+def restore(path, text):
+    """Writes the original text back with the stop signals held, so that a second one cannot leave the file
+    truncated between the open and the write; a signal held is acted on once the file is whole."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        path.write_text(text)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def first_error(build_output):
+    """The compiler's first error line, which names what in the broken text no longer fits the source."""
+    lines = build_output.strip().splitlines() or [""]
+    return next((line for line in lines if "error" in line), lines[-1])[:200]
 
 
 def main():
@@ -94,6 +128,7 @@ def main():
     if args.list_only:
         print(f"all {len(MUTATIONS)} mutations apply")
         return
+    stop_through_finally()
     build = args.build_dir
     configure = run(["cmake", "-S", ".", "-B", build, "-G", "Ninja", "-DMDFF_CUDA=OFF"])
     if configure.returncode:
@@ -102,22 +137,31 @@ def main():
     baseline = run(["cmake", "--build", build, "--target", *targets])
     if baseline.returncode or any(run([f"{build}/tests/{t}"]).returncode for t in targets):
         sys.exit("the unmutated tests do not pass: fix that first")
-    caught = 0
+    caught, not_built, missed = [], [], []
     for op, rel, original, broken in MUTATIONS:
         path = ROOT / rel
         text = path.read_text()
         try:
             path.write_text(text.replace(original, broken))
             result = run(["cmake", "--build", build, "--target", *targets])
-            failed = [t for t in targets if result.returncode == 0 and run([f"{build}/tests/{t}"]).returncode != 0]
-            status = "build broke" if result.returncode else ("caught by " + ", ".join(failed) if failed else "NOT CAUGHT")
+            if result.returncode:
+                # The tests never ran: the broken text no longer fits the code around it.
+                not_built.append(op)
+                status = f"did not build: the mutation needs updating ({first_error(result.stdout)})"
+            else:
+                failed = [t for t in targets if run([f"{build}/tests/{t}"]).returncode != 0]
+                (caught if failed else missed).append(op)
+                status = "caught by " + ", ".join(failed) if failed else "NOT CAUGHT"
         finally:
-            path.write_text(text)
-        caught += status != "NOT CAUGHT"
+            restore(path, text)
         print(f"{op:48s} {status}", flush=True)
     run(["cmake", "--build", build, "--target", *targets])  # leave the build matching the sources
-    print(f"{caught} of {len(MUTATIONS)} broken backward passes caught")
-    sys.exit(0 if caught == len(MUTATIONS) else 1)
+    print(f"{len(caught)} of {len(MUTATIONS)} broken backward passes caught")
+    if not_built:
+        print(f"{len(not_built)} did not build (update them in MUTATIONS): {', '.join(not_built)}")
+    if missed:
+        print(f"{len(missed)} NOT CAUGHT: {', '.join(missed)}")
+    sys.exit(0 if len(caught) == len(MUTATIONS) else 1)
 
 
 if __name__ == "__main__":
