@@ -5,19 +5,26 @@ The project builds with g++; clang rejects some code that g++ accepts (in C++17,
 inside doctest's INFO and CAPTURE, may not name a structured binding: 22 such errors had crept into the tests
 before this check). So CI runs this after the build: every translation unit of build/compile_commands.json
 (the CUDA backend's .cpp files included when the build has CUDA; .cu files are nvcc's and skipped), on all
-cores, with -Wall -Wextra for every file (the build gives them to the engine library only). Errors and
+cores, with -Wall -Wextra (CMakeLists.txt gives every C++ target these through add_compile_options; they
+are added here as well so that a build configured without them is checked the same way). Errors and
 warnings both fail the check: the tree had one warning when this began to count them (2026-11-30), and it
 was a real one (an aggregate initialised without its last fields).
 
-    scripts/clang_check.py [BUILD_DIR]        default: build
+    scripts/clang_check.py [BUILD_DIR]
+
+BUILD_DIR defaults to the repository's build/ folder (found from this script's place, so the check runs
+from any folder); a BUILD_DIR given is taken relative to the current folder.
 """
 import concurrent.futures
 import json
 import os
+import pathlib
 import shlex
 import shutil
 import subprocess
 import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # g++ options clang does not take or that do not matter for a syntax check.
 DROPPED = ("-fno-math-errno",)
@@ -42,8 +49,28 @@ def check(entry):
     return entry["file"], result.returncode, result.stderr
 
 
+def usage_error(message):
+    usage = __doc__[__doc__.index("    scripts/clang_check.py"):].rstrip()  # the docstring's last part
+    print(f"clang_check: {message}\nusage:\n{usage}", file=sys.stderr)
+    return 2
+
+
 def main():
-    build = sys.argv[1] if len(sys.argv) > 1 else "build"
+    args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__.rstrip())
+        return 0
+    if args[:1] == ["--"]:  # a BUILD_DIR starting with '-' goes after '--'
+        args = args[1:]
+    elif args and args[0].startswith("-"):
+        return usage_error(f"unknown option {args[0]}")
+    if len(args) > 1:
+        return usage_error(f"one BUILD_DIR at most, got {len(args)}: {' '.join(args)}")
+    if args and not args[0]:
+        return usage_error("BUILD_DIR is empty")
+    # The default is found from the script's place: taken from the current folder, it sent anyone running the
+    # check from elsewhere to "build first" although the build was there.
+    build = args[0] if args else str(ROOT / "build")
     database = os.path.join(build, "compile_commands.json")
     if not os.path.isfile(database):
         sys.exit(f"clang_check: no {database}: build first (scripts/build.sh)")
