@@ -56,7 +56,8 @@
 //   bench_model [--device cpu|cuda] [--precision tf32|fp32] [--grid] [--batch 32[,128]] [--image-size 32[,224]]
 //               [--encode-batch N] [--scales 1,0.5] [--train-size 5000] [--warmup 2] [--rounds 3]
 //               [--iterations 3] [--python PATH] [--no-torch] [--json FILE]
-// Exit status 0; 1 when a configuration failed on the engine, or the PyTorch process failed.
+// Exit status 0; 1 when a configuration failed on the engine, the PyTorch process failed, or the JSON could not
+// be written.
 #include <fcntl.h>
 #include <malloc.h>
 #include <nlohmann/json.hpp>
@@ -86,6 +87,7 @@
 #include "core/autograd.h"
 #include "core/backend.h"
 #include "core/blas.h"
+#include "core/file_io.h"
 #include "core/ops.h"
 #include "core/profiler.h"
 #ifdef MDFF_WITH_CUDA
@@ -339,6 +341,11 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "bench_model: %s\n", e.what());
     return 2;
   }
+  // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
+  // path is created and removed at once (io::WriteError, naming the path and the reason: exit 1).
+  if (!json_path.empty()) {
+    io::AtomicFile probe(json_path);
+  }
   set_tf32_allowed(precision == "tf32");
   const RMSPropOptions rmsprop;  // lr 1e-5, alpha 0.99, eps 1e-8, weight decay 1e-5
   const LossConfig loss;         // pairs = dataset, beta 0.1, gamma 0.01
@@ -474,7 +481,7 @@ int main(int argc, char** argv) try {
     result["torch"].erase("ready");
   }
   auto write_json = [&] {
-    if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
+    if (!json_path.empty()) io::write_file_atomic(json_path, result.dump(2) + "\n");  // a failure: exit 1
   };
 
   std::printf("%-20s %12s %13s %6s %11s %12s %9s %7s %11s %6s\n", "", "engine img/s", "PyTorch img/s", "ratio",
