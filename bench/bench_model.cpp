@@ -57,7 +57,7 @@
 //               [--encode-batch N] [--scales 1,0.5] [--train-size 5000] [--warmup 2] [--rounds 3]
 //               [--iterations 3] [--python PATH] [--no-torch] [--json FILE]
 // Exit status 0; 1 when a configuration failed on the engine, the PyTorch process failed, or the JSON could not
-// be written.
+// be written; 2 for a bad option or value.
 #include <fcntl.h>
 #include <malloc.h>
 #include <nlohmann/json.hpp>
@@ -288,9 +288,18 @@ std::string fixed(double v, const char* pattern = "%.1f") {
   return text;
 }
 
-// Every value of a comma list, each within [low, high]; throws an mdff::Error naming the option.
-std::vector<int> int_list(const std::string& text, const char* option, int low, int high) {
-  std::vector<int> values = cli::parse_list<int>(text, option);
+// Every value of a comma list, each within [low, high]; throws an mdff::Error naming the option. A value
+// that is not a whole number is shown `example`, a list this option takes (cli::parse_list's own example,
+// 12,24,32,48, is not one: 12 is out of range for both).
+std::vector<int> int_list(const std::string& text, const char* option, int low, int high, const char* example) {
+  std::vector<int> values;
+  try {
+    values = cli::parse_list<int>(text, option);
+  } catch (const Error& e) {
+    std::string reason = e.reason();
+    reason = reason.substr(0, reason.find(" (write e.g."));
+    MDFF_FAIL(reason, " (write e.g. ", example, ")");
+  }
   for (int v : values) MDFF_CHECK(v >= low && v <= high, option, ": ", v, " is not in [", low, ", ", high, "]");
   return values;
 }
@@ -306,12 +315,15 @@ int main(int argc, char** argv) try {
   app.add_option("--device", device_text, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", precision, "GPU convolutions and matrix products on both sides: tf32 or fp32")
       ->capture_default_str()->check(CLI::IsMember({"tf32", "fp32"}));
-  app.add_option("--batch", batch_text, "training batch sizes, a comma list (2..1024)")->capture_default_str();
-  app.add_option("--image-size", size_text, "input heights = widths, a comma list (32..512)")->capture_default_str();
-  app.add_flag("--grid", grid, "the GPU matrix: --batch 32,128 --image-size 224,32");
+  CLI::Option* batch_option =
+      app.add_option("--batch", batch_text, "training batch sizes, a comma list (2..1024)")->capture_default_str();
+  CLI::Option* size_option =
+      app.add_option("--image-size", size_text, "input heights = widths, a comma list (32..512)")->capture_default_str();
+  app.add_flag("--grid", grid,
+               "the GPU matrix: --batch 32,128 --image-size 224,32 (not with --batch or --image-size)");
   app.add_option("--encode-batch", encode_batch, "encoding batch size (default: 256 on the CPU, the training batch "
                  "on the GPU)")->transform(cli::whole_number(1, 4096));
-  app.add_option("--scales", scales_text, "scales the backbone sees")->capture_default_str();
+  app.add_option("--scales", scales_text, "scales the backbone sees, each in (0, 4]")->capture_default_str();
   app.add_option("--train-size", train_size, "rows of the U matrix (pairs = dataset)")->capture_default_str()
       ->transform(cli::whole_number(1, 1000000));
   app.add_option("--warmup", warmup, "untimed iterations of each side before each phase")->capture_default_str()
@@ -326,19 +338,25 @@ int main(int argc, char** argv) try {
   app.add_option("--json", json_path, "write the results to this JSON file (after each configuration)");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   std::signal(SIGPIPE, SIG_IGN);  // a dead PyTorch process is reported, not fatal
-  if (grid) batch_text = "32,128", size_text = "224,32";
 
+  // Option values CLI11 cannot check alone: an error here is a usage error (exit 2), like CLI11's own.
   const Device device = device_text == "cuda" ? Device::CUDA : Device::CPU;
   MdffConfig config;
   std::vector<int> batches, sizes;
   try {
+    // --grid replaces both lists: a --batch or --image-size next to it would be dropped without a word.
+    for (const CLI::Option* given : {batch_option, size_option})
+      MDFF_CHECK(!grid || given->count() == 0, "--grid and ", given->get_name(), " cannot be combined: --grid is "
+                 "--batch 32,128 --image-size 224,32; give either --grid or --batch and --image-size");
+    if (grid) batch_text = "32,128", size_text = "224,32";
     config.scales = cli::parse_list<double>(scales_text, "--scales");
-    batches = int_list(batch_text, "--batch", 2, 1024);
-    sizes = int_list(size_text, "--image-size", 32, 512);
+    for (double s : config.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
+    batches = int_list(batch_text, "--batch", 2, 1024, "32,128");
+    sizes = int_list(size_text, "--image-size", 32, 512, "32,224");
     std::string why_not;
     MDFF_CHECK(device == Device::CPU || cuda_available(&why_not), "--device cuda: ", why_not);
   } catch (const Error& e) {
-    std::fprintf(stderr, "bench_model: %s\n", e.what());
+    std::fprintf(stderr, "bench_model: %s\nRun with --help for more information.\n", e.reason());
     return 2;
   }
   // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
