@@ -49,15 +49,16 @@
 //
 // PyTorch's Python: --python, else $MDFF_TORCH_PYTHON, else the first of `python3` on PATH (the lent GPU
 // machine's, with CUDA) and /usr/bin/python3 (Debian's python3-torch, CPU only) whose torch starts, with
-// CUDA for --device cuda; when none does, the benchmark says why and times the engine alone. The server
-// is this source tree's tools/torch_model_bench.py, else ./tools/'s (a copy of the repository elsewhere,
-// run from its root, as scripts/gpu_check.sh does).
+// CUDA for --device cuda; when none does, the benchmark says why and times the engine alone. A Python named
+// with --python is the user's request for the comparison: when it cannot start PyTorch, the benchmark stops.
+// The server is this source tree's tools/torch_model_bench.py, else ./tools/'s (a copy of the repository
+// elsewhere, run from its root, as scripts/gpu_check.sh does).
 //
 //   bench_model [--device cpu|cuda] [--precision tf32|fp32] [--grid] [--batch 32[,128]] [--image-size 32[,224]]
 //               [--encode-batch N] [--scales 1,0.5] [--train-size 5000] [--warmup 2] [--rounds 3]
 //               [--iterations 3] [--python PATH] [--no-torch] [--json FILE]
-// Exit status 0; 1 when a configuration failed on the engine, the PyTorch process failed, or the JSON could not
-// be written; 2 for a bad option or value.
+// Exit status 0; 1 when a configuration failed on the engine, the PyTorch process failed (or the --python given
+// could not start it), or the JSON could not be written; 2 for a bad option or value.
 #include <fcntl.h>
 #include <malloc.h>
 #include <nlohmann/json.hpp>
@@ -332,9 +333,12 @@ int main(int argc, char** argv) try {
       ->transform(cli::whole_number(1, 100));
   app.add_option("--iterations", iterations, "timed iterations per round")->capture_default_str()
       ->transform(cli::whole_number(1, 1000));
-  app.add_option("--python", python, "the Python that runs PyTorch (default: $MDFF_TORCH_PYTHON, else the first "
-                 "of python3 on PATH and /usr/bin/python3 whose torch starts, with CUDA for --device cuda)");
-  app.add_flag("--no-torch", no_torch, "time the engine only");
+  CLI::Option* python_option =
+      app.add_option("--python", python, "the Python that runs PyTorch, a path or a name looked up on PATH; it must "
+                     "start PyTorch, else the benchmark stops (default: $MDFF_TORCH_PYTHON, else the first of python3 "
+                     "on PATH and /usr/bin/python3 whose torch starts, with CUDA for --device cuda; with none, the "
+                     "engine alone)");
+  app.add_flag("--no-torch", no_torch, "time the engine only")->excludes(python_option);
   app.add_option("--json", json_path, "write the results to this JSON file (after each configuration)");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   std::signal(SIGPIPE, SIG_IGN);  // a dead PyTorch process is reported, not fatal
@@ -400,6 +404,11 @@ int main(int argc, char** argv) try {
     }
     if (torch) {
       torch_problem.clear();
+    } else if (!python.empty()) {  // the comparison the user asked for by naming a Python cannot run
+      std::fprintf(stderr, "bench_model: error: --python %s cannot run PyTorch's side: %s. Give a Python whose "
+                   "`import torch` works, or --no-torch to time the engine alone\n", python.c_str(),
+                   torch_problem.c_str());
+      return 1;
     } else {
       std::fprintf(stderr, "bench_model: PyTorch is not available (%s); timing the engine only\n",
                    torch_problem.c_str());
