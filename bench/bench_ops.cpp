@@ -11,13 +11,14 @@
 //
 //   bench_ops [--device cpu|cuda] [--precision tf32|fp32] [--input 32] [--batch 32] [--bits 48] [--repeat 5]
 //             [--filter SUBSTRING] [--json FILE]
+// Exit status 0; 1 when a kernel failed or the JSON could not be written; 2 for a bad option or value (--device
+// cuda without a usable GPU among them).
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -29,6 +30,7 @@
 #include "bench/timing.h"
 #include "core/backend.h"
 #include "core/blas.h"
+#include "core/file_io.h"
 #include "core/profiler.h"
 #include "core/rng.h"
 #include "models/mdff.h"
@@ -389,7 +391,7 @@ std::string format_rate(double rate) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   CLI::App app{"Times each op of a ResNet50-MDFF-SH training step on the CPU or the GPU against the device's "
                "roofline, and what each fusion saves"};
   std::string device = "cpu", precision = "tf32";
@@ -409,11 +411,16 @@ int main(int argc, char** argv) {
   app.add_option("--json", json_path, "write the results to this JSON file");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured, also into a log a timeout may cut short
-  try {
+  try {  // --device cuda without a usable GPU is a usage error (exit 2), as in train_mdff and bench_model
     g_device = cli::choose_device(device);
   } catch (const Error& e) {
-    std::fprintf(stderr, "bench_ops: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "bench_ops: %s\nRun with --help for more information.\n", e.reason());
+    return 2;
+  }
+  // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
+  // path is created and removed at once (io::WriteError, naming the path and the reason: exit 1).
+  if (!json_path.empty()) {
+    io::AtomicFile probe(json_path);
   }
   set_tf32_allowed(precision == "tf32");
   const bool on_gpu = g_device == Device::CUDA;
@@ -430,8 +437,8 @@ int main(int argc, char** argv) {
   for (Op& op : training_step_ops(input, batch, config))
     if (op.name.find(filter) != std::string::npos) selected.push_back(std::move(op));
   if (selected.empty()) {
-    std::fprintf(stderr, "bench_ops: no op name contains '%s' (try conv, bn, relu, pool, gap, linear, j1, step)\n",
-                 filter.c_str());
+    std::fprintf(stderr, "bench_ops: no op name contains '%s' (try conv, bn, relu, pool, gap, linear, j1, step)\n"
+                 "Run with --help for more information.\n", filter.c_str());
     return 2;
   }
 
@@ -507,7 +514,10 @@ int main(int argc, char** argv) {
                 {"repeat", repeat}, {"gemm_peak_gflops", peak}, {"memory_bandwidth_gbs", bandwidth}, {"ops", rows}};
     if (on_gpu) result["precision"] = precision;
     else result["threads"] = omp_get_max_threads();
-    std::ofstream(json_path) << result.dump(2) << "\n";
+    io::write_file_atomic(json_path, result.dump(2) + "\n");
   }
   return 0;
+} catch (const std::exception& e) {  // a kernel, the GPU or the JSON's write failed: the results are not all there
+  std::fprintf(stderr, "bench_ops: error: %s\n", e.what());
+  return 1;
 }
