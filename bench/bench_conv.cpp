@@ -8,18 +8,26 @@
 //   per image, summed), checked against cuDNN's results; what the engine's measured route picked for each
 //   product, and what routing each to the faster library saves per pass.
 //
-//   bench_conv [--device cpu|cuda] [--input 32] [--batch 32] [--precision tf32|fp32] [--torch] [--json FILE]
+// PyTorch's side (--torch) is tools/torch_conv_bench.py under --python (default /usr/bin/python3, Debian's
+// python3-torch); when it cannot run, the benchmark stops with the reason rather than print the engine alone.
+//
+//   bench_conv [--device cpu|cuda] [--input 32] [--batch 32] [--precision tf32|fp32] [--torch [--python PATH]]
+//              [--json FILE]
+// Exit status 0; 1 when a cuBLAS result is not cuDNN's, PyTorch's timings could not be measured, the JSON could
+// not be written or a kernel failed; 2 for a bad option or value (--device cuda without a usable GPU among them).
 #include <nlohmann/json.hpp>
 #include <omp.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <cstring>
+#include <filesystem>
 #include <functional>
-#include <iostream>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -29,6 +37,7 @@
 #include "core/autograd.h"
 #include "core/backend.h"
 #include "core/blas.h"
+#include "core/file_io.h"
 #include "core/ops.h"
 #include "core/rng.h"
 
@@ -38,29 +47,88 @@
 
 using namespace mdff;
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 namespace {
 
-// PyTorch's median forward and backward seconds per shape, from tools/torch_conv_bench.py.
-json torch_times(const json& shapes, int batch) {
-  const std::string tmp = "/tmp/mdff_bench_conv_shapes.json";
-  std::ofstream(tmp) << json{{"batch", batch}, {"shapes", shapes}}.dump();
-  const std::string cmd = "/usr/bin/python3 " MDFF_SOURCE_DIR "/tools/torch_conv_bench.py < " + tmp;
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  if (!pipe) return json();
-  std::string out;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe.get())) out.append(buffer, n);
-  try {
-    return json::parse(out);
-  } catch (const json::exception&) {
-    std::cerr << "bench_conv: PyTorch reference failed (is python3-torch installed?): " << out << "\n";
-    return json();
-  }
+// `text` in single quotes for the shell, its own single quotes escaped.
+std::string shell_quote(const std::string& text) {
+  std::string quoted = "'";
+  for (char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
 }
 
-// The CPU table: every distinct convolution, forward and backward, against the SGEMM peak (and PyTorch).
-int run_cpu(int input, int batch, bool with_torch, const std::string& json_path) {
+// The program a shell would run for --python's `name` (as mdff_search finds its Python): a name with a '/' as
+// it is, else the first executable file of that name in the folders of $PATH (an empty entry is the current
+// folder). Throws an Error saying why when there is none.
+std::string find_python(const std::string& name) {
+  std::error_code ignored;
+  if (name.find('/') != std::string::npos) {
+    if (fs::exists(name, ignored)) return name;
+    throw Error("--python " + name + " does not exist");
+  }
+  const char* path = std::getenv("PATH");
+  const std::string folders = path ? path : "";
+  for (size_t start = 0; !folders.empty();) {
+    const size_t end = folders.find(':', start);
+    const std::string folder = folders.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    const fs::path candidate = fs::path(folder.empty() ? "." : folder) / name;
+    if (fs::is_regular_file(candidate, ignored) && ::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  throw Error("--python " + name + " was not found on PATH (give its full path: --python /path/to/" + name + ")");
+}
+
+// A temporary file of this run's own (mkstemp), removed when this goes out of scope: concurrent runs never
+// share one, and none is left behind.
+struct TempFile {
+  std::string path;
+  TempFile() {
+    std::string pattern = (fs::temp_directory_path() / "mdff_bench_conv_shapes_XXXXXX").string();
+    const int fd = ::mkstemp(pattern.data());
+    if (fd < 0) throw Error("cannot make a temporary file " + pattern + ": " + std::strerror(errno));
+    ::close(fd);
+    path = pattern;
+  }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile() { ::unlink(path.c_str()); }
+};
+
+// PyTorch's median forward and backward seconds per shape, from tools/torch_conv_bench.py under `python`.
+// Throws an Error with the reason when they cannot be measured: --torch asked for them, so the run stops.
+json torch_times(const std::string& python, const json& shapes, int batch) {
+  const std::string program = find_python(python);
+  const TempFile input;
+  io::write_file_atomic(input.path, json{{"batch", batch}, {"shapes", shapes}}.dump());
+  const std::string script = MDFF_SOURCE_DIR "/tools/torch_conv_bench.py";
+  const std::string command = shell_quote(program) + " " + shell_quote(script) + " < " + shell_quote(input.path);
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) throw Error("--torch: cannot start " + command + ": " + std::strerror(errno));
+  std::string out;
+  char buffer[4096];
+  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
+  const int status = pclose(pipe);
+  const std::string failed = "--torch: PyTorch's timings could not be measured: " + program + " " + script;
+  if (status == -1) throw Error(failed + ": " + std::strerror(errno));
+  if (WIFSIGNALED(status)) throw Error(failed + " was killed by signal " + std::to_string(WTERMSIG(status)));
+  if (WEXITSTATUS(status) != 0)
+    throw Error(failed + " ended with status " + std::to_string(WEXITSTATUS(status)) +
+                " (its messages, if any, are above; is PyTorch installed for " + program + "?)");
+  const json times = json::parse(out, nullptr, false);
+  bool complete = times.is_array() && times.size() == shapes.size();
+  for (size_t i = 0; complete && i < times.size(); ++i)
+    complete = times[i].is_object() && times[i].value("forward_s", json()).is_number() &&
+               times[i].value("backward_s", json()).is_number();
+  if (!complete) throw Error(failed + " answered no timing for each of the " + std::to_string(shapes.size()) +
+                             " shapes: " + out.substr(0, 500));
+  return times;
+}
+
+// The CPU table: every distinct convolution, forward and backward, against the SGEMM peak (and PyTorch, under
+// `python`, with --torch).
+int run_cpu(int input, int batch, bool with_torch, const std::string& python, const std::string& json_path) {
   const double peak = bench::sgemm_peak_gflops();
   std::printf("SGEMM peak on this machine: %.1f GFLOP/s (%s, %d threads)\n", peak, blas::describe().c_str(),
               omp_get_max_threads());
@@ -72,7 +140,7 @@ int run_cpu(int input, int batch, bool with_torch, const std::string& json_path)
   for (const auto& s : shapes)
     shapes_json.push_back({{"cin", s.cin}, {"cout", s.cout}, {"kernel", s.kernel}, {"stride", s.stride},
                            {"padding", s.padding}, {"size", s.size}});
-  const json torch = with_torch ? torch_times(shapes_json, batch) : json();
+  const json torch = with_torch ? torch_times(python, shapes_json, batch) : json();
 
   std::printf("%-28s %3s %9s %9s %9s %9s", "convolution", "n", "fwd ms", "fwd GF/s", "bwd ms", "bwd GF/s");
   if (!torch.is_null()) std::printf(" %9s %9s", "torch fwd", "torch bwd");
@@ -124,7 +192,7 @@ int run_cpu(int input, int batch, bool with_torch, const std::string& json_path)
     result["torch_forward_s"] = total[2];
     result["torch_backward_s"] = total[3];
   }
-  if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
+  if (!json_path.empty()) io::write_file_atomic(json_path, result.dump(2) + "\n");
   return 0;
 }
 
@@ -258,7 +326,7 @@ int run_gpu(int input, int batch, bool tf32, const std::string& json_path) {
                     {"cudnn_1x1_stride1_s", gemm_candidates_total}, {"best_of_both_s", best_total},
                     {"cublas_faster_products", faster}, {"compared_products", compared},
                     {"engine_cublas_products", engine_cublas}, {"engine_agrees_products", engine_agrees}};
-  if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
+  if (!json_path.empty()) io::write_file_atomic(json_path, result.dump(2) + "\n");
   return all_agree ? 0 : 1;
 }
 #else
@@ -276,7 +344,7 @@ int main(int argc, char** argv) {
   std::string device = "cpu", precision = "tf32";
   int input = 32, batch = 32;
   bool with_torch = false;
-  std::string json_path;
+  std::string json_path, python = "/usr/bin/python3";
   app.add_option("--device", device, "cpu, or cuda: cuDNN's times, and cuBLAS's for the 1x1 convolutions")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -285,15 +353,34 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision, "GPU math: tf32 (tensor cores, the engine's default) or fp32")
       ->capture_default_str()
       ->check(CLI::IsMember({"tf32", "fp32"}));
-  app.add_flag("--torch", with_torch, "CPU: also time PyTorch (Debian's python3-torch) on the same shapes");
+  CLI::Option* torch_flag =
+      app.add_flag("--torch", with_torch, "CPU: also time PyTorch on the same shapes (the run stops when it cannot)");
+  app.add_option("--python", python, "with --torch: the Python that runs PyTorch (a name without a '/' is looked "
+                 "for on PATH)")->capture_default_str()->needs(torch_flag);
   app.add_option("--json", json_path, "write the results to this JSON file");
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured, also into a log a timeout may cut short
+
+  // Option values CLI11 cannot check alone: usage errors (exit 2), like CLI11's own.
+  auto usage_error = [](const std::string& reason) {
+    std::fprintf(stderr, "bench_conv: %s\nRun with --help for more information.\n", reason.c_str());
+    return 2;
+  };
+  // PyTorch's side is timed on the CPU only: on the GPU, --torch would be dropped without a word.
+  if (with_torch && device == "cuda")
+    return usage_error("--torch times PyTorch on the CPU only: drop it with --device cuda");
+  if (std::string why_not; device == "cuda" && !cuda_available(&why_not))
+    return usage_error("--device cuda: " + why_not);
   try {
-    if (device == "cpu") return run_cpu(input, batch, with_torch, json_path);
+    // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
+    // path is created and removed at once (io::WriteError, naming the path and the reason).
+    if (!json_path.empty()) {
+      io::AtomicFile probe(json_path);
+    }
+    if (device == "cpu") return run_cpu(input, batch, with_torch, python, json_path);
     return run_gpu(input, batch, precision == "tf32", json_path);
-  } catch (const Error& e) {
-    std::fprintf(stderr, "bench_conv: %s\n", e.what());
+  } catch (const std::exception& e) {  // PyTorch's side, a kernel or the JSON's write failed
+    std::fprintf(stderr, "bench_conv: error: %s\n", e.what());
     return 1;
   }
 }
