@@ -1,8 +1,10 @@
 // MDFF-SH construction, forward pass and summary (see mdff.h).
 #include "models/mdff.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include "core/autograd.h"
 #include "core/error.h"
@@ -152,18 +154,24 @@ std::string MdffSh::summary(int image_size) {
                 taps_name(config_.taps), config_.scales.size(), config_.scales.size() > 1 ? "s" : "", config_.bits,
                 config_.classes, image_size, image_size);
   text += line;
-  std::snprintf(line, sizeof line, "%-32s %-22s %14s\n", "stage", "output shape (scale 1)", "parameters");
+  // The shapes are those of the first scale's pass, which need not be 1 (--scales 0.5): the heading says which.
+  char heading[64];
+  std::snprintf(heading, sizeof heading, "output shape (scale %g)", config_.scales.front());
+  const int shape_width = std::max(22, static_cast<int>(std::strlen(heading)));
+  const int width = 32 + 1 + shape_width + 1 + 14;
+  std::snprintf(line, sizeof line, "%-32s %-*s %14s\n", "stage", shape_width, heading, "parameters");
   text += line;
-  text += std::string(70, '-') + "\n";
+  text += std::string(width, '-') + "\n";
   int64_t total = 0;
   for (const TraceRow& r : rows) {
-    std::snprintf(line, sizeof line, "%-32s %-22s %14lld\n", r.stage.c_str(), shape_str(r.shape).c_str(),
+    std::snprintf(line, sizeof line, "%-32s %-*s %14lld\n", r.stage.c_str(), shape_width, shape_str(r.shape).c_str(),
                   static_cast<long long>(r.parameters));
     text += line;
     total += r.parameters;
   }
-  text += std::string(70, '-') + "\n";
-  std::snprintf(line, sizeof line, "%-55s %14lld\n", "total parameters", static_cast<long long>(num_parameters()));
+  text += std::string(width, '-') + "\n";
+  std::snprintf(line, sizeof line, "%-*s %14lld\n", width - 15, "total parameters",
+                static_cast<long long>(num_parameters()));
   text += line;
   MDFF_CHECK(total == num_parameters(), "model summary: the stages account for ", total, " of ", num_parameters(),
              " parameters");

@@ -137,6 +137,20 @@ TEST_CASE("model summary: every stage with its output shape, and all parameters 
   CHECK(text.find("(2,48)") != std::string::npos);
   CHECK(text.find(std::to_string(model.num_parameters())) != std::string::npos);
   CHECK(model.is_training());  // the summary restores the mode
+  CHECK(text.find("output shape (scale 1) ") != std::string::npos);
+}
+
+TEST_CASE("model summary: the heading names the first scale, whose shapes the table shows") {
+  Rng rng(6);
+  MdffSh model(tiny_config(Taps::All, {0.5, 1.0}), rng);
+  const std::string text = model.summary(32);
+  CHECK(text.find("output shape (scale 0.5)") != std::string::npos);
+  CHECK(text.find("(scale 1)") == std::string::npos);
+  // the columns stay aligned with the wider heading: every line of the table is as long as its rule
+  const size_t rule = text.find("\n---") + 1;
+  const size_t width = text.find('\n', rule) - rule;
+  for (size_t start = text.find('\n') + 1; start < text.size(); start = text.find('\n', start) + 1)
+    CHECK(text.find('\n', start) - start == width);
 }
 
 TEST_CASE("train and eval modes reach every batch norm") {
