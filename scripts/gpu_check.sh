@@ -17,7 +17,8 @@
 #       and logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files, as the device
 #       tool brings back at most 8. Exit status: 0 when every step passed.
 #       GPU_CHECK_ONLY=REGEX runs only the steps whose names match (a rerun after a fix, e.g.
-#       GPU_CHECK_ONLY='test_cuda|benchmark'); the names are those of summary.txt.
+#       GPU_CHECK_ONLY='test_cuda|benchmark'), or hold it as written (a name copied from summary.txt,
+#       brackets included); a filter that matches no step is a FAIL.
 #       The device time of a session is 15 minutes, a machine's start included (a minute or more), and a
 #       machine goes back 30 s after a call: to leave room for a rerun after a fix, run the first call with
 #       GPU_CHECK_BUDGET=480 (estimated: test_cuda 30 s, the model benchmarks 220 s, the ranking 10 s, the main
@@ -33,13 +34,14 @@
 #       /usr/bin/python3) that can import torch, started with the environment it had before this script
 #       set LD_LIBRARY_PATH (so that it loads its own cuDNN and cuBLAS).
 set -uo pipefail
+self=$(readlink -f "$0")  # read again by --help, after the cd
 cd "$(dirname "$0")/.."
 build=build
 bundle=.gpu-bundle
 
 case "${1:-}" in
   "" | --prepare) ;;
-  -h | --help) sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,/^set -uo/p' "$self" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1': give --prepare (here), nothing (on the GPU machine) or --help" >&2
      exit 2 ;;
 esac
@@ -97,7 +99,10 @@ mkdir -p "$logs"
 budget=${GPU_CHECK_BUDGET:-540}
 step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left), logs, records PASS/FAIL
   local name=$1 log=$2 limit=$3; shift 3
-  (( filter_steps )) && [[ -n "${GPU_CHECK_ONLY:-}" && ! "$name" =~ $GPU_CHECK_ONLY ]] && return  # not asked for
+  # not asked for: GPU_CHECK_ONLY is neither in the name as written (a name copied from summary.txt, brackets
+  # and all) nor a regular expression that matches it
+  (( filter_steps )) && [[ -n "${GPU_CHECK_ONLY:-}" && "$name" != *"$GPU_CHECK_ONLY"* && ! "$name" =~ $GPU_CHECK_ONLY ]] \
+    && return
   steps_run=$((steps_run + 1))
   local left=$((budget - SECONDS))
   (( limit > left )) && limit=$left

@@ -12,6 +12,7 @@ The file is restored however the run ends: an error, Ctrl-C, SIGTERM (a timeout,
     scripts/mutation_check.py --list-only   # only checks that every mutation still applies (CI, < 1 s)
 """
 import argparse
+import os
 import pathlib
 import signal
 import subprocess
@@ -83,8 +84,19 @@ MUTATIONS = [
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def run(cmd):
+    """Runs cmd in the repository, output captured, in a process group of its own: when this script is stopped,
+    the whole group is killed (subprocess.run kills only cmake itself, and the ninja and compilers it started
+    could then build the mutated file after it was restored)."""
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as process:
+        try:
+            output, _ = process.communicate()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, output)
 
 
 def stop_through_finally():
@@ -92,6 +104,8 @@ def stop_through_finally():
     `finally` that restores the mutated source, which left core/*.cpp broken. A signal ignored when the script
     started (SIGINT in a background job) stays ignored."""
     def stop(signum, _frame):
+        for other in STOP_SIGNALS:  # one stop is enough: a second signal must not cut the restore short
+            signal.signal(other, signal.SIG_IGN)
         print(f"mutation_check: stopped by {signal.Signals(signum).name}; restoring the source", file=sys.stderr)
         raise SystemExit(128 + signum)
     for signum in STOP_SIGNALS:
