@@ -177,7 +177,8 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--schedule", o.schedule, "learning rate schedule: constant or cosine (recipe's default)")
       ->check(CLI::IsMember({"constant", "cosine"}));
   app.add_option("--warmup", o.warmup, "epochs (may be fractional) over which the learning rate rises linearly "
-                 "to --lr at the start (recipe's default)")->check(cli::finite_number(0, false));
+                 "at the start, scaling the schedule (with cosine it peaks at the cosine's value there, e.g. 0.99 "
+                 "--lr after 1 of 16 epochs) (recipe's default)")->check(cli::finite_number(0, false));
   app.add_option("--weight-decay", o.weight_decay, "L2 weight decay added to the gradient (recipe's default)")
       ->check(cli::finite_number(0, false));
   app.add_option("--beta", o.beta, "weight of J2, the quantization loss (recipe's default)")

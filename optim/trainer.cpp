@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -53,12 +54,19 @@ Trainer::Trainer(MdffSh& model, const data::Dataset& dataset, std::vector<int64_
   epoch_rng_state_ = loader_->rng_state();
 }
 
+double scheduled_learning_rate(const TrainSettings& settings, int64_t step, int64_t steps_per_epoch,
+                               int64_t total_steps) {
+  const double warmup_steps = settings.warmup_epochs * static_cast<double>(steps_per_epoch);
+  // Capped at 1: with a warm-up that is not a whole number of steps, (step + 1) / warmup_steps passes 1 on its
+  // last step (25x --lr for a warm-up of 0.04 steps).
+  const double warmup = std::min(1.0, (static_cast<double>(step) + 1) / warmup_steps);
+  if (settings.schedule == "constant" || total_steps == 0) return warmup * settings.lr;
+  const double progress = static_cast<double>(step) / static_cast<double>(total_steps);
+  return warmup * 0.5 * settings.lr * (1 + std::cos(M_PI * progress));
+}
+
 double Trainer::scheduled_lr() const {
-  const auto step = static_cast<double>(optimizer_->steps());
-  const double warmup_steps = settings_.warmup_epochs * static_cast<double>(loader_->batches_per_epoch());
-  const double warmup = step < warmup_steps ? (step + 1) / warmup_steps : 1.0;
-  if (settings_.schedule == "constant" || total_steps_ == 0) return warmup * settings_.lr;
-  return warmup * 0.5 * settings_.lr * (1 + std::cos(M_PI * step / static_cast<double>(total_steps_)));
+  return scheduled_learning_rate(settings_, optimizer_->steps(), loader_->batches_per_epoch(), total_steps_);
 }
 
 EpochReport Trainer::train_epoch(const std::function<void(int64_t, int64_t, double, double)>& progress,

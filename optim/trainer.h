@@ -41,12 +41,19 @@ struct TrainSettings {
   double weight_decay = 1e-5;
   double momentum = 0.9;              // SGD only
   std::string schedule = "constant";  // "constant" | "cosine" (to 0 over all steps)
-  double warmup_epochs = 0;           // the lr rises linearly from lr/steps to lr over these first epochs
+  double warmup_epochs = 0;           // over these first epochs, the schedule is scaled by a linear ramp to 1
   LossConfig loss;
   data::BatchOptions batch;           // augmentation and image size of the training batches
   uint64_t seed = 0;
   int readout_every = 0;  // steps between read-outs (see above); 0: 1 on the CPU, 20 on the GPU
 };
+
+// The learning rate of the 0-based step `step`: --lr times the schedule (constant: 1; cosine: from 1 to 0 over all
+// `total_steps`), times the warm-up ramp min(1, (step + 1) / warm-up steps). The ramp scales the cosine rather
+// than coming before it, so a warm-up peaks at the cosine's value there: 0.99 --lr after 1 of 16 epochs (the
+// scratch recipe), 0.5 --lr after 1 of 2.
+double scheduled_learning_rate(const TrainSettings& settings, int64_t step, int64_t steps_per_epoch,
+                               int64_t total_steps);
 
 struct TrainingDiverged : Error {
   using Error::Error;

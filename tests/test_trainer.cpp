@@ -4,6 +4,7 @@
 // gradients stops it at the end of the epoch (before any checkpoint), naming the first one.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -151,4 +152,26 @@ TEST_CASE("training holds no more memory after an epoch than after the one befor
   CHECK(second.peak_bytes_in_use > after_first);  // the steps' activations came and went
   s.trainer->train_epoch();
   CHECK(cpu.memory_stats().bytes_in_use == after_first);
+}
+
+TEST_CASE("the learning rate: a linear warm-up that scales the schedule and never passes 1") {
+  TrainSettings s;
+  s.lr = 0.1;
+  s.schedule = "constant";
+  s.warmup_epochs = 0.01;  // 0.04 of a step at 4 steps an epoch: (step + 1) / 0.04 was 25 on the first step
+  CHECK(scheduled_learning_rate(s, 0, 4, 12) == doctest::Approx(0.1));
+  s.warmup_epochs = 0.3;  // 1.2 steps: the second step's factor was 2 / 1.2
+  CHECK(scheduled_learning_rate(s, 0, 4, 12) == doctest::Approx(0.1 / 1.2));
+  CHECK(scheduled_learning_rate(s, 1, 4, 12) == doctest::Approx(0.1));
+  s.warmup_epochs = 1;  // 4 steps: 1/4, 2/4, 3/4, 1
+  for (int step = 0; step < 6; ++step) {
+    CAPTURE(step);
+    CHECK(scheduled_learning_rate(s, step, 4, 12) == doctest::Approx(0.1 * std::min(1.0, (step + 1) / 4.0)));
+  }
+  s.schedule = "cosine";  // the ramp times 0.5 (1 + cos(pi step / total))
+  CHECK(scheduled_learning_rate(s, 3, 4, 12) == doctest::Approx(0.05 * (1 + std::cos(M_PI * 3 / 12))));
+  CHECK(scheduled_learning_rate(s, 6, 4, 12) == doctest::Approx(0.05));
+  s.warmup_epochs = 0;
+  CHECK(scheduled_learning_rate(s, 0, 4, 12) == doctest::Approx(0.1));
+  CHECK(scheduled_learning_rate(s, 11, 4, 12) < 0.01);
 }
