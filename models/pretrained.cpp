@@ -3,6 +3,7 @@
 #include "models/pretrained.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "core/error.h"
@@ -39,6 +40,16 @@ std::string tensors(size_t n) { return detail::concat(n, n == 1 ? " tensor" : " 
 
 bool is_floating_entry(const io::SafetensorsEntry& entry) {
   return entry.dtype == "F32" || entry.dtype == "F16" || entry.dtype == "BF16" || entry.dtype == "F64";
+}
+
+// The flat index of the first NaN or infinite value of a CPU F32 or F64 tensor, or -1.
+int64_t first_non_finite_index(const Tensor& t) {
+  const auto scan = [&](const auto* values) {
+    for (int64_t i = 0; i < t.numel(); ++i)
+      if (!std::isfinite(values[i])) return i;
+    return int64_t{-1};
+  };
+  return t.dtype() == DType::F64 ? scan(t.data<double>()) : scan(t.data<float>());
 }
 
 }  // namespace
@@ -111,7 +122,17 @@ PretrainedReport load_pretrained_backbone(ResNet& backbone, const std::string& p
     MDFF_FAIL(path, " does not fit the ResNet backbone (", targets.size(), " tensors by torchvision's names): ", text);
   }
 
-  for (auto& [name, target] : targets) target.copy_(io::to_tensor(*source_of.at(name), target.dtype()));
+  // Every tensor converted and checked before any is copied, so that a refused file leaves the model as it was.
+  std::vector<Tensor> values;
+  for (auto& [name, target] : targets) {
+    const io::SafetensorsEntry& entry = *source_of.at(name);
+    values.push_back(io::to_tensor(entry, target.dtype()));  // on the CPU
+    // A NaN or infinity here would surface epochs later as a "diverged" run blamed on the learning rate.
+    const int64_t bad = first_non_finite_index(values.back());
+    MDFF_CHECK(bad < 0, path, ": '", entry.name, "' holds a value that is not finite (element ", bad, "): the weights "
+               "file is damaged; get it again (scripts/download_resnet50.sh)");
+  }
+  for (size_t i = 0; i < targets.size(); ++i) targets[i].second.copy_(values[i]);
   report.loaded = static_cast<int64_t>(targets.size());
   return report;
 }

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -185,6 +186,19 @@ TEST_CASE("a file that does not fit the backbone is refused, naming each tensor,
     CHECK(message.find(std::to_string(full.size() - 1) + " tensors missing from the file (bn1.weight, ") !=
           std::string::npos);
     CHECK(message.find(", and " + std::to_string(full.size() - 9) + " more)") != std::string::npos);
+  }
+  SUBCASE("a value that is not finite: refused naming the tensor, nothing loaded") {
+    NamedTensors state = full;
+    std::vector<float> values;
+    for (double v : state.back().second.to_vector()) values.push_back(static_cast<float>(v));
+    values[values.size() / 2] = std::numeric_limits<float>::quiet_NaN();
+    state.back().second = Tensor::from_vector(values, state.back().second.shape());
+    const std::string path = temp_path("nan.safetensors");
+    io::save_safetensors(path, state);
+    const std::string message = error_of([&] { load_pretrained_backbone(model->backbone(), path); });
+    CHECK(values_of(*model) == before);
+    CHECK(message.find("'" + state.back().first + "' holds a value that is not finite (element " +
+                       std::to_string(values.size() / 2) + ")") != std::string::npos);
   }
   SUBCASE("a wrong shape") {
     NamedTensors state = full;
