@@ -103,6 +103,17 @@ void resolve_defaults(Options& o) {
   if (o.zero_init_residual < 0) o.zero_init_residual = r.zero_init_residual;
   if (o.bits.empty()) o.bits = o.dataset == "fashion-mnist" ? "48" : "12,24,32,48";
   if (o.data_dir.empty()) o.data_dir = default_data_dir(o.dataset);
+  // Paths as absolute ones, so that config.json lets --resume continue the run from any folder, and the same
+  // folder written another way on the command line is no difference.
+  const auto absolute = [](std::string& path) {
+    std::error_code error;
+    const fs::path resolved = fs::absolute(path, error);
+    if (!path.empty() && !error) path = resolved.lexically_normal().string();
+  };
+  absolute(o.data_dir);
+  absolute(o.list_root);
+  absolute(o.pretrained);
+  if (o.dataset != "fashion-mnist" && o.dataset != "cifar10") absolute(o.dataset);
 }
 
 std::string default_data_dir(const std::string& dataset) {

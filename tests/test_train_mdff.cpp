@@ -301,6 +301,17 @@ TEST_CASE("a tiny end-to-end run writes every result, and its mAP is right") {
     CHECK(entry["history"].size() == 1);
     CHECK(entry.contains("precision_hamming_2"));
   }
+  // paths given relative to where the run starts are stored absolute: --resume works from another folder
+  const std::string binary = test::program(TRAIN_MDFF_BINARY);
+  const Run relative = test::run_program("cd " + root.string() + " && exec " + binary,
+                                         "fashion-mnist --data-dir data --out relative --model tiny --epochs 1 --bits 8 "
+                                         "--batch-size 16 --scales 1 --queries-per-class 5 --train-per-class 10 "
+                                         "--monitor-every 0");
+  REQUIRE(relative.exit_code == 0);
+  CHECK(nlohmann::json::parse(std::ifstream(root / "relative" / "config.json"))["data_dir"] == data.string());
+  const Run elsewhere = test::run_program("cd / && exec " + binary, "--resume " + (root / "relative").string());
+  INFO(elsewhere.output);
+  CHECK(elsewhere.exit_code == 0);
   const io::SafetensorsFile checkpoint = io::load_safetensors((out / "checkpoint_8bits.safetensors").string());
   CHECK(checkpoint.find("hash.weight") != nullptr);
   CHECK(checkpoint.find("backbone.layer1.0.bn1.running_mean") != nullptr);

@@ -4,11 +4,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
+
 #include "apps/train_options.h"
 #include "core/error.h"
 
 using namespace mdff;
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 TEST_CASE("config.json: the options come back as written; an integer option must be a JSON integer in range") {
   train::Options written;
@@ -41,12 +44,13 @@ TEST_CASE("the defaults name the dataset's folder, so config.json holds every ef
   list.dataset = "images/list.txt";
   for (train::Options* o : {&fashion, &cifar, &list}) train::resolve_defaults(*o);
   CHECK(fashion.data_dir == "/usr/share/datasets/fashion-mnist");
-  CHECK(cifar.data_dir == "data/cifar-10-batches-bin");
+  CHECK(cifar.data_dir == (fs::current_path() / "data/cifar-10-batches-bin").string());  // absolute: --resume anywhere
   CHECK(list.data_dir.empty());  // an image list's paths are relative to --list-root
   train::Options given;
   given.data_dir = "elsewhere";
   train::resolve_defaults(given);
-  CHECK(given.data_dir == "elsewhere");
+  CHECK(given.data_dir == (fs::current_path() / "elsewhere").string());
+  CHECK(list.dataset == (fs::current_path() / "images/list.txt").string());
 }
 
 TEST_CASE("number lists: every item a number, none empty, doubles finite") {
