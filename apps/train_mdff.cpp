@@ -214,6 +214,8 @@ Plan plan_from(const Options& o) {
   }
   plan.scales = cli::parse_list<double>(o.scales, "--scales");
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
+  MDFF_CHECK(o.pretrained.empty() || !fs::is_directory(o.pretrained), "--pretrained: ", o.pretrained, " is a folder: "
+             "give the weights file in it (scripts/download_resnet50.sh writes data/resnet50.tv_in1k.safetensors)");
   MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
              " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
   MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");

@@ -59,7 +59,7 @@ Split multi_label_split(const Dataset& d, uint64_t seed, const SplitSizes& sizes
   const int64_t n = d.size();
   MDFF_CHECK(n >= sizes.queries + sizes.train, d.name, ": ", n, " images are too few for the protocol, which takes ",
              sizes.queries, " queries and ", sizes.train, " training images (at least ", sizes.queries + sizes.train,
-             " images)");
+             " images); choose fewer with train_mdff's --queries and --train-images");
   const std::vector<int64_t> rows = shuffled_rows(n, seed);
   Split split;
   split.query.assign(rows.begin(), rows.begin() + sizes.queries);

@@ -125,7 +125,9 @@ TEST_CASE("multi-label protocol: 5,000 random queries, 10,000 training from the 
   CHECK(make_split(d, "paper", 3).query == s.query);
   CHECK(make_split(d, "paper", 4).query != s.query);
   CHECK_THROWS_WITH_AS(make_split(multi_label(14999), "paper", 0),
-                       doctest::Contains("14999 images are too few for the protocol"), Error);
+                       doctest::Contains("14999 images are too few for the protocol, which takes 5000 queries and 10000 training images "
+                                         "(at least 15000 images); choose fewer with train_mdff's --queries and "
+                                         "--train-images"), Error);
   CHECK_THROWS_WITH_AS(make_split(d, "deephash54k", 0), doctest::Contains("multi-label: use the protocol 'paper'"),
                        Error);
 }

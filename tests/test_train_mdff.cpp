@@ -176,6 +176,7 @@ TEST_CASE("bad options exit 2 with the reason") {
       {(folder.path / "no_list.txt").string() + " --classes 2", "DATASET: no file"},
       {folder.path.string() + " --classes 2", "is not a file"},
       {(folder.path / "list.txt").string(), "an image list needs --classes"},
+      {no_data + "--pretrained " + folder.path.string(), "is a folder: give the weights file in it"},
       {std::string(5000, 'a') + " --classes 2", "File name too long"},  // was an uncaught filesystem_error
       {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + std::string(5000, 'b'), "File name too long"},
       {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + (folder.path / "file").string(),
