@@ -2,6 +2,7 @@
 // the reason and exits 2, as command-line tools conventionally do.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -146,6 +147,31 @@ inline CLI::Validator unsigned_64() {
         return "";
       },
       "UINT64");
+}
+
+// The program a shell would run for `name` (e.g. --python's): a name with a '/' as it is, else the first
+// executable file of that name in the folders of $PATH (an empty entry is the current folder). "" when there
+// is none, with `why` saying so.
+inline std::string find_program(const std::string& name, std::string& why) {
+  std::error_code ignored;
+  if (name.find('/') != std::string::npos) {
+    if (std::filesystem::exists(name, ignored)) return name;
+    why = name + " does not exist";
+    return "";
+  }
+  const char* path = std::getenv("PATH");
+  const std::string folders = path ? path : "";
+  for (size_t start = 0; !folders.empty();) {
+    const size_t end = folders.find(':', start);
+    const std::string folder = folders.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    const std::filesystem::path candidate = std::filesystem::path(folder.empty() ? "." : folder) / name;
+    if (std::filesystem::is_regular_file(candidate, ignored) && ::access(candidate.c_str(), X_OK) == 0)
+      return candidate.string();
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  why = name + " was not found on PATH (give its full path: /path/to/" + name + ")";
+  return "";
 }
 
 }  // namespace mdff::cli

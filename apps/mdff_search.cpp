@@ -429,34 +429,11 @@ struct TempFolder {
   }
 };
 
-// The program a shell would run for `name`: a name with a '/' as it is, else the first executable file of
-// that name in the folders of $PATH (an empty entry is the current folder). "" with `why` when there is none.
-std::string find_program(const std::string& name, std::string& why) {
-  std::error_code ignored;
-  if (name.find('/') != std::string::npos) {
-    if (fs::exists(name, ignored)) return name;
-    why = name + " does not exist";
-    return "";
-  }
-  const char* path = std::getenv("PATH");
-  const std::string folders = path ? path : "";
-  for (size_t start = 0; !folders.empty();) {
-    const size_t end = folders.find(':', start);
-    const std::string folder = folders.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    const fs::path candidate = fs::path(folder.empty() ? "." : folder) / name;
-    if (fs::is_regular_file(candidate, ignored) && ::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
-  why = name + " was not found on PATH (give its full path: --python /path/to/" + name + ")";
-  return "";
-}
-
 // Runs the NumPy side on the same codes. Returns its report, with the Python that ran it, or null with `why`
 // when it cannot run.
 json bench_numpy(const BenchOptions& o, const retrieval::PackedCodes& database, const retrieval::PackedCodes& queries,
                  std::string& why) {
-  const std::string python = find_program(o.python, why);
+  const std::string python = cli::find_program(o.python, why);
   if (python.empty()) return nullptr;
   if (std::system((shell_quote(python) + " -c 'import numpy' 2>/dev/null").c_str()) != 0) {
     why = python + " cannot import numpy";

@@ -58,26 +58,13 @@ std::string shell_quote(const std::string& text) {
   return quoted + "'";
 }
 
-// The program a shell would run for --python's `name` (as mdff_search finds its Python): a name with a '/' as
-// it is, else the first executable file of that name in the folders of $PATH (an empty entry is the current
-// folder). Throws an Error saying why when there is none.
+// The program a shell would run for --python's `name` (cli::find_program, as mdff_search finds its Python).
+// Throws an Error saying why when there is none.
 std::string find_python(const std::string& name) {
-  std::error_code ignored;
-  if (name.find('/') != std::string::npos) {
-    if (fs::exists(name, ignored)) return name;
-    throw Error("--python " + name + " does not exist");
-  }
-  const char* path = std::getenv("PATH");
-  const std::string folders = path ? path : "";
-  for (size_t start = 0; !folders.empty();) {
-    const size_t end = folders.find(':', start);
-    const std::string folder = folders.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    const fs::path candidate = fs::path(folder.empty() ? "." : folder) / name;
-    if (fs::is_regular_file(candidate, ignored) && ::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
-  throw Error("--python " + name + " was not found on PATH (give its full path: --python /path/to/" + name + ")");
+  std::string why;
+  const std::string program = cli::find_program(name, why);
+  if (program.empty()) throw Error("--python " + why);
+  return program;
 }
 
 // A temporary file of this run's own (mkstemp), removed when this goes out of scope: concurrent runs never
