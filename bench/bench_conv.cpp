@@ -359,11 +359,7 @@ int main(int argc, char** argv) {
   if (std::string why_not; device == "cuda" && !cuda_available(&why_not))
     return usage_error("--device cuda: " + why_not);
   try {
-    // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
-    // path is created and removed at once (io::WriteError, naming the path and the reason).
-    if (!json_path.empty()) {
-      io::AtomicFile probe(json_path);
-    }
+    if (!json_path.empty()) io::check_writable(json_path);  // fails now, not after the timing
     if (device == "cpu") return run_cpu(input, batch, with_torch, python, json_path);
     return run_gpu(input, batch, precision == "tf32", json_path);
   } catch (const std::exception& e) {  // PyTorch's side, a kernel or the JSON's write failed

@@ -417,11 +417,7 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "bench_ops: %s\nRun with --help for more information.\n", e.reason());
     return 2;
   }
-  // A --json that cannot be written fails now, not after the timing: the probe's temporary file next to the
-  // path is created and removed at once (io::WriteError, naming the path and the reason: exit 1).
-  if (!json_path.empty()) {
-    io::AtomicFile probe(json_path);
-  }
+  if (!json_path.empty()) io::check_writable(json_path);  // fails now, not after the timing
   set_tf32_allowed(precision == "tf32");
   const bool on_gpu = g_device == Device::CUDA;
   // Every convolution on its plan's fastest algorithm (cuda/conv.cpp): the memory mark of

@@ -82,6 +82,8 @@ void write_file_atomic(const std::string& path, const std::string& text) {
   write_file_atomic(path, {{text.data(), text.size()}});
 }
 
+void check_writable(const std::string& path) { AtomicFile probe(path); }
+
 std::vector<std::string> remove_stale_temporaries(const std::string& folder) {
   const std::string own_suffix = kTemporaryInfix + std::to_string(::getpid());
   std::vector<std::string> removed;

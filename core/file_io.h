@@ -62,6 +62,10 @@ struct ByteSpan {
 void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& pieces);
 // The same for one piece of text (JSON, SVG, a script).
 void write_file_atomic(const std::string& path, const std::string& text);
+// Throws io::WriteError (naming the path and the reason: a missing folder, no permission) when write_file_atomic
+// could not write `path`: its temporary file is created and removed at once. For a program that writes its
+// results after a long run, so that it fails before the run.
+void check_writable(const std::string& path);
 
 // Deletes the temporary files that processes killed while writing left in `folder` and its
 // subfolders (regular files named NAME.tmp-PID with a PID other than this process's), and returns
