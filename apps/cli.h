@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -52,10 +51,11 @@ inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
   return std::nullopt;
 }
 
-// What is wrong with `text` as a list of numbers ("12,24,32,48" or "1,0.5"), or "" when nothing is: an
-// empty list, an empty item ("8," or "8,,16"), an item that is not a number, or (for double) not finite.
+// Reads `text` as a list of numbers ("12,24,32,48" or "1,0.5") into `values` (when not null). Returns what is
+// wrong with it, or "" when nothing is: an empty list, an empty item ("8," or "8,,16"), an item that is not a
+// number, or (for double) not finite.
 template <class T>
-std::string list_problem(const std::string& text) {
+std::string read_list(const std::string& text, std::vector<T>* values) {
   static_assert(std::is_same_v<T, int> || std::is_same_v<T, double>);
   const char* example = std::is_same_v<T, int> ? " (write e.g. 12,24,32,48)" : " (write e.g. 1,0.5)";
   if (text.empty()) return detail::concat("give at least one value", example);
@@ -63,30 +63,34 @@ std::string list_problem(const std::string& text) {
     const size_t comma = text.find(',', start);
     const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     size_t used = 0;
-    double value = 0;
+    T value = 0;
     try {
-      value = std::is_same_v<T, int> ? std::stoi(item, &used) : std::stod(item, &used);
+      if constexpr (std::is_same_v<T, int>) value = std::stoi(item, &used);
+      else value = std::stod(item, &used);
     } catch (const std::exception&) {
       used = 0;
     }
     if (item.empty()) return detail::concat("'", text, "' has an empty item", example);
-    if (used == 0 || used != item.size() || !std::isfinite(value))
+    if (used == 0 || used != item.size() || !std::isfinite(static_cast<double>(value)))
       return detail::concat("'", item, "' is not ", std::is_same_v<T, int> ? "a whole number" : "a finite number",
                             example);
+    if (values) values->push_back(value);
     if (comma == std::string::npos) return "";
     start = comma + 1;
   }
 }
 
+template <class T>
+std::string list_problem(const std::string& text) {
+  return read_list<T>(text, nullptr);
+}
+
 // The numbers of a list that list_problem accepts; otherwise throws an mdff::Error naming `option`.
 template <class T>
 std::vector<T> parse_list(const std::string& text, const char* option) {
-  const std::string problem = list_problem<T>(text);
-  MDFF_CHECK(problem.empty(), option, ": ", problem);
   std::vector<T> values;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');)
-    values.push_back(std::is_same_v<T, int> ? static_cast<T>(std::stoi(item)) : static_cast<T>(std::stod(item)));
+  const std::string problem = read_list(text, &values);
+  MDFF_CHECK(problem.empty(), option, ": ", problem);
   return values;
 }
 
