@@ -134,7 +134,6 @@ double precision_at(const retrieval::RetrievalMetrics& m, int n) {
   return std::nan("");
 }
 
-// The paper's Table 2 values for MDFF-SH (method.md §7), where one exists.
 // The paper's CIFAR-10 mAP for the run's code length and variant on the paper's protocol (method.md §7): the full
 // model (Table 2), --taps fc1 or convs (Table 4), or γ = 0 or β = 0 (Table 5). NaN where the paper has no such
 // row (another dataset, protocol or backbone, or a variant it did not run).
@@ -227,6 +226,8 @@ Plan plan_from(const Options& o) {
 // The learning curve's database sample: 2,000 images (with the 1,000 queries, 3,000 images to encode
 // per point, where 5,000 took 14% of the main job's time; the curve keeps its trend, with more noise).
 constexpr size_t kMonitorImages = 2000;
+// Multi-label data is ranked by mAP@5000 (the paper's NUS-WIDE and MS-COCO protocol).
+constexpr int64_t kMultiLabelMapAt = 5000;
 
 // Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step; the run then writes its
 // checkpoint and exits with 130. A second signal exits at once: every file is written atomically, so the
@@ -509,7 +510,7 @@ int main(int argc, char** argv) {
             config,
             last_checkpoint,
             // mAP@5000 for multi-label data (mAP@ALL when the database is smaller), mAP@ALL otherwise.
-            dataset.multi_label ? std::min<int64_t>(5000, database_size) : -1,
+            dataset.multi_label ? std::min(kMultiLabelMapAt, database_size) : -1,
             retrieval::default_pn_at(database_size),
             labels_of(dataset, split.query),
             labels_of(dataset, split.database),
@@ -575,9 +576,10 @@ int main(int argc, char** argv) {
                   std::isnan(paper) ? "-" : detail::concat(paper).c_str());
     }
     const std::string which = run.map_at < 0 ? "mAP@ALL"
-                              : run.map_at < 5000 ? detail::concat("mAP@5000, here mAP@ALL: the database has ",
-                                                                   run.map_at, " images")
-                                                  : "mAP@5000";
+                              : run.map_at < kMultiLabelMapAt
+                                  ? detail::concat("mAP@", kMultiLabelMapAt, ", here mAP@ALL: the database has ",
+                                                   run.map_at, " images")
+                                  : detail::concat("mAP@", kMultiLabelMapAt);
     std::printf("mAP is %s; results in %s\n", which.c_str(), out.c_str());
   } catch (const Interrupted& i) {
     std::fprintf(stderr, "\ntrain_mdff: interrupted; the checkpoint %s holds the run so far. Continue it with:\n"

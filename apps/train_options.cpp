@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "data/idx.h"
 
 namespace mdff::train {
 
@@ -117,7 +118,7 @@ void resolve_defaults(Options& o) {
 }
 
 std::string default_data_dir(const std::string& dataset) {
-  if (dataset == "fashion-mnist") return "/usr/share/datasets/fashion-mnist";
+  if (dataset == "fashion-mnist") return data::kFashionMnistDir;
   if (dataset == "cifar10") return "data/cifar-10-batches-bin";
   return "";  // an image list's files are found through --list-root
 }
