@@ -33,13 +33,15 @@ struct ConvStats {
   int64_t plans_with_lean_variant = 0;  // plans whose lean algorithm needs less workspace than their fastest
   int64_t lean_calls = 0;  // calls that ran the lean algorithm: the fastest's workspace would have raised the
                            // mark, or did not fit in the device's memory
-  size_t memory_mark_bytes = 0;  // the highest memory in use seen at a convolution call (core/workspace_policy.h)
+  size_t memory_mark_bytes = 0;  // the highest memory in use seen at a convolution call of a pass that records
+                                 // a graph (core/workspace_policy.h)
+  size_t inference_mark_bytes = 0;  // the same, at the forward calls of passes that record none (encoding)
   int64_t plans_timed_on_cublas = 0;  // plans of 1x1 stride-1 products timed on cuBLAS and cuDNN (Measured)
   int64_t plans_faster_on_cublas = 0;  // of those, the ones where cuBLAS ran faster than cuDNN's fastest
   int64_t cublas_calls = 0;  // calls that ran through cuBLAS (Conv1x1Route)
 };
 ConvStats conv_stats();
-// Starts the memory mark (ConvStats::memory_mark_bytes) again from nothing, for a test that lifted it.
+// Starts both memory marks (ConvStats) again from nothing, for a test that lifted them.
 void reset_conv_memory_mark();
 
 }  // namespace mdff::cuda

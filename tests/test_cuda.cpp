@@ -1400,6 +1400,7 @@ TEST_CASE("a convolution at the memory mark runs its lean algorithm; either algo
   const Tensor expected = ops::conv2d(x, weight, Tensor(), layer1.stride, layer1.padding);
   const Tensor xc = x.to(Device::CUDA), wc = weight.to(Device::CUDA);
   auto convolve = [&] { return ops::conv2d(xc, wc, Tensor(), layer1.stride, layer1.padding); };
+  cuda::reset_conv_memory_mark();  // the no-graph mark too, which earlier tests' encodings lifted
   const cuda::ConvStats before = cuda::conv_stats();
   const cuda::ConvStats at_mark = [&] {
     // Ballast lifts the memory in use to the mark and 1 GiB beyond: the shape's first call (its plan is new)
@@ -1417,6 +1418,15 @@ TEST_CASE("a convolution at the memory mark runs its lean algorithm; either algo
   // Without the ballast the same call is more than 1 GiB under the mark: the fastest algorithm.
   check_close(expected, convolve(), kTf32Bound, std::string(layer1.role) + ", under the mark", Scale::TensorMax);
   CHECK(cuda::conv_stats().lean_calls == at_mark.lean_calls);
+  {
+    // A pass that records no graph (encoding) has a mark of its own, not yet lifted: this call is at it, lean
+    // again, though 1 GiB under the training mark.
+    const NoGradGuard encoding;
+    check_close(expected, convolve(), kTf32Bound, std::string(layer1.role) + ", no graph, at its own mark",
+                Scale::TensorMax);
+    CHECK(cuda::conv_stats().lean_calls - at_mark.lean_calls == lean_plans);
+    CHECK(cuda::conv_stats().inference_mark_bytes < at_mark.memory_mark_bytes);
+  }
   MESSAGE(layer1.role, ": the forward plan ", lean_plans ? "has a lean algorithm besides the fastest" :
           "has one algorithm, fastest and lean", "; the largest workspace of a fastest algorithm so far ",
           at_mark.largest_workspace_bytes, " bytes; ", at_mark.plans_with_lean_variant, " of ", at_mark.cached_plans,
