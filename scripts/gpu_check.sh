@@ -254,7 +254,8 @@ step "CUDA tests, MDFF_CUDA_SYNC=1" test_cuda_sync.log 120 env MDFF_CUDA_SYNC=1 
 # life; the first GPU run counted 791 such reports and no bad access). Each has a time limit, so that a slow tool cannot use up the machine's lease; its "ERROR
 # SUMMARY" line goes into the summary. A missing tool is a FAIL line, not a silent skip. The whole-model cases
 # (ResNet50, the trainer) are left out there (-tce): under the tools' instrumentation they take the whole time
-# limit; every kernel they use has its own, smaller case.
+# limit; every kernel they use has its own, smaller case. MDFF_UNDER_SANITIZER=1 tells test_cuda to run its
+# slowest case, the optimizers' two-launch variants, with few parameters (racecheck stopped there after 150 s).
 sanitizer=$(command -v compute-sanitizer || true)
 for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
                  /opt/nvidia/*/compute-sanitizer/compute-sanitizer \
@@ -264,10 +265,10 @@ done
 sanitizer_limit=${GPU_SANITIZER_TIMEOUT:-150}  # seconds per tool
 if [[ -n "$sanitizer" ]]; then
   echo "compute-sanitizer: $sanitizer" >> "$out/machine.txt"
-  step "compute-sanitizer memcheck" memcheck.log "$sanitizer_limit" env MDFF_CUDA_NO_CACHING=1 "$sanitizer" \
-    --tool memcheck --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
-  step "compute-sanitizer racecheck" racecheck.log "$sanitizer_limit" "$sanitizer" --tool racecheck \
-    --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
+  step "compute-sanitizer memcheck" memcheck.log "$sanitizer_limit" env MDFF_CUDA_NO_CACHING=1 MDFF_UNDER_SANITIZER=1 \
+    "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
+  step "compute-sanitizer racecheck" racecheck.log "$sanitizer_limit" env MDFF_UNDER_SANITIZER=1 "$sanitizer" \
+    --tool racecheck --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
   for log in memcheck.log racecheck.log; do
     [[ -f "$logs/$log" ]] || continue
     printf '  %-32s %s\n' "$log" "$(grep -m 1 'ERROR SUMMARY' "$logs/$log" || echo 'no ERROR SUMMARY (timed out or did not start; see the log)')" \
