@@ -218,6 +218,9 @@ Plan plan_from(const Options& o) {
   MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
              " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
   MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
+  std::string why_no_gpu;
+  MDFF_CHECK(!o.device_of_run || o.device != "cuda" || cuda_available(&why_no_gpu), "--resume: the run trained on "
+             "the GPU, and here there is none (", why_no_gpu, "): give --device cpu to continue it on the CPU");
   plan.device = cli::choose_device(o.device);
   set_tf32_allowed(o.precision == "tf32");
   return plan;

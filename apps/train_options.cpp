@@ -162,8 +162,23 @@ Options resumed_options(const Options& given, const CLI::App& app) {
              " was started with: ", differences, ". Leave them out to continue the run as it was, or start a new run");
   o.resume = given.resume;
   o.out = given.resume;
-  o.device = given.device;
-  o.precision = given.precision;
+  // The device and the GPU's math are the run's (config.json), unless this command gives them: a run started
+  // on the CPU, or in FP32, does not move to the GPU, or to TF32, because this machine has one.
+  auto given_here = [&](const char* name) {
+    const CLI::Option* option = app.get_option_no_throw(name);
+    return option && option->count() > 0;
+  };
+  auto stored_choice = [&](const char* key, const std::string& fallback, std::initializer_list<const char*> allowed) {
+    if (!stored.contains(key)) return fallback;
+    const json& value = stored.at(key);
+    for (const char* choice : allowed)
+      if (value == choice) return std::string(choice);
+    MDFF_FAIL("--resume: ", config_path.string(), ": '", key, "' is ", value.dump(), ", not one of train_mdff's "
+              "(written by another version of train_mdff?); give --", key, " to choose");
+  };
+  o.device_of_run = !given_here("--device");
+  o.device = o.device_of_run ? stored_choice("device", given.device, {"cpu", "cuda"}) : given.device;
+  o.precision = given_here("--precision") ? given.precision : stored_choice("precision", given.precision, {"tf32", "fp32"});
   o.interrupt_after_steps = given.interrupt_after_steps;
   return o;
 }
@@ -232,11 +247,12 @@ void add_options(CLI::App& app, Options& o) {
                  "trials)")->capture_default_str()->check(CLI::IsMember({"resnet50", "tiny"}));
   app.add_option("--monitor-every", o.monitor_every, "every N epochs, mAP on the queries against a 2,000-image "
                  "sample of the database (the learning curve); 0: off")->capture_default_str()->transform(cli::whole_number(0, 1000));
-  app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda")->capture_default_str()
+  app.add_option("--device", o.device, "auto (the GPU when there is one), cpu or cuda; with --resume, the run's")
+      ->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--precision", o.precision, "GPU math: tf32 (convolutions and matrix products on tensor cores with "
                  "10-bit mantissas and FP32 sums, about 1e-3 relative error, as PyTorch's cuDNN default) or fp32 "
-                 "(full FP32, slower); the CPU always computes in FP32")->capture_default_str()
+                 "(full FP32, slower); the CPU always computes in FP32; with --resume, the run's")->capture_default_str()
       ->check(CLI::IsMember({"tf32", "fp32"}));
   app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME); it must not hold another run");
   app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights, safetensors with torchvision's names "

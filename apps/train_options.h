@@ -23,6 +23,7 @@ struct Options {
   double lr = 0, weight_decay = -1, beta = -1, gamma = -1, warmup = -1;
   uint64_t seed = 0;
   bool no_flip = false;
+  bool device_of_run = false;  // --resume without --device: `device` is the one the run trained on
 };
 
 // Every option that a run's results depend on, by its config.json key (the command-line option is

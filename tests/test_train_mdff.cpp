@@ -25,6 +25,7 @@
 #include "core/ops.h"
 #include "core/safetensors.h"
 #include "core/backend.h"
+#include "core/file_io.h"
 #include "tests/run_program.h"
 #include "data/batch.h"
 #include "data/protocol.h"
@@ -424,8 +425,9 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   const fs::path root = fs::temp_directory_path() / ("mdff_train_resume_" + std::to_string(::getpid()));
   const fs::path data = make_dataset(root / "data", 20);
   // 100 training images in batches of 16: 6 steps an epoch. RMSProp, U (pairs = dataset), shifts and
-  // flips: every piece of state that resuming must restore matters here.
-  const std::string common = "fashion-mnist --data-dir " + data.string() +
+  // flips: every piece of state that resuming must restore matters here. On the CPU, where a resumed run
+  // is bit-identical (on a GPU each process chooses cuDNN's algorithms by timing them).
+  const std::string common = "fashion-mnist --device cpu --data-dir " + data.string() +
                              " --model tiny --bits 8 --batch-size 16 --scales 1 --queries-per-class 5"
                              " --train-per-class 10 --epochs 3 --optimizer rmsprop --lr 0.001 --pairs dataset"
                              " --shift 2 --schedule cosine ";
@@ -488,6 +490,33 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   CHECK(elsewhere.exit_code == 2);
   CHECK(elsewhere.output.find("a run continues in its own folder") != std::string::npos);
   CHECK_FALSE(fs::exists(root / "elsewhere"));
+  // The device is the run's unless the command gives one: this CPU run stays on the CPU where there is a GPU
+  // (it is finished, so it only reports). A run that trained on the GPU, resumed where there is none, is
+  // refused with the fix; a device that train_mdff does not know is refused naming config.json.
+  const Run finished = run("--resume " + parts.string());
+  CHECK(finished.exit_code == 0);
+  CHECK_MESSAGE(finished.output.find("fashion-mnist on cpu") != std::string::npos, finished.output);
+  const fs::path config_path = parts / "config.json";
+  const std::vector<uint8_t> config_bytes = io::read_file(config_path.string());
+  const std::string config_text(config_bytes.begin(), config_bytes.end());
+  auto resume_with_device = [&](const char* device, const std::string& arguments) {
+    nlohmann::json config = nlohmann::json::parse(config_text);
+    config["device"] = device;
+    io::write_file_atomic(config_path.string(), config.dump(2));
+    return run("--resume " + parts.string() + arguments);
+  };
+  std::string why_no_gpu;
+  if (!cuda_available(&why_no_gpu)) {
+    const Run gpu_run = resume_with_device("cuda", "");
+    CHECK(gpu_run.exit_code == 2);
+    CHECK_MESSAGE(gpu_run.output.find("--resume: the run trained on the GPU, and here there is none (" + why_no_gpu +
+                                      "): give --device cpu") != std::string::npos, gpu_run.output);
+    CHECK(resume_with_device("cuda", " --device cpu").exit_code == 0);
+  }
+  const Run unknown = resume_with_device("tpu", "");
+  CHECK(unknown.exit_code == 2);
+  CHECK_MESSAGE(unknown.output.find("config.json: 'device' is \"tpu\"") != std::string::npos, unknown.output);
+  io::write_file_atomic(config_path.string(), config_text);
   // A checkpoint whose training state is damaged is an error naming it, not a crash.
   const fs::path checkpoint = parts / "checkpoint_8bits.safetensors";
   io::SafetensorsFile file = io::load_safetensors(checkpoint.string());
