@@ -180,6 +180,8 @@ Plan plan_from(const Options& o) {
   MDFF_CHECK(o.warmup <= o.epochs, "--warmup ", o.warmup, " is longer than the ", o.epochs, " epochs of training");
   settings.weight_decay = o.weight_decay;
   settings.loss = {parse_pairs(o.pairs), o.beta, o.gamma};
+  // --interrupt-after-steps counts progress reports: one a step then, on the GPU too (20 steps apart otherwise).
+  if (o.interrupt_after_steps > 0) settings.readout_every = 1;
   settings.batch.image_size = o.image_size;
   settings.batch.flip = !o.no_flip;
   settings.batch.shift = o.shift;
