@@ -13,7 +13,7 @@
 #       convolution benchmark (cuDNN, and cuBLAS for the 1x1 ones), the GPU op benchmark (every op of a training
 #       step against the roofline, and the fusions' savings), the CUDA tests again with MDFF_CUDA_SYNC=1,
 #       compute-sanitizer memcheck and racecheck over them (error summaries in the summary), then the CPU test
-#       executables (CI runs those too) and the CPU conv benchmark. Writes summary.txt, the benchmarks' JSON
+#       executables, 8 at a time (CI runs those too), and the CPU conv benchmark. Writes summary.txt, the benchmarks' JSON
 #       and logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files, as the device
 #       tool brings back at most 8. Exit status: 0 when every step passed.
 #       GPU_CHECK_ONLY=REGEX runs only the steps whose names match (a rerun after a fix, e.g.
@@ -97,27 +97,61 @@ filter_steps=1  # 0 while the steps run whatever GPU_CHECK_ONLY says (test_cuda'
 logs="$out/logs"
 mkdir -p "$logs"
 budget=${GPU_CHECK_BUDGET:-540}
-step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left), logs, records PASS/FAIL
-  local name=$1 log=$2 limit=$3; shift 3
+# Whether the step NAME runs (GPU_CHECK_ONLY, counted in steps_run), and within how many seconds: LIMIT, cut to
+# the budget's time left (step_limit). A step with under 10 s left is a FAIL line, and does not run.
+step_limit=0
+step_wanted() {  # step_wanted NAME LIMIT
+  local name=$1 limit=$2
   # not asked for: GPU_CHECK_ONLY is neither in the name as written (a name copied from summary.txt, brackets
   # and all) nor a regular expression that matches it
   (( filter_steps )) && [[ -n "${GPU_CHECK_ONLY:-}" && "$name" != *"$GPU_CHECK_ONLY"* && ! "$name" =~ $GPU_CHECK_ONLY ]] \
-    && return
+    && return 1
   steps_run=$((steps_run + 1))
   local left=$((budget - SECONDS))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
     printf '%-34s FAIL: not run, the %ds budget is spent\n' "$name" "$budget" | tee -a "$summary"
     status=1
-    return
+    return 1
   fi
+  step_limit=$limit
+}
+# One step's line in the summary, from its exit status and seconds.
+record_step() {  # record_step NAME LOGFILE RC SECONDS
+  printf '%-34s %s (%ds, log %s)\n' "$1" "$([[ $3 == 0 ]] && echo PASS || echo "FAIL rc=$3")" "$4" "$2" \
+    | tee -a "$summary"
+  [[ $3 == 0 ]] || status=1
+  last_rc=$3
+}
+step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left), logs, records PASS/FAIL
+  local name=$1 log=$2 limit=$3; shift 3
+  step_wanted "$name" "$limit" || return 0
   local start=$SECONDS
-  timeout "$limit" "$@" > "$logs/$log" 2>&1
-  local rc=$?
-  printf '%-34s %s (%ds, log %s)\n' "$name" "$([[ $rc == 0 ]] && echo PASS || echo "FAIL rc=$rc")" \
-    $((SECONDS - start)) "$log" | tee -a "$summary"
-  [[ $rc == 0 ]] || status=1
-  last_rc=$rc
+  timeout "$step_limit" "$@" > "$logs/$log" 2>&1
+  record_step "$name" "$log" $? $((SECONDS - start))
+}
+# Test executables side by side, each a step named after it with the time limit LIMIT: up to `parallel` at a
+# time, each on `threads` OpenMP threads (one after another, the CPU tests took ~150 s of the H200's budget).
+# Their lines follow in the order given, once all have ended.
+parallel_test_steps() {  # parallel_test_steps LIMIT EXECUTABLE...
+  local limit=$1; shift
+  local parallel=8 threads=2 test name
+  local -a started=()
+  for test in "$@"; do
+    name=$(basename "$test")
+    step_wanted "$name" "$limit" || continue
+    while (( $(jobs -rp | wc -l) >= parallel )); do wait -n; done
+    ( start=$SECONDS; OMP_NUM_THREADS=$threads timeout "$step_limit" "$test" > "$logs/$name.log" 2>&1
+      echo "$? $((SECONDS - start))" > "$logs/$name.status" ) &
+    started+=("$name")
+  done
+  wait
+  local rc seconds
+  for name in "${started[@]}"; do
+    read -r rc seconds < "$logs/$name.status"
+    rm -f "$logs/$name.status"
+    record_step "$name" "$name.log" "$rc" "$seconds"
+  done
 }
 
 # PyTorch for the GPU benchmark, found before LD_LIBRARY_PATH changes below: bench_model starts it through
@@ -285,11 +319,13 @@ fi
 # correctness checks, which come first when time is short.
 step "GPU benchmark (TF32, 224, 1x1 convolutions on cuDNN only)" bench_gpu_cudnn_1x1.log 90 env MDFF_CONV_1X1=cudnn \
   "${gpu_bench[@]}" --no-torch --precision tf32 --batch 32,128 --image-size 224 --json "$logs/bench_gpu_cudnn_1x1.json"
-# The CPU tests (CI runs them on every change; here they show the GPU machine's build works whole).
+# The CPU tests (CI runs them on every change; here they show that the GPU machine's build works whole, and
+# what differs where --device auto finds a GPU: they found --resume moving a CPU run onto it).
+cpu_tests=()
 for test in "$bundle"/bin/test_*; do
-  [[ -x "$test" && -f "$test" && "$(basename "$test")" != test_cuda ]] && \
-    step "$(basename "$test")" "$(basename "$test").log" 120 "$test"
+  [[ -x "$test" && -f "$test" && "$(basename "$test")" != test_cuda ]] && cpu_tests+=("$test")
 done
+parallel_test_steps 120 "${cpu_tests[@]}"
 step "CPU conv benchmark" bench_conv.log 60 "$bundle/bin/bench_conv" --json "$out/bench_conv.json"
 if (( steps_run == 0 )); then
   echo "no step ran: GPU_CHECK_ONLY='${GPU_CHECK_ONLY:-}' matches none of the step names of summary.txt" | tee -a "$summary"
