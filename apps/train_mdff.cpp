@@ -475,9 +475,22 @@ int main(int argc, char** argv) {
   fs::path out;
   std::string last_checkpoint;
   std::optional<io::FolderLock> lock;
+  fs::path made_folder;  // the outermost folder this process made for the run ("" when the run's was there)
+  // A run that fails before its config.json (a dataset that does not load, ...) leaves nothing behind: no
+  // empty runs/DATASET-TIME after each mistake, no lock file in a folder that was there. Only while this
+  // process holds the lock: a folder another run holds is never touched.
+  auto remove_unstarted_folder = [&] {
+    if (!lock || fs::exists(out / "config.json")) return;
+    lock.reset();
+    std::error_code ignored;
+    if (made_folder.empty()) fs::remove(out / ".lock", ignored);
+    else fs::remove_all(made_folder, ignored);
+  };
   try {
     const std::string dataset_name = fs::path(o.dataset).stem().string();
     out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
+    for (fs::path folder = out; !folder.empty() && !fs::exists(folder); folder = folder.parent_path())
+      made_folder = folder;
     fs::create_directories(out);
     lock.emplace(out.string());  // held until the process ends: a second run here is refused
     if (o.resume.empty()) check_new_folder(out);  // again under the lock: another run may have just started here
@@ -605,9 +618,11 @@ int main(int argc, char** argv) {
                  last_checkpoint.empty() ? "" : ("; the last checkpoint is " + last_checkpoint).c_str(),
                  started ? ("continue the run with: train_mdff --resume " + out.string()).c_str()
                          : "run the same command again");
+    remove_unstarted_folder();
     return 1;
   } catch (const std::exception& e) {  // mdff::Error, and the file system's errors (a folder it cannot create)
     std::fprintf(stderr, "train_mdff: error: %s\n", e.what());
+    remove_unstarted_folder();
     return 1;
   }
   return 0;

@@ -205,12 +205,19 @@ TEST_CASE("bad options exit 2 with the reason") {
   CHECK(help.output.find("replaces --image-size") != std::string::npos);
 }
 
-TEST_CASE("a missing dataset exits 1 naming where it looked") {
-  const fs::path dir = fs::temp_directory_path() / "mdff_no_such_dataset";
-  const Run r = run("cifar10 --data-dir " + dir.string() + " --out " + (fs::temp_directory_path() / "mdff_run_x").string());
+TEST_CASE("a missing dataset exits 1 naming where it looked, and leaves no run folder behind") {
+  const test::TempFolder folder("mdff_no_dataset");
+  const fs::path dir = folder.path / "no_such_dataset";
+  const Run r = run("cifar10 --data-dir " + dir.string() + " --out " + (folder.path / "made" / "run").string());
   CHECK(r.exit_code == 1);
   CHECK(r.output.find(dir.string()) != std::string::npos);
   CHECK(r.output.find("download_cifar10.sh") != std::string::npos);
+  CHECK_FALSE(fs::exists(folder.path / "made"));  // the folders it made for the run, gone with it
+  // a folder that was there stays, without the run's lock file
+  fs::create_directories(folder.path / "there");
+  CHECK(run("cifar10 --data-dir " + dir.string() + " --out " + (folder.path / "there").string()).exit_code == 1);
+  CHECK(fs::is_directory(folder.path / "there"));
+  CHECK(fs::is_empty(folder.path / "there"));
   // an output folder that cannot be made is an error naming it, not an uncaught exception
   const Run no_folder = run("--out /proc/mdff_cannot_exist/run");
   CHECK(no_folder.exit_code == 1);
