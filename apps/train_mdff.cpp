@@ -215,11 +215,19 @@ Plan plan_from(const Options& o) {
   }
   plan.scales = cli::parse_list<double>(o.scales, "--scales");
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
-  MDFF_CHECK(o.pretrained.empty() || !fs::is_directory(o.pretrained), "--pretrained: ", o.pretrained, " is a folder: "
+  // A resumed run reads the weights only for the code lengths that have no checkpoint yet.
+  const auto unstarted = std::find_if(plan.bits.begin(), plan.bits.end(), [&](int bits) {
+    return o.resume.empty() ||
+           !fs::exists(fs::path(o.resume) / ("checkpoint_" + std::to_string(bits) + "bits.safetensors"));
+  });
+  const bool needs_pretrained = !o.pretrained.empty() && unstarted != plan.bits.end();
+  MDFF_CHECK(!needs_pretrained || !fs::is_directory(o.pretrained), "--pretrained: ", o.pretrained, " is a folder: "
              "give the weights file in it (scripts/download_resnet50.sh writes data/resnet50.tv_in1k.safetensors)");
-  MDFF_CHECK(o.pretrained.empty() || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
-             " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)");
-  MDFF_CHECK(o.pretrained.empty() || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
+  MDFF_CHECK(!needs_pretrained || fs::is_regular_file(o.pretrained), "--pretrained: no file ", o.pretrained,
+             " (scripts/download_resnet50.sh fetches torchvision's ImageNet weights)",
+             o.resume.empty() ? "" : detail::concat("; the run's ", *unstarted, "-bit model has not started, and "
+                                                    "starts from them: put the file back"));
+  MDFF_CHECK(!needs_pretrained || o.model == "resnet50", "--pretrained holds ResNet50 weights: use --model resnet50");
   std::string why_no_gpu;
   MDFF_CHECK(!o.device_of_run || o.device != "cuda" || cuda_available(&why_no_gpu), "--resume: the run trained on "
              "the GPU, and here there is none (", why_no_gpu, "): give --device cpu to continue it on the CPU");

@@ -506,23 +506,32 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   const fs::path config_path = parts / "config.json";
   const std::vector<uint8_t> config_bytes = io::read_file(config_path.string());
   const std::string config_text(config_bytes.begin(), config_bytes.end());
-  auto resume_with_device = [&](const char* device, const std::string& arguments) {
+  // The run as config.json would hold it with `changes`, resumed with `arguments`.
+  auto resume_with = [&](const nlohmann::json& changes, const std::string& arguments) {
     nlohmann::json config = nlohmann::json::parse(config_text);
-    config["device"] = device;
+    config.update(changes);
     io::write_file_atomic(config_path.string(), config.dump(2));
     return run("--resume " + parts.string() + arguments);
   };
   std::string why_no_gpu;
   if (!cuda_available(&why_no_gpu)) {
-    const Run gpu_run = resume_with_device("cuda", "");
+    const Run gpu_run = resume_with({{"device", "cuda"}}, "");
     CHECK(gpu_run.exit_code == 2);
     CHECK_MESSAGE(gpu_run.output.find("--resume: the run trained on the GPU, and here there is none (" + why_no_gpu +
                                       "): give --device cpu") != std::string::npos, gpu_run.output);
-    CHECK(resume_with_device("cuda", " --device cpu").exit_code == 0);
+    CHECK(resume_with({{"device", "cuda"}}, " --device cpu").exit_code == 0);
   }
-  const Run unknown = resume_with_device("tpu", "");
+  const Run unknown = resume_with({{"device", "tpu"}}, "");
   CHECK(unknown.exit_code == 2);
   CHECK_MESSAGE(unknown.output.find("config.json: 'device' is \"tpu\"") != std::string::npos, unknown.output);
+  // Weights the run started from (--pretrained) that have gone since: no matter once every code length has
+  // its checkpoint; refused, naming the length, while one has yet to start from them.
+  const std::string gone = (root / "gone.safetensors").string();
+  CHECK(resume_with({{"pretrained", gone}}, "").exit_code == 0);
+  const Run unstarted = resume_with({{"pretrained", gone}, {"bits", "8,16"}}, "");
+  CHECK(unstarted.exit_code == 2);
+  CHECK_MESSAGE(unstarted.output.find("--pretrained: no file " + gone) != std::string::npos, unstarted.output);
+  CHECK(unstarted.output.find("the run's 16-bit model has not started") != std::string::npos);
   io::write_file_atomic(config_path.string(), config_text);
   // A checkpoint whose training state is damaged is an error naming it, not a crash.
   const fs::path checkpoint = parts / "checkpoint_8bits.safetensors";
