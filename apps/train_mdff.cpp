@@ -202,7 +202,18 @@ Plan plan_from(const Options& o) {
     MDFF_CHECK(std::find(plan.bits.begin(), plan.bits.begin() + i, plan.bits[i]) == plan.bits.begin() + i,
                "--bits: ", plan.bits[i], " is given twice (each code length trains one model, into one folder)");
   }
-  if (o.dataset != "fashion-mnist" && o.dataset != "cifar10") {
+  // Each kind of dataset has its split's sizes: a size of the other kind was silently ignored.
+  const bool image_list = o.dataset != "fashion-mnist" && o.dataset != "cifar10";
+  const data::SplitSizes default_sizes;
+  MDFF_CHECK(!o.resume.empty() || !image_list || (o.split.queries_per_class == default_sizes.queries_per_class &&
+                                                  o.split.train_per_class == default_sizes.train_per_class),
+             "--queries-per-class and --train-per-class size the split of fashion-mnist and cifar10 (single-label); "
+             "an image list's split takes --queries and --train-images");
+  MDFF_CHECK(!o.resume.empty() || image_list || (o.split.queries == default_sizes.queries &&
+                                                 o.split.train == default_sizes.train),
+             "--queries and --train-images size the split of an image list (multi-label); ", o.dataset,
+             "'s takes --queries-per-class and --train-per-class");
+  if (image_list) {
     MDFF_CHECK(!o.resume.empty() || fs::exists(o.dataset), "DATASET: no file ", o.dataset, ": give fashion-mnist, "
                "cifar10, or the path of an image list (with --classes)");
     std::error_code no_folder;

@@ -178,6 +178,12 @@ TEST_CASE("bad options exit 2 with the reason") {
       {folder.path.string() + " --classes 2", "is not a file"},
       {(folder.path / "list.txt").string(), "an image list needs --classes"},
       {no_data + "--pretrained " + folder.path.string(), "is a folder: give the weights file in it"},
+      // a split size of the other kind of dataset, which was silently ignored
+      {no_data + "--queries 500", "--queries and --train-images size the split of an image list (multi-label); "
+                                  "cifar10's takes --queries-per-class"},
+      {no_data + "--train-images 50", "--queries and --train-images size the split of an image list"},
+      {(folder.path / "list.txt").string() + " --classes 2 --train-per-class 5",
+       "--queries-per-class and --train-per-class size the split of fashion-mnist and cifar10"},
       {std::string(5000, 'a') + " --classes 2", "File name too long"},  // was an uncaught filesystem_error
       {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + std::string(5000, 'b'), "File name too long"},
       {"cifar10 --data-dir " + (folder.path / "none").string() + " --out " + (folder.path / "file").string(),
