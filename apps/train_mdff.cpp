@@ -494,23 +494,31 @@ int main(int argc, char** argv) {
   fs::path out;
   std::string last_checkpoint;
   std::optional<io::FolderLock> lock;
-  fs::path made_folder;  // the outermost folder this process made for the run ("" when the run's was there)
-  // A run that fails before its config.json (a dataset that does not load, ...) leaves nothing behind: no
-  // empty runs/DATASET-TIME after each mistake, no lock file in a folder that was there. Only while this
-  // process holds the lock: a folder another run holds is never touched.
+  std::vector<fs::path> made_folders;  // the folders this process made for the run, outermost first
+  // A run that fails before its config.json (a dataset that does not load, ...) takes back what it wrote: its
+  // split, and the folders it made (removed only when empty: a folder where anything else has appeared since
+  // stays), with the lock file in them; no empty runs/DATASET-TIME after each mistake. Only while this
+  // process holds the lock, and its own files only; a folder that was there keeps its lock file (removing
+  // it could let a run about to lock it hold a file no one else can find).
   auto remove_unstarted_folder = [&] {
     if (!lock || fs::exists(out / "config.json")) return;
-    lock.reset();
+    data::remove_split((out / "split").string());
     std::error_code ignored;
-    if (made_folder.empty()) fs::remove(out / ".lock", ignored);
-    else fs::remove_all(made_folder, ignored);
+    const bool made_out = !made_folders.empty() && fs::equivalent(made_folders.back(), out, ignored);
+    if (made_out) fs::remove(out / ".lock", ignored);
+    lock.reset();
+    for (auto folder = made_folders.rbegin(); folder != made_folders.rend(); ++folder) fs::remove(*folder, ignored);
   };
   try {
     const std::string dataset_name = fs::path(o.dataset).stem().string();
     out = o.out.empty() ? fs::path("runs") / (dataset_name + "-" + timestamp()) : fs::path(o.out);
-    for (fs::path folder = out; !folder.empty() && !fs::exists(folder); folder = folder.parent_path())
-      made_folder = folder;
-    fs::create_directories(out);
+    fs::path partial;
+    for (const fs::path& part : out) {
+      std::error_code error;
+      if (fs::create_directory(partial /= part, error)) made_folders.push_back(partial);
+      MDFF_CHECK(!error, "cannot make the run's folder ", out.string(), ": ", partial.string(),
+                 fs::is_regular_file(partial) ? " is a file, not a folder" : ": " + error.message());
+    }
     lock.emplace(out.string());  // held until the process ends: a second run here is refused
     if (o.resume.empty()) check_new_folder(out);  // again under the lock: another run may have just started here
     for (const std::string& file : io::remove_stale_temporaries(out.string()))

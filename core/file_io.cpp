@@ -107,16 +107,26 @@ std::vector<std::string> remove_stale_temporaries(const std::string& folder) {
 
 FolderLock::FolderLock(const std::string& folder) {
   const std::string path = (fs::path(folder) / ".lock").string();
-  file_.fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-  MDFF_CHECK(file_.fd >= 0, "cannot lock ", folder, ": ", std::strerror(errno), " (creating ", path, ")");
-  if (::flock(file_.fd, LOCK_EX | LOCK_NB) != 0) {
-    MDFF_CHECK(errno == EWOULDBLOCK, "cannot lock ", folder, ": ", std::strerror(errno), " (flock on ", path, ")");
-    char text[24] = {};
-    const ssize_t got = ::pread(file_.fd, text, sizeof text - 1, 0);
-    std::string pid = got > 0 ? std::string(text, static_cast<size_t>(got)) : "";
-    pid.erase(std::remove(pid.begin(), pid.end(), '\n'), pid.end());
-    MDFF_FAIL("another process (pid ", pid.empty() ? "not yet written" : pid, ") is using ", folder, ": it holds ",
-              path, ". Wait for it to end, or stop it, before running here");
+  // A run that gives a folder up may remove its lock file while another process has it open: a lock on that
+  // file would then guard nothing. So the lock holds only on the file the path still names; else try again.
+  for (int attempt = 0;; ++attempt) {
+    if (file_.fd >= 0) ::close(file_.fd);  // the file that was replaced
+    file_.fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    MDFF_CHECK(file_.fd >= 0, "cannot lock ", folder, ": ", std::strerror(errno), " (creating ", path, ")");
+    if (::flock(file_.fd, LOCK_EX | LOCK_NB) != 0) {
+      MDFF_CHECK(errno == EWOULDBLOCK, "cannot lock ", folder, ": ", std::strerror(errno), " (flock on ", path, ")");
+      char text[24] = {};
+      const ssize_t got = ::pread(file_.fd, text, sizeof text - 1, 0);
+      std::string pid = got > 0 ? std::string(text, static_cast<size_t>(got)) : "";
+      pid.erase(std::remove(pid.begin(), pid.end(), '\n'), pid.end());
+      MDFF_FAIL("another process (pid ", pid.empty() ? "not yet written" : pid, ") is using ", folder, ": it holds ",
+                path, ". Wait for it to end, or stop it, before running here");
+    }
+    struct stat locked {}, named {};
+    if (::fstat(file_.fd, &locked) == 0 && ::stat(path.c_str(), &named) == 0 && locked.st_dev == named.st_dev &&
+        locked.st_ino == named.st_ino)
+      break;
+    MDFF_CHECK(attempt < 100, "cannot lock ", folder, ": its lock file ", path, " keeps being replaced");
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
   MDFF_CHECK(::ftruncate(file_.fd, 0) == 0 && ::pwrite(file_.fd, pid.data(), pid.size(), 0) ==

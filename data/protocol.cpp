@@ -69,6 +69,8 @@ Split multi_label_split(const Dataset& d, uint64_t seed, const SplitSizes& sizes
 }
 
 std::string list_path(const std::string& dir, const char* name) { return dir + "/" + name + ".txt"; }
+// The split's three lists, by name: the queries, the training images, the database.
+constexpr const char* kSplitLists[] = {"query", "train", "database"};
 
 std::vector<int64_t> read_rows(const std::string& path, int64_t dataset_size) {
   std::ifstream in(path);
@@ -119,10 +121,16 @@ Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t s
   return split;
 }
 
+void remove_split(const std::string& dir) {
+  std::error_code ignored;  // a file that is not there, or a folder that is not empty, stays as it is
+  for (const char* name : kSplitLists) std::filesystem::remove(list_path(dir, name), ignored);
+  std::filesystem::remove(dir, ignored);
+}
+
 void write_split(const std::string& dir, const Split& split) {
   std::filesystem::create_directories(dir);
   const std::pair<const char*, const std::vector<int64_t>*> lists[] = {
-      {"query", &split.query}, {"train", &split.train}, {"database", &split.database}};
+      {kSplitLists[0], &split.query}, {kSplitLists[1], &split.train}, {kSplitLists[2], &split.database}};
   for (const auto& [name, rows] : lists) {
     const std::string path = list_path(dir, name);
     std::ofstream out(path);
@@ -133,8 +141,9 @@ void write_split(const std::string& dir, const Split& split) {
 }
 
 Split read_split(const std::string& dir, int64_t dataset_size) {
-  Split split{read_rows(list_path(dir, "query"), dataset_size), read_rows(list_path(dir, "train"), dataset_size),
-              read_rows(list_path(dir, "database"), dataset_size)};
+  Split split{read_rows(list_path(dir, kSplitLists[0]), dataset_size),
+              read_rows(list_path(dir, kSplitLists[1]), dataset_size),
+              read_rows(list_path(dir, kSplitLists[2]), dataset_size)};
   MDFF_CHECK(!overlap(split.query, split.train), dir, ": a query is also a training image; the split is inconsistent");
   MDFF_CHECK(!overlap(split.query, split.database), dir,
              ": a query is also in the database; the split is inconsistent");

@@ -17,6 +17,8 @@
 #include <map>
 #include <numeric>
 #include <regex>
+#include <set>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <string>
 #include <vector>
@@ -219,11 +221,31 @@ TEST_CASE("a missing dataset exits 1 naming where it looked, and leaves no run f
   CHECK(r.output.find(dir.string()) != std::string::npos);
   CHECK(r.output.find("download_cifar10.sh") != std::string::npos);
   CHECK_FALSE(fs::exists(folder.path / "made"));  // the folders it made for the run, gone with it
-  // a folder that was there stays, without the run's lock file
+  // a folder that was there stays, with its files and the run's lock file only
   fs::create_directories(folder.path / "there");
+  std::ofstream(folder.path / "there" / "mine.txt") << "a user's file\n";
   CHECK(run("cifar10 --data-dir " + dir.string() + " --out " + (folder.path / "there").string()).exit_code == 1);
-  CHECK(fs::is_directory(folder.path / "there"));
-  CHECK(fs::is_empty(folder.path / "there"));
+  std::set<std::string> left;
+  for (const auto& entry : fs::directory_iterator(folder.path / "there")) left.insert(entry.path().filename());
+  CHECK(left == std::set<std::string>{".lock", "mine.txt"});
+  // What appears in a folder the run made while the run loads its data (here: another run's results next
+  // to it) stays: the run takes back its own files only. CIFAR-10's class names are read from a FIFO, so
+  // that the run waits there until this test has written the other files, then fails on what it reads.
+  const fs::path slow_data = folder.path / "slow_data";
+  fs::create_directories(slow_data);
+  REQUIRE(::mkfifo((slow_data / "batches.meta.txt").c_str(), 0600) == 0);
+  const fs::path shared = folder.path / "shared";
+  const pid_t pid = test::start_program(test::program(TRAIN_MDFF_BINARY), "cifar10 --device cpu --data-dir " +
+                                        slow_data.string() + " --out " + (shared / "run").string(),
+                                        folder.file("slow.log"));
+  std::ofstream fifo(slow_data / "batches.meta.txt");  // opens once the run opens it to read
+  fs::create_directories(shared / "other");
+  std::ofstream(shared / "other" / "results.txt") << "another run's\n";
+  fifo << "only one class name\n";
+  fifo.close();
+  CHECK(test::wait_program(pid) == 1);
+  CHECK(fs::exists(shared / "other" / "results.txt"));
+  CHECK_FALSE(fs::exists(shared / "run"));
   // an output folder that cannot be made is an error naming it, not an uncaught exception
   const Run no_folder = run("--out /proc/mdff_cannot_exist/run");
   CHECK(no_folder.exit_code == 1);
