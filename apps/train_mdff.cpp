@@ -535,8 +535,8 @@ int main(int argc, char** argv) {
                 split.train.size(), split.database.size(), o.protocol.c_str(), static_cast<unsigned long long>(o.seed));
 
     json config = train::options_json(o);
-    config["device"] = device_name(plan.device);
-    if (plan.device == Device::CUDA) config["precision"] = o.precision;
+    config["device"] = device_name(plan.device);  // where the run trains now: a resume with --device moves it
+    config["precision"] = o.precision;  // on the CPU too (which computes in FP32), for a resume on the GPU
     config["out"] = out.string();
     io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n");
 

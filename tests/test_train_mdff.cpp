@@ -533,6 +533,7 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
   CHECK_MESSAGE(finished.output.find("fashion-mnist on cpu") != std::string::npos, finished.output);
   const fs::path config_path = parts / "config.json";
   const std::vector<uint8_t> config_bytes = io::read_file(config_path.string());
+  CHECK(nlohmann::json::parse(config_bytes).value("precision", "") == "tf32");  // recorded on the CPU too
   const std::string config_text(config_bytes.begin(), config_bytes.end());
   // The run as config.json would hold it with `changes`, resumed with `arguments`.
   auto resume_with = [&](const nlohmann::json& changes, const std::string& arguments) {
@@ -547,7 +548,11 @@ TEST_CASE("a run interrupted twice and resumed ends bit-identical to an uninterr
     CHECK(gpu_run.exit_code == 2);
     CHECK_MESSAGE(gpu_run.output.find("--resume: the run trained on the GPU, and here there is none (" + why_no_gpu +
                                       "): give --device cpu") != std::string::npos, gpu_run.output);
-    CHECK(resume_with({{"device", "cuda"}}, " --device cpu").exit_code == 0);
+    // moved to the CPU, the run keeps its GPU precision for a later resume there
+    CHECK(resume_with({{"device", "cuda"}, {"precision", "fp32"}}, " --device cpu").exit_code == 0);
+    const auto moved = nlohmann::json::parse(std::ifstream(config_path));
+    CHECK(moved.value("device", "") == "cpu");
+    CHECK(moved.value("precision", "") == "fp32");
   }
   const Run unknown = resume_with({{"device", "tpu"}}, "");
   CHECK(unknown.exit_code == 2);
