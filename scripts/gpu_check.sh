@@ -132,23 +132,24 @@ step() {  # step NAME LOGFILE LIMIT COMMAND...: runs within min(LIMIT, time left
 }
 # Test executables side by side, each a step named after it with the time limit LIMIT: up to `parallel` at a
 # time, each on `threads` OpenMP threads (one after another, the CPU tests took ~150 s of the H200's budget).
-# Their lines follow in the order given, once all have ended.
+# A test's time limit is cut to the time left when a slot frees and it starts. The lines of those that ran
+# follow in the order given, once all have ended (a "not run" line comes when its test's turn came).
 parallel_test_steps() {  # parallel_test_steps LIMIT EXECUTABLE...
   local limit=$1; shift
   local parallel=8 threads=2 test name
   local -a started=()
   for test in "$@"; do
     name=$(basename "$test")
-    step_wanted "$name" "$limit" || continue
     while (( $(jobs -rp | wc -l) >= parallel )); do wait -n; done
+    step_wanted "$name" "$limit" || continue
     ( start=$SECONDS; OMP_NUM_THREADS=$threads timeout "$step_limit" "$test" > "$logs/$name.log" 2>&1
       echo "$? $((SECONDS - start))" > "$logs/$name.status" ) &
     started+=("$name")
   done
   wait
-  local rc seconds
   for name in "${started[@]}"; do
-    read -r rc seconds < "$logs/$name.status"
+    local rc=missing seconds=0  # no status file: the runner itself died
+    [[ -f "$logs/$name.status" ]] && read -r rc seconds < "$logs/$name.status"
     rm -f "$logs/$name.status"
     record_step "$name" "$name.log" "$rc" "$seconds"
   done
