@@ -204,15 +204,10 @@ Plan plan_from(const Options& o) {
   }
   // Each kind of dataset has its split's sizes: a size of the other kind was silently ignored.
   const bool image_list = o.dataset != "fashion-mnist" && o.dataset != "cifar10";
-  const data::SplitSizes default_sizes;
-  MDFF_CHECK(!o.resume.empty() || !image_list || (o.split.queries_per_class == default_sizes.queries_per_class &&
-                                                  o.split.train_per_class == default_sizes.train_per_class),
-             "--queries-per-class and --train-per-class size the split of fashion-mnist and cifar10 (single-label); "
-             "an image list's split takes --queries and --train-images");
-  MDFF_CHECK(!o.resume.empty() || image_list || (o.split.queries == default_sizes.queries &&
-                                                 o.split.train == default_sizes.train),
-             "--queries and --train-images size the split of an image list (multi-label); ", o.dataset,
-             "'s takes --queries-per-class and --train-per-class");
+  MDFF_CHECK(!image_list || !o.per_class_sizes_given, "--queries-per-class and --train-per-class size the split of "
+             "fashion-mnist and cifar10 (single-label); an image list's split takes --queries and --train-images");
+  MDFF_CHECK(image_list || !o.total_sizes_given, "--queries and --train-images size the split of an image list "
+             "(multi-label); ", o.dataset, "'s takes --queries-per-class and --train-per-class");
   if (image_list) {
     MDFF_CHECK(!o.resume.empty() || fs::exists(o.dataset), "DATASET: no file ", o.dataset, ": give fashion-mnist, "
                "cifar10, or the path of an image list (with --classes)");
@@ -468,6 +463,8 @@ int main(int argc, char** argv) {
                "With no DATASET it trains on Fashion-MNIST, which Debian's dataset-fashion-mnist installs."};
   train::add_options(app, o);
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
+  o.per_class_sizes_given = app.count("--queries-per-class") + app.count("--train-per-class") > 0;
+  o.total_sizes_given = app.count("--queries") + app.count("--train-images") > 0;
 
   // Option values CLI11 cannot check alone: an error here is a usage error (exit 2), like CLI11's own.
   Plan plan;

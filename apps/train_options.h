@@ -24,6 +24,9 @@ struct Options {
   uint64_t seed = 0;
   bool no_flip = false;
   bool device_of_run = false;  // --resume without --device: `device` is the one the run trained on
+  // Whether the command line gave a single-label split size (--queries-per-class, --train-per-class) or a
+  // multi-label one (--queries, --train-images): a dataset of the other kind refuses them.
+  bool per_class_sizes_given = false, total_sizes_given = false;
 };
 
 // Every option that a run's results depend on, by its config.json key (the command-line option is

@@ -183,7 +183,7 @@ TEST_CASE("bad options exit 2 with the reason") {
       // a split size of the other kind of dataset, which was silently ignored
       {no_data + "--queries 500", "--queries and --train-images size the split of an image list (multi-label); "
                                   "cifar10's takes --queries-per-class"},
-      {no_data + "--train-images 50", "--queries and --train-images size the split of an image list"},
+      {no_data + "--train-images 10000", "--queries and --train-images size the split of an image list"},
       {(folder.path / "list.txt").string() + " --classes 2 --train-per-class 5",
        "--queries-per-class and --train-per-class size the split of fashion-mnist and cifar10"},
       {std::string(5000, 'a') + " --classes 2", "File name too long"},  // was an uncaught filesystem_error
