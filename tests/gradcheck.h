@@ -3,7 +3,7 @@
 // op's backward perturbed by 1% (autograd's testing hook) and requires it to fail: a gradient check
 // that cannot fail proves nothing.
 #pragma once
-#include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <cmath>

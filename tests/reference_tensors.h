@@ -1,7 +1,7 @@
 // Comparing the engine with reference tensors that a Python script (PyTorch) wrote to a safetensors
 // file: reading a named tensor and the max-abs relative error used by the parity tests.
 #pragma once
-#include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // Running a program as a user does, for the tests of train_mdff and mdff_search: its exit status and
 // everything it printed (stdout and stderr); or in the background, for tests that stop or kill it.
 #pragma once
-#include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <sys/wait.h>
 #include <unistd.h>
 

@@ -1,6 +1,7 @@
 // Autograd semantics: accumulation into .grad (a leaf's first gradient kept without a copy when it can be),
 // summed gradients for reused tensors, no-grad mode, graph release, and the errors a user can run into.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cmath>
 

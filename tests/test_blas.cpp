@@ -1,6 +1,7 @@
 // OpenBLAS as mdff loads it (core/blas.h chooses its kernel family from CPU features): GEMM against a
 // naive triple loop, every transpose combination, odd sizes, alpha/beta, float and double.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cmath>
 #include <tuple>

@@ -1,6 +1,7 @@
 // Tests of BlockPool (core/block_pool.h), the CUDA allocator's engine, on a fake device: segments are
 // address ranges handed out by a counter, never touched, so every rule is checked here without a GPU.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cmath>
 #include <cstdint>

@@ -5,6 +5,7 @@
 // full disk does): the run stops naming the file and keeps the last checkpoint, from which it resumes.
 // A second run on a folder in use is refused naming the other process, whose lock dies with it.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <nlohmann/json.hpp>
 #include <poll.h>
 #include <stdlib.h>

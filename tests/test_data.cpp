@@ -3,6 +3,7 @@
 // (coverage, shuffling, determinism, errors from its worker thread); plus the real Fashion-MNIST when
 // Debian's dataset-fashion-mnist is installed.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <zlib.h>
 
 #include <algorithm>

@@ -2,6 +2,7 @@
 // counts of each protocol, which lists overlap, reproducibility from the seed, and the split files'
 // round trip and validation.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <filesystem>

@@ -3,6 +3,7 @@
 // the previous file as it was; the temporary files of killed writers are removed, and nothing else; a
 // locked folder is refused naming the holder's pid until the lock goes.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>

@@ -1,6 +1,7 @@
 // The IDX reader on small generated files: plain and gzip, and every kind of damage a user's file can
 // have (missing, wrong magic, unsupported type, truncated header or values, trailing bytes, corrupt gzip).
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <sys/resource.h>
 #include <zlib.h>
 

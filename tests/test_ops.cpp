@@ -2,6 +2,7 @@
 // statistics, nearest and bilinear indexing, max-pool padding), fused ops against the ops they replace,
 // and the clear errors for bad shapes.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <cmath>

@@ -3,6 +3,7 @@
 // square root; a parameter without a gradient left alone); a NaN or an infinity among the gradients or
 // values is found and named by parameter.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cmath>
 #include <limits>

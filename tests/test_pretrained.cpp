@@ -3,6 +3,7 @@
 // conversion, leaves that still learn, and one file per error, each named in the message. The comparison
 // with torchvision's own ResNet50 is in test_pretrained_torchvision.cpp (it needs torch).
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cstdint>
 #include <cstring>

@@ -14,6 +14,7 @@
 // Needs /usr/bin/python3 with Debian's python3-torch and python3-torchvision; without them the whole
 // executable is skipped with the reason (exit 77), except in CI, which installs them.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <array>
 #include <utility>

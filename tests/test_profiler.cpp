@@ -3,6 +3,7 @@
 // stops recording and reset() clears, that profiling never changes a result, and MDFF_PROFILE's
 // report at exit (this executable run again as a child process).
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 

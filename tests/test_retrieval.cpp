@@ -3,6 +3,7 @@
 // P@H<=2 with an empty query, multi-label relevance) and against a plain O(n log n) reference on random
 // data, .npy round trips and corrupt files, SVG plots and the PNG retrieval grid.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <cmath>

@@ -2,6 +2,7 @@
 // one hand-made file per rule of the format that the reader must refuse, the writer's atomic rename, random
 // damage that must never crash the reader, and files exchanged with PyTorch through tools/safetensors_io.py.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <sys/resource.h>
 #include <unistd.h>
 

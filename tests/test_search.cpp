@@ -5,6 +5,7 @@
 // on generated PNG and BMP images; and mdff_walkthrough, which loads checkpoints the same way, on one of
 // another image size.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <nlohmann/json.hpp>
 
 #include <algorithm>

@@ -1,5 +1,6 @@
 // Tensor basics: creation, conversion, views, copies, the RNG, the CPU backend's memory count, and clear errors for misuse.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <cmath>
 #include <thread>

@@ -15,6 +15,7 @@
 //   engine writes its initial weights and inputs, the twin computes the references under Debian's
 //   python3-torch. Skipped with a message where torch is missing, except in CI (CI installs it).
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <nlohmann/json.hpp>
 
 #include <algorithm>

@@ -7,6 +7,7 @@
 // without crop mode; and a corrupt image in a list exits 1 naming it. A learning rate that diverges stops
 // the run with what happened and where, whether the loss becomes NaN or the codes collapse.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <nlohmann/json.hpp>
 
 #include <algorithm>

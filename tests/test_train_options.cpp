@@ -1,6 +1,7 @@
 // train_mdff's options read back from a run's config.json (--resume): every value of the wrong type or
 // out of its option's range is an error naming the option, never a cast with undefined behaviour.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <nlohmann/json.hpp>
 

@@ -3,6 +3,7 @@
 // model's order, whose gradient is not finite; an update that overflows parameters from finite
 // gradients stops it at the end of the epoch (before any checkpoint), naming the first one.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,7 @@
 // Tests of the convolution workspace policy (core/workspace_policy.h) without a GPU: which two algorithms
 // a plan keeps, and that a simulated training step's peak is not raised by a workspace after its first step.
 #include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 
 #include <algorithm>
 #include <vector>

@@ -1,7 +1,7 @@
 // What the tests that run train_mdff share: a Fashion-MNIST-format dataset that the tiny model learns
 // from in seconds, and a checkpoint's tensors as bytes, to compare two runs bit for bit.
 #pragma once
-#include <doctest/doctest.h>
+#include "tests/doctest_text.h"
 #include <zlib.h>
 
 #include <cstdint>
