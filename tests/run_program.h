@@ -51,6 +51,12 @@ inline pid_t start_program(const std::string& binary, const std::string& argumen
   return pid;
 }
 
+// Whether a program start_program started has ended (it is left to wait_program to collect).
+inline bool has_exited(pid_t pid) {
+  siginfo_t info{};
+  return ::waitid(P_PID, pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid;
+}
+
 // Waits for a program start_program started: its exit status, or minus the signal that ended it.
 inline int wait_program(pid_t pid) {
   int status = 0;

@@ -158,11 +158,6 @@ class CheckpointWrites {
   int fd_;
 };
 
-bool has_exited(pid_t pid) {
-  siginfo_t info{};
-  return ::waitid(P_PID, pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid;
-}
-
 }  // namespace
 
 TEST_CASE("a run SIGKILLed 30 times at random moments and resumed each time ends bit-identical to one never "
@@ -197,7 +192,7 @@ TEST_CASE("a run SIGKILLed 30 times at random moments and resumed each time ends
     const auto started = Clock::now();
     if (aimed) {
       const int wanted = which_write(rng);
-      for (int seen = 0; seen < wanted && !has_exited(pid);) seen += writes.wait(5);
+      for (int seen = 0; seen < wanted && !test::has_exited(pid);) seen += writes.wait(5);
       std::this_thread::sleep_for(std::chrono::microseconds(write_delay_us(rng)));  // into the write or past it
     } else {
       std::this_thread::sleep_for(std::chrono::duration<double>(early ? 0.1 * unit(rng) : delay(rng)));

@@ -8,10 +8,15 @@
 // the run with what happened and where, whether the loss becomes NaN or the codes collapse.
 #include <doctest/doctest.h>
 #include "tests/doctest_text.h"
+#include <fcntl.h>
 #include <nlohmann/json.hpp>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -19,9 +24,8 @@
 #include <numeric>
 #include <regex>
 #include <set>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/autograd.h"
@@ -239,11 +243,20 @@ TEST_CASE("a missing dataset exits 1 naming where it looked, and leaves no run f
   const pid_t pid = test::start_program(test::program(TRAIN_MDFF_BINARY), "cifar10 --device cpu --data-dir " +
                                         slow_data.string() + " --out " + (shared / "run").string(),
                                         folder.file("slow.log"));
-  std::ofstream fifo(slow_data / "batches.meta.txt");  // opens once the run opens it to read
+  // The FIFO opens for writing once the run has opened it to read (ENXIO until then); not at all should the
+  // run end first, or hang (a minute at most), so that the test fails instead of waiting for ever.
+  int fifo = -1;
+  for (int waited_ms = 0; fifo < 0 && !test::has_exited(pid) && waited_ms < 60000; waited_ms += 10) {
+    fifo = ::open((slow_data / "batches.meta.txt").c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fifo < 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (fifo < 0) ::kill(pid, SIGKILL);
+  REQUIRE_MESSAGE(fifo >= 0, "train_mdff never opened CIFAR-10's class names: see ", folder.file("slow.log"));
   fs::create_directories(shared / "other");
   std::ofstream(shared / "other" / "results.txt") << "another run's\n";
-  fifo << "only one class name\n";
-  fifo.close();
+  const std::string names = "only one class name\n";
+  CHECK(::write(fifo, names.data(), names.size()) == static_cast<ssize_t>(names.size()));
+  ::close(fifo);
   CHECK(test::wait_program(pid) == 1);
   CHECK(fs::exists(shared / "other" / "results.txt"));
   CHECK_FALSE(fs::exists(shared / "run"));
