@@ -497,11 +497,13 @@ int main(int argc, char** argv) {
   // stays), with the lock file in them; no empty runs/DATASET-TIME after each mistake. Only while this
   // process holds the lock, and its own files only; a folder that was there keeps its lock file (removing
   // it could let a run about to lock it hold a file no one else can find).
+  bool split_was_there = true;  // a split/ (or anything by that name) in the run's folder before this run
   auto remove_unstarted_folder = [&] {
     if (!lock || fs::exists(out / "config.json")) return;
-    data::remove_split((out / "split").string());
+    if (!split_was_there) data::remove_split((out / "split").string());
     std::error_code ignored;
-    const bool made_out = !made_folders.empty() && fs::equivalent(made_folders.back(), out, ignored);
+    const bool made_out = std::any_of(made_folders.begin(), made_folders.end(),
+                                      [&](const fs::path& folder) { return fs::equivalent(folder, out, ignored); });
     if (made_out) fs::remove(out / ".lock", ignored);
     lock.reset();
     for (auto folder = made_folders.rbegin(); folder != made_folders.rend(); ++folder) fs::remove(*folder, ignored);
@@ -518,6 +520,7 @@ int main(int argc, char** argv) {
     }
     lock.emplace(out.string());  // held until the process ends: a second run here is refused
     if (o.resume.empty()) check_new_folder(out);  // again under the lock: another run may have just started here
+    split_was_there = fs::exists(fs::symlink_status(out / "split"));
     for (const std::string& file : io::remove_stale_temporaries(out.string()))
       std::printf("train_mdff: removed %s, left by a run killed while writing it\n", file.c_str());
     std::printf("train_mdff: %s on %s%s; results in %s\n", dataset_name.c_str(), device_name(plan.device),

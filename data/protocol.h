@@ -36,7 +36,8 @@ Split make_split(const Dataset& dataset, const std::string& protocol, uint64_t s
 // query.txt, train.txt and database.txt in `dir` (created if needed), one row number a line.
 void write_split(const std::string& dir, const Split& split);
 // Removes the files write_split writes in `dir`, then `dir` if nothing else is left there (a run that
-// failed before it started takes back what it wrote; other files are never touched).
+// failed before it started takes back what it wrote; other files in `dir` are left). For a `dir` that
+// write_split made.
 void remove_split(const std::string& dir);
 // Reads a split written by write_split and checks it against a dataset of `dataset_size` images: row
 // numbers in range, each list sorted without repeats, no query in the training set or the database.

@@ -226,13 +226,20 @@ TEST_CASE("a missing dataset exits 1 naming where it looked, and leaves no run f
   CHECK(r.output.find(dir.string()) != std::string::npos);
   CHECK(r.output.find("download_cifar10.sh") != std::string::npos);
   CHECK_FALSE(fs::exists(folder.path / "made"));  // the folders it made for the run, gone with it
-  // a folder that was there stays, with its files and the run's lock file only
-  fs::create_directories(folder.path / "there");
+  // a folder that was there stays, with its files (even a split/ the run did not write) and the run's lock
+  // file only
+  fs::create_directories(folder.path / "there" / "split");
   std::ofstream(folder.path / "there" / "mine.txt") << "a user's file\n";
+  std::ofstream(folder.path / "there" / "split" / "query.txt") << "a user's split\n";
   CHECK(run("cifar10 --data-dir " + dir.string() + " --out " + (folder.path / "there").string()).exit_code == 1);
   std::set<std::string> left;
-  for (const auto& entry : fs::directory_iterator(folder.path / "there")) left.insert(entry.path().filename());
-  CHECK(left == std::set<std::string>{".lock", "mine.txt"});
+  for (const auto& entry : fs::recursive_directory_iterator(folder.path / "there"))
+    left.insert(fs::relative(entry.path(), folder.path / "there").string());
+  CHECK(left == std::set<std::string>{".lock", "mine.txt", "split", "split/query.txt"});
+  // a path that leaves a folder it made (made/sub/..): that folder goes too, with the lock file
+  CHECK(run("cifar10 --data-dir " + dir.string() + " --out " + (folder.path / "made" / "sub" / "..").string())
+            .exit_code == 1);
+  CHECK_FALSE(fs::exists(folder.path / "made"));
   // What appears in a folder the run made while the run loads its data (here: another run's results next
   // to it) stays: the run takes back its own files only. CIFAR-10's class names are read from a FIFO, so
   // that the run waits there until this test has written the other files, then fails on what it reads.
