@@ -142,6 +142,7 @@ parallel_test_steps() {  # parallel_test_steps LIMIT EXECUTABLE...
     name=$(basename "$test")
     while (( $(jobs -rp | wc -l) >= parallel )); do wait -n; done
     step_wanted "$name" "$limit" || continue
+    rm -f "$logs/$name.status"  # one an earlier, interrupted check left (a reused gpu-check-out/)
     ( start=$SECONDS; OMP_NUM_THREADS=$threads timeout "$step_limit" "$test" > "$logs/$name.log" 2>&1
       echo "$? $((SECONDS - start))" > "$logs/$name.status" ) &
     started+=("$name")
