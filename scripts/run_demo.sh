@@ -6,8 +6,5 @@
 # job, train_mdff, is scripts/train_default.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/program_help.sh
-quick_start_help "scripts/run_demo.sh" build/apps/mdff_demo "$@"
-scripts/setup.sh
-scripts/build.sh > build.log 2>&1 || { tail -n 40 build.log; echo "build failed: see build.log"; exit 1; }
-exec build/apps/mdff_demo "$@"
+source scripts/quick_start.sh
+quick_start scripts/run_demo.sh build/apps/mdff_demo "$@"

@@ -1,8 +1,9 @@
-# Sourced by the quick-start scripts (train_default.sh, run_demo.sh), which install, build and then run a
-# program with their arguments: given -h or --help, say so and show the program's own help when it is
-# built, without installing or building anything first.
-#   quick_start_help SCRIPT PROGRAM "$@"   (returns when no argument asks for help)
-quick_start_help() {
+# Sourced by the quick-start scripts (train_default.sh, run_demo.sh): install what mdff needs, build it, run
+# one program with the script's arguments.
+#   quick_start SCRIPT PROGRAM "$@"
+# Given -h or --help, it says so and shows the program's own help when the program is built, without
+# installing or building anything first.
+quick_start() {
   local script=$1 program=$2 arg; shift 2
   for arg in "$@"; do
     [[ $arg == -h || $arg == --help ]] || continue
@@ -16,4 +17,7 @@ quick_start_help() {
     echo "($program is not built yet: run $script without --help, or scripts/build.sh, then $program --help)"
     exit 0
   done
+  scripts/setup.sh
+  scripts/build.sh > build.log 2>&1 || { tail -n 40 build.log; echo "build failed: see build.log"; exit 1; }
+  exec "$program" "$@"
 }
