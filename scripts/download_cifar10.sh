@@ -20,22 +20,13 @@ EOF
 }
 usage_error() { echo "download_cifar10: $*" >&2; usage >&2; exit 2; }
 
-# The arguments are read before anything is created or fetched: an option taken for the folder was handed
-# to mkdir, curl and rm, which read it as one of theirs.
-case "${1:-}" in
-  -h | --help) usage; exit 0 ;;
-  --) shift ;;
-  -*) usage_error "unknown option $1" ;;
-esac
-(($# <= 1)) || usage_error "one FOLDER at most, got $#: $*"
-[[ $# == 0 || -n "$1" ]] || usage_error "FOLDER is empty"
-# Made absolute, so that no path given to a command below starts with '-' (the commands also get '--').
-folder="$(realpath -m -- "${1:-$repo_root/data}")"
+# shellcheck source=SCRIPTDIR/fetch.sh
+source "$repo_root/scripts/fetch.sh"
+read_path_argument FOLDER "$repo_root/data" "$@"
+folder=$path_argument
 archive="$folder/cifar-10-binary.tar.gz"
 
 fail() { echo "download_cifar10: $*" >&2; rm -f -- "$archive.part"; exit 1; }
-# shellcheck source=SCRIPTDIR/fetch.sh
-source "$repo_root/scripts/fetch.sh"
 md5_of() { md5sum -- "$1" | cut -d' ' -f1; }
 
 command -v md5sum >/dev/null || fail "md5sum is missing (Debian package coreutils)"

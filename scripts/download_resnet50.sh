@@ -22,23 +22,14 @@ EOF
 }
 usage_error() { echo "download_resnet50: $*" >&2; usage >&2; exit 2; }
 
-# The arguments are read before anything is created or fetched: an option taken for the file was handed to
-# realpath, which printed its help as the file name.
-case "${1:-}" in
-  -h | --help) usage; exit 0 ;;
-  --) shift ;;
-  -*) usage_error "unknown option $1" ;;
-esac
-(($# <= 1)) || usage_error "one FILE at most, got $#: $*"
-[[ $# == 0 || -n "$1" ]] || usage_error "FILE is empty"
-# Made absolute, so that no path given to a command below starts with '-' (the commands also get '--').
-file="$(realpath -m -- "${1:-$repo_root/data/resnet50.tv_in1k.safetensors}")"
+# shellcheck source=SCRIPTDIR/fetch.sh
+source "$repo_root/scripts/fetch.sh"
+read_path_argument FILE "$repo_root/data/resnet50.tv_in1k.safetensors" "$@"
+file=$path_argument
 [[ ! -d "$file" ]] || usage_error "$file is a folder: FILE is the weights file to write"
 partial="$file.part"
 
 fail() { echo "download_resnet50: $*" >&2; rm -f -- "$partial"; exit 1; }
-# shellcheck source=SCRIPTDIR/fetch.sh
-source "$repo_root/scripts/fetch.sh"
 
 command -v sha256sum >/dev/null || fail "sha256sum is missing (Debian package coreutils)"
 mkdir -p -- "$(dirname -- "$file")" || fail "cannot create the folder $(dirname -- "$file")"
