@@ -160,6 +160,11 @@ std::string timestamp() {
   return text;
 }
 
+// The checkpoint of the `bits`-bit model in the run folder `out`.
+fs::path checkpoint_path(const fs::path& out, int bits) {
+  return out / ("checkpoint_" + std::to_string(bits) + "bits.safetensors");
+}
+
 // What the (resolved) options ask for.
 struct Plan {
   TrainSettings settings;
@@ -223,8 +228,7 @@ Plan plan_from(const Options& o) {
   for (double s : plan.scales) MDFF_CHECK(s > 0 && s <= 4, "--scales: ", s, " is outside (0, 4]");
   // A resumed run reads the weights only for the code lengths that have no checkpoint yet.
   const auto unstarted = std::find_if(plan.bits.begin(), plan.bits.end(), [&](int bits) {
-    return o.resume.empty() ||
-           !fs::exists(fs::path(o.resume) / ("checkpoint_" + std::to_string(bits) + "bits.safetensors"));
+    return o.resume.empty() || !fs::exists(checkpoint_path(o.resume, bits));
   });
   const bool needs_pretrained = !o.pretrained.empty() && unstarted != plan.bits.end();
   MDFF_CHECK(!needs_pretrained || !fs::is_directory(o.pretrained), "--pretrained: ", o.pretrained, " is a folder: "
@@ -336,7 +340,7 @@ std::pair<retrieval::PackedCodes, retrieval::PackedCodes> train_and_encode(Run& 
   model_config.backbone.zero_init_residual = o.zero_init_residual == 1;
   Rng rng(o.seed);
   MdffSh model(model_config, rng);
-  const std::string checkpoint = (run.out / ("checkpoint_" + std::to_string(bits) + "bits.safetensors")).string();
+  const std::string checkpoint = checkpoint_path(run.out, bits).string();
   const bool resuming = !o.resume.empty() && fs::exists(checkpoint);
   if (!o.pretrained.empty() && !resuming) {
     const PretrainedReport report = load_pretrained_backbone(model.backbone(), o.pretrained);

@@ -123,6 +123,14 @@ std::string default_data_dir(const std::string& dataset) {
   return "";  // an image list's files are found through --list-root
 }
 
+namespace {
+// Whether the command line (or a --config file) gave the option `name` ("--lr", "dataset").
+bool given_on_command_line(const CLI::App& app, const std::string& name) {
+  const CLI::Option* option = app.get_option_no_throw(name);
+  return option && option->count() > 0;
+}
+}  // namespace
+
 Options resumed_options(const Options& given, const CLI::App& app) {
   const fs::path config_path = fs::path(given.resume) / "config.json";
   MDFF_CHECK(fs::is_regular_file(config_path), "--resume: ", given.resume, " has no config.json; give the folder of "
@@ -142,12 +150,10 @@ Options resumed_options(const Options& given, const CLI::App& app) {
   for (const auto& [key, value] : mine.items()) {
     std::string name = key == "dataset" ? key : "--" + key;
     std::replace(name.begin(), name.end(), '_', '-');
-    const CLI::Option* option = app.get_option_no_throw(name);
-    if (option && option->count() > 0 && value != theirs.at(key))
+    if (given_on_command_line(app, name) && value != theirs.at(key))
       differences += detail::concat(differences.empty() ? "" : "; ", name, " ", value.dump(), " here, ",
                                     theirs.at(key).dump(), " in the run");
   }
-  const CLI::Option* out = app.get_option_no_throw("--out");
   // The same folder however written (r1, ./r1/, an absolute path); a path that cannot be resolved is compared
   // as written, since weakly_canonical's throwing form would escape main's usage-error handler.
   auto resolved = [](const std::string& path) {
@@ -155,7 +161,7 @@ Options resumed_options(const Options& given, const CLI::App& app) {
     const fs::path canonical = fs::weakly_canonical(path, error);
     return error ? fs::path(path).lexically_normal() : canonical;
   };
-  MDFF_CHECK(!out || out->count() == 0 || resolved(given.out) == resolved(given.resume),
+  MDFF_CHECK(!given_on_command_line(app, "--out") || resolved(given.out) == resolved(given.resume),
              "--resume: a run continues in its own folder, ", given.resume, ", not in --out ", given.out,
              ": leave --out out (copy the folder first to continue a copy)");
   MDFF_CHECK(differences.empty(), "--resume: this command asks for different options than the run in ", given.resume,
@@ -164,10 +170,6 @@ Options resumed_options(const Options& given, const CLI::App& app) {
   o.out = given.resume;
   // The device and the GPU's math are the run's (config.json), unless this command gives them: a run started
   // on the CPU, or in FP32, does not move to the GPU, or to TF32, because this machine has one.
-  auto given_here = [&](const char* name) {
-    const CLI::Option* option = app.get_option_no_throw(name);
-    return option && option->count() > 0;
-  };
   auto stored_choice = [&](const char* key, const std::string& fallback, std::initializer_list<const char*> allowed) {
     if (!stored.contains(key)) return fallback;
     const json& value = stored.at(key);
@@ -176,9 +178,10 @@ Options resumed_options(const Options& given, const CLI::App& app) {
     MDFF_FAIL("--resume: ", config_path.string(), ": '", key, "' is ", value.dump(), ", not one of train_mdff's "
               "(written by another version of train_mdff?); give --", key, " to choose");
   };
-  o.device_of_run = !given_here("--device");
+  o.device_of_run = !given_on_command_line(app, "--device");
   o.device = o.device_of_run ? stored_choice("device", given.device, {"cpu", "cuda"}) : given.device;
-  o.precision = given_here("--precision") ? given.precision : stored_choice("precision", given.precision, {"tf32", "fp32"});
+  o.precision = given_on_command_line(app, "--precision") ? given.precision
+                                                          : stored_choice("precision", given.precision, {"tf32", "fp32"});
   o.interrupt_after_steps = given.interrupt_after_steps;
   return o;
 }

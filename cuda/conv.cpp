@@ -12,9 +12,9 @@
 // training step's, far higher, their forward calls would all run the fastest algorithm, and a workspace would lift
 // the encoding's peak by up to the largest fastest one's (at 224x224 batch 32 in FP32, an encoding after training
 // steps peaked at 917 MiB, PyTorch's at 854). Plans are cached for the life of the process, so a training step in
-// the steady state makes no descriptor calls and no searches. Each call takes its workspace from the caching allocator and gives it back once queued, as PyTorch
-// does: a workspace holds memory only while its convolution runs (a single block kept at the largest plan's size, the
-// first design, held it through every step's peak).
+// the steady state makes no descriptor calls and no searches. Each call takes its workspace from the caching
+// allocator and gives it back once queued, as PyTorch does: a workspace holds memory only while its convolution
+// runs (a single block kept at the largest plan's size, the first design, held it through every step's peak).
 //
 // A 1x1 convolution of stride 1 without padding is a matrix product per image. The plan of each of its
 // products also times that product through cuBLAS (strided-batched GEMMs, see gemm_convolution) against
