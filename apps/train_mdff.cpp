@@ -467,8 +467,10 @@ int main(int argc, char** argv) {
                "With no DATASET it trains on Fashion-MNIST, which Debian's dataset-fashion-mnist installs."};
   train::add_options(app, o);
   if (auto exit_code = cli::parse(app, argc, argv)) return *exit_code;
-  o.per_class_sizes_given = app.count("--queries-per-class") + app.count("--train-per-class") > 0;
-  o.total_sizes_given = app.count("--queries") + app.count("--train-images") > 0;
+  using train::given_on_command_line;
+  o.per_class_sizes_given =
+      given_on_command_line(app, "--queries-per-class") || given_on_command_line(app, "--train-per-class");
+  o.total_sizes_given = given_on_command_line(app, "--queries") || given_on_command_line(app, "--train-images");
 
   // Option values CLI11 cannot check alone: an error here is a usage error (exit 2), like CLI11's own.
   Plan plan;

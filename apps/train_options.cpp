@@ -123,13 +123,10 @@ std::string default_data_dir(const std::string& dataset) {
   return "";  // an image list's files are found through --list-root
 }
 
-namespace {
-// Whether the command line (or a --config file) gave the option `name` ("--lr", "dataset").
 bool given_on_command_line(const CLI::App& app, const std::string& name) {
   const CLI::Option* option = app.get_option_no_throw(name);
   return option && option->count() > 0;
 }
-}  // namespace
 
 Options resumed_options(const Options& given, const CLI::App& app) {
   const fs::path config_path = fs::path(given.resume) / "config.json";
@@ -180,8 +177,8 @@ Options resumed_options(const Options& given, const CLI::App& app) {
   };
   o.device_of_run = !given_on_command_line(app, "--device");
   o.device = o.device_of_run ? stored_choice("device", given.device, {"cpu", "cuda"}) : given.device;
-  o.precision = given_on_command_line(app, "--precision") ? given.precision
-                                                          : stored_choice("precision", given.precision, {"tf32", "fp32"});
+  const bool precision_given = given_on_command_line(app, "--precision");
+  o.precision = precision_given ? given.precision : stored_choice("precision", given.precision, {"tf32", "fp32"});
   o.interrupt_after_steps = given.interrupt_after_steps;
   return o;
 }
@@ -255,7 +252,8 @@ void add_options(CLI::App& app, Options& o) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--precision", o.precision, "GPU math: tf32 (convolutions and matrix products on tensor cores with "
                  "10-bit mantissas and FP32 sums, about 1e-3 relative error, as PyTorch's cuDNN default) or fp32 "
-                 "(full FP32, slower); the CPU always computes in FP32; with --resume, the run's")->capture_default_str()
+                 "(full FP32, slower); the CPU always computes in FP32; with --resume, the run's")
+      ->capture_default_str()
       ->check(CLI::IsMember({"tf32", "fp32"}));
   app.add_option("--out", o.out, "run folder (default: runs/DATASET-TIME); it must not hold another run");
   app.add_option("--pretrained", o.pretrained, "ImageNet ResNet50 weights, safetensors with torchvision's names "

@@ -70,6 +70,9 @@ void for_each_option(O& o, Visit&& visit) {
   visit("monitor_every", o.monitor_every);
 }
 
+// Whether the command line (or a --config file) gave the option `name` ("--lr", "dataset").
+bool given_on_command_line(const CLI::App& app, const std::string& name);
+
 // The lists (--bits, --scales) are written as JSON arrays, for programs that read config.json.
 nlohmann::json options_json(const Options& o);
 // Reads the options back from config.json's object; a missing key or a wrong type throws an Error naming

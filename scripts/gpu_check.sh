@@ -13,9 +13,9 @@
 #       convolution benchmark (cuDNN, and cuBLAS for the 1x1 ones), the GPU op benchmark (every op of a training
 #       step against the roofline, and the fusions' savings), the CUDA tests again with MDFF_CUDA_SYNC=1,
 #       compute-sanitizer memcheck and racecheck over them (error summaries in the summary), then the CPU test
-#       executables, 8 at a time (CI runs those too), and the CPU conv benchmark. Writes summary.txt, the benchmarks' JSON
-#       and logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files, as the device
-#       tool brings back at most 8. Exit status: 0 when every step passed.
+#       executables, 8 at a time (CI runs those too), and the CPU conv benchmark. Writes summary.txt, the
+#       benchmarks' JSON and logs.tar.gz (every log) under $OUT (or gpu-check-out/ when OUT is unset): few files,
+#       as the device tool brings back at most 8. Exit status: 0 when every step passed.
 #       GPU_CHECK_ONLY=REGEX runs only the steps whose names match (a rerun after a fix, e.g.
 #       GPU_CHECK_ONLY='test_cuda|benchmark'), or hold it as written (a name copied from summary.txt,
 #       brackets included); a filter that matches no step is a FAIL.
@@ -302,7 +302,8 @@ sanitizer_limit=${GPU_SANITIZER_TIMEOUT:-150}  # seconds per tool
 if [[ -n "$sanitizer" ]]; then
   echo "compute-sanitizer: $sanitizer" >> "$out/machine.txt"
   step "compute-sanitizer memcheck" memcheck.log "$sanitizer_limit" env MDFF_CUDA_NO_CACHING=1 MDFF_UNDER_SANITIZER=1 \
-    "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
+    "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 9 "$bundle/bin/test_cuda" \
+    -tce='*ResNet50*,*trainer*'
   step "compute-sanitizer racecheck" racecheck.log "$sanitizer_limit" env MDFF_UNDER_SANITIZER=1 "$sanitizer" \
     --tool racecheck --error-exitcode 9 "$bundle/bin/test_cuda" -tce='*ResNet50*,*trainer*'
   for log in memcheck.log racecheck.log; do
